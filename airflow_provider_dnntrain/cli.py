@@ -1,0 +1,71 @@
+"""``dnntrain``: look at a job's plan before launching it, and at the models registered since."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from airflow_provider_dnntrain.spec import TrainingJob
+from airflow_provider_dnntrain.topology import FixedPortPlacement, render_plan
+
+
+def placeholder_placement() -> FixedPortPlacement:
+    """Default ports on placeholder host names: what the topology is, not where it will land."""
+    return FixedPortPlacement(lambda role, index: f"{role}-{index}")
+
+
+def load_job(path: Path) -> TrainingJob:
+    """A job file is YAML or JSON with TrainingJob's fields; a relative source_directory is relative
+    to the file."""
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of job fields")
+    source = Path(data.get("source_directory", "."))
+    data["source_directory"] = str(source if source.is_absolute() else (path.parent / source).resolve())
+    return TrainingJob(**data)
+
+
+def render_command(args: argparse.Namespace) -> int:
+    job = load_job(Path(args.job_file))
+    plan = render_plan(job, args.run_id, placeholder_placement(), python=args.python)
+    print(plan.to_json())
+    return 0
+
+
+def models_command(args: argparse.Namespace) -> int:
+    from airflow_provider_dnntrain import tracking
+
+    client = tracking.client(tracking.resolve_tracking_uri(args.tracking_uri, conn_id=None))
+    for model in client.search_registered_models():
+        latest = max(
+            (int(v.version) for v in client.search_model_versions(f"name = '{model.name}'")), default=0
+        )
+        print(json.dumps({"model": model.name, "latest_version": latest}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dnntrain", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    render = commands.add_parser("render", help="print the plan of a job file (YAML or JSON) as JSON")
+    render.add_argument("job_file")
+    render.add_argument("--run-id", default="dry-run")
+    render.add_argument("--python", default="python", help="interpreter shown in the commands")
+    render.set_defaults(func=render_command)
+    models = commands.add_parser("models", help="list registered models and their latest version")
+    models.add_argument("--tracking-uri", default=None)
+    models.set_defaults(func=models_command)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as error:
+        print(f"dnntrain: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

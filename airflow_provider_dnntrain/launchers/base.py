@@ -1,0 +1,160 @@
+"""The one interface every backend implements, and the gang semantics they all share."""
+
+from __future__ import annotations
+
+import enum
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from airflow_provider_dnntrain.spec import TrainingJob
+from airflow_provider_dnntrain.topology import JobPlan, Placement, render_plan
+
+
+class JobState(str, enum.Enum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self is not JobState.RUNNING
+
+
+@dataclass(frozen=True)
+class LogLine:
+    replica: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"[{self.replica}] {self.text}"
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    state: JobState
+    message: str = ""
+    failed_replica: str | None = None
+    exit_code: int | None = None
+    last_lines: list[str] = field(default_factory=list)
+
+
+class JobFailed(RuntimeError):
+    def __init__(self, status: JobStatus) -> None:
+        detail = "\n".join(f"    {line}" for line in status.last_lines)
+        super().__init__(status.message + (f"\n  last lines:\n{detail}" if detail else ""))
+        self.status = status
+
+
+def aggregate_status(plan: JobPlan, exit_codes: Mapping[str, int | None]) -> JobStatus:
+    """Gang semantics from each replica's exit code (``None`` = still running).
+
+    Any replica exiting non-zero fails the job; a replica that should run until stopped (a parameter
+    server) exiting at all fails it too. Success is the deciding replica exiting 0 (``chief`` policy)
+    or every replica exiting 0 (``all`` policy).
+    """
+    for replica in plan.replicas:
+        code = exit_codes.get(replica.name)
+        if code is None:
+            continue
+        if code != 0:
+            return JobStatus(
+                JobState.FAILED,
+                f"replica {replica.name} failed with exit code {code}",
+                failed_replica=replica.name,
+                exit_code=code,
+            )
+        if replica.runs_until_stopped:
+            return JobStatus(
+                JobState.FAILED,
+                f"replica {replica.name} exited before the job finished",
+                failed_replica=replica.name,
+                exit_code=code,
+            )
+    finishers = [r for r in plan.replicas if not r.runs_until_stopped]
+    if plan.success_policy == "chief":
+        finishers = [r for r in finishers if r.decides_success]
+    if all(exit_codes.get(r.name) == 0 for r in finishers):
+        return JobStatus(JobState.SUCCEEDED, "job succeeded")
+    return JobStatus(JobState.RUNNING)
+
+
+class JobHandle(ABC):
+    run_id: str
+    plan: JobPlan
+
+
+class Launcher(ABC):
+    """Where replicas run. Subclasses know nothing about TensorFlow vs PyTorch beyond the plan."""
+
+    name: str = "launcher"
+
+    @abstractmethod
+    def placement(self, run_id: str) -> Placement: ...
+
+    def interpreter(self, job: TrainingJob) -> str:
+        return job.environment.python or sys.executable
+
+    def plan(self, job: TrainingJob, run_id: str) -> JobPlan:
+        """Placement + topology, no side effects."""
+        return render_plan(job, run_id, self.placement(run_id), self.interpreter(job))
+
+    @abstractmethod
+    def submit(self, job: TrainingJob, plan: JobPlan, extra_env: Mapping[str, str]) -> JobHandle:
+        """Start every replica. Submitting the same run id again replaces what is left of it."""
+
+    @abstractmethod
+    def poll(self, handle: JobHandle) -> JobStatus: ...
+
+    @abstractmethod
+    def stream_logs(self, handle: JobHandle, timeout: float) -> Iterable[LogLine]:
+        """Lines written since the last call, waiting at most ``timeout`` seconds for the first."""
+
+    @abstractmethod
+    def stop(self, handle: JobHandle, grace_seconds: float) -> None:
+        """Stop every replica still running, escalating to SIGKILL; return when none is left."""
+
+    @abstractmethod
+    def tail(self, handle: JobHandle, replica: str) -> list[str]:
+        """The last lines a replica wrote."""
+
+    @abstractmethod
+    def collect_outputs(self, handle: JobHandle) -> Path:
+        """Copy the chief's ``./outputs`` and ``./logs`` into the run's artifacts; return their folder."""
+
+    def cancel(self, handle: JobHandle) -> None:
+        self.stop(handle, grace_seconds=10)
+
+
+def wait_for_job(
+    launcher: Launcher,
+    handle: JobHandle,
+    on_log: Callable[[LogLine], None],
+    *,
+    timeout: float | None = None,
+    stop_grace_seconds: float = 3.0,
+) -> JobStatus:
+    """Stream logs until the job finishes, then stop what is left (parameter servers, stragglers).
+
+    Raises :class:`JobFailed` naming the failing replica; every replica is stopped before it does.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    status = launcher.poll(handle)
+    while not status.state.finished:
+        for line in launcher.stream_logs(handle, timeout=0.2):
+            on_log(line)
+        status = launcher.poll(handle)
+        if deadline is not None and time.monotonic() > deadline and not status.state.finished:
+            status = JobStatus(JobState.FAILED, f"job {handle.run_id} timed out after {timeout:.0f}s")
+    launcher.stop(handle, grace_seconds=stop_grace_seconds)
+    for line in launcher.stream_logs(handle, timeout=0):
+        on_log(line)
+    if status.state is not JobState.SUCCEEDED:
+        if status.failed_replica:
+            status = replace(status, last_lines=launcher.tail(handle, status.failed_replica))
+        raise JobFailed(status)
+    return status

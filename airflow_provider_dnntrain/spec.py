@@ -1,0 +1,186 @@
+"""Typed description of a training job: what the user asks for, validated, with no I/O."""
+
+from __future__ import annotations
+
+import re
+from pathlib import PurePosixPath
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+Framework = Literal["tensorflow", "pytorch"]
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SingleNode(_Spec):
+    """One replica, no distribution environment."""
+
+    kind: Literal["single"] = "single"
+
+
+class ParameterServer(_Spec):
+    """TensorFlow parameter-server training (``distributed_backend='ps'``)."""
+
+    kind: Literal["parameter_server"] = "parameter_server"
+    worker_count: int = Field(1, ge=1)
+    parameter_server_count: int = Field(1, ge=1)
+    chief: bool = True
+    evaluator: bool = False
+    port: int = Field(2222, ge=1, le=65535)
+
+
+class MultiWorkerMirrored(_Spec):
+    """TensorFlow ``MultiWorkerMirroredStrategy``: N workers, worker 0 acts as chief."""
+
+    kind: Literal["multi_worker_mirrored"] = "multi_worker_mirrored"
+    worker_count: int = Field(2, ge=1)
+    port: int = Field(2222, ge=1, le=65535)
+
+
+class TorchDistributed(_Spec):
+    """PyTorch DDP started by ``torchrun`` on every node."""
+
+    kind: Literal["torch_distributed"] = "torch_distributed"
+    node_count: int = Field(1, ge=1)
+    process_count_per_node: int = Field(1, ge=1)
+    rendezvous: Literal["static", "c10d"] = "static"
+    min_nodes: int | None = Field(None, ge=1, description="elastic lower bound; c10d rendezvous only")
+    max_restarts: int = Field(0, ge=0)
+    port: int = Field(29500, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _elastic_needs_c10d(self) -> TorchDistributed:
+        if self.min_nodes is not None:
+            if self.rendezvous != "c10d":
+                raise ValueError("min_nodes (elastic training) requires rendezvous='c10d'")
+            if self.min_nodes > self.node_count:
+                raise ValueError("min_nodes must not exceed node_count")
+        return self
+
+
+class Horovod(_Spec):
+    """Horovod over Open MPI or Gloo (``distributed_backend='mpi'``). Launching arrives with issue 3."""
+
+    kind: Literal["horovod"] = "horovod"
+    node_count: int = Field(1, ge=1)
+    process_count_per_node: int = Field(1, ge=1)
+    controller: Literal["gloo", "mpi"] = "gloo"
+
+
+Distribution = Annotated[
+    SingleNode | ParameterServer | MultiWorkerMirrored | TorchDistributed | Horovod,
+    Field(discriminator="kind"),
+]
+
+SUPPORTED_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
+    "tensorflow": ("single", "parameter_server", "multi_worker_mirrored"),
+    "pytorch": ("single", "torch_distributed"),
+}
+
+
+class Environment(_Spec):
+    """The software a job runs with and the variables every replica sees."""
+
+    python: str | None = Field(None, description="interpreter for local/SSH replicas; default: Airflow's own")
+    image: str | None = Field(None, description="container image for Kubernetes replicas")
+    variables: dict[str, str] = Field(default_factory=dict)
+    secrets: dict[str, SecretStr] = Field(
+        default_factory=dict, description="variables whose values never appear in plans or logs"
+    )
+
+    @field_validator("variables", "secrets")
+    @classmethod
+    def _valid_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+        return value
+
+
+class Resources(_Spec):
+    use_gpu: bool = False
+    cpu: float | None = Field(None, gt=0)
+    memory: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+
+
+class Input(_Spec):
+    """Data the job reads. Its location reaches the script as ``DNNTRAIN_INPUT_<NAME>`` and, if
+    ``argument`` is set, as ``<argument> <path>`` on the command line."""
+
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    path: str = Field(min_length=1)
+    argument: str | None = None
+
+
+Arguments = list[str] | dict[str, str | None]
+
+
+class TrainingJob(_Spec):
+    framework: Framework
+    source_directory: str = Field(min_length=1)
+    entry_script: str = Field(min_length=1)
+    arguments: Arguments = Field(default_factory=list)
+    distribution: Distribution = Field(default_factory=SingleNode)
+    environment: Environment = Field(default_factory=Environment)
+    resources: Resources = Field(default_factory=Resources)
+    inputs: list[Input] = Field(default_factory=list)
+
+    @field_validator("entry_script")
+    @classmethod
+    def _relative_script(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if path.is_absolute() or ".." in path.parts:
+            raise ValueError("must be a path inside source_directory (relative, no '..')")
+        return value
+
+    @field_validator("arguments", mode="before")
+    @classmethod
+    def _stringify_arguments(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [_argument_str(item) for item in value]
+        if isinstance(value, dict):
+            return {str(k): None if v is None else _argument_str(v) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _framework_supports_distribution(self) -> TrainingJob:
+        kind = self.distribution.kind
+        if kind == "horovod":
+            raise ValueError("distribution: Horovod launching is not available yet (planned)")
+        if kind not in SUPPORTED_DISTRIBUTIONS[self.framework]:
+            raise ValueError(
+                f"distribution: {kind!r} is not a {self.framework} topology; "
+                f"use one of {', '.join(SUPPORTED_DISTRIBUTIONS[self.framework])}"
+            )
+        names = [item.name for item in self.inputs]
+        if len(names) != len(set(names)):
+            raise ValueError("inputs: names must be unique")
+        return self
+
+    def argv(self) -> list[str]:
+        """The script's command-line arguments, literal, in order."""
+        if isinstance(self.arguments, dict):
+            flat: list[str] = []
+            for flag, value in self.arguments.items():
+                flat.append(flag)
+                if value is not None:
+                    flat.append(value)
+        else:
+            flat = list(self.arguments)
+        for item in self.inputs:
+            if item.argument:
+                flat += [item.argument, item.path]
+        return flat
+
+
+def _argument_str(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    raise ValueError(f"arguments must be strings or numbers, got {type(value).__name__}")

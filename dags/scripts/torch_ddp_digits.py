@@ -1,0 +1,87 @@
+"""Train a small MLP on the digits data with PyTorch DDP (gloo). Run by hand with
+``torchrun --nproc-per-node 2 torch_ddp_digits.py --epochs 5``."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+
+import torch
+import torch.distributed as dist
+from digits import load_digits_split, log_metrics, output_dir, warm_up_tracking, write_summary
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--batch-size", type=int, default=32)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(0)
+    probe = torch.tensor([float(rank + 1)])
+    dist.all_reduce(probe)
+    if rank == 0:
+        warm_up_tracking()
+    print(
+        f"rank={rank} world_size={world} local_rank={os.environ['LOCAL_RANK']} allreduce_sum={probe.item()}"
+    )
+
+    (x_train, y_train), (x_test, y_test) = load_digits_split()
+    x_shard, y_shard = torch.from_numpy(x_train[rank::world]), torch.from_numpy(y_train[rank::world])
+    model = DistributedDataParallel(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)))
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    steps = len(x_shard) // args.batch_size  # equal on every rank: shards differ by at most one row
+
+    for epoch in range(args.epochs):
+        total = torch.zeros(1)
+        for step in range(steps):
+            batch = slice(step * args.batch_size, (step + 1) * args.batch_size)
+            opt.zero_grad()
+            loss = loss_fn(model(x_shard[batch]), y_shard[batch])
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+        dist.all_reduce(total)
+        mean_loss = total.item() / (steps * world)
+        with torch.no_grad():
+            accuracy = (model(torch.from_numpy(x_test)).argmax(1) == torch.from_numpy(y_test)).float().mean()
+        print(f"epoch={epoch} loss={mean_loss:.4f} accuracy={accuracy.item():.4f}")
+        if rank == 0:
+            log_metrics({"loss": mean_loss, "accuracy": accuracy.item()}, step=epoch)
+
+    checksum = torch.cat([p.detach().flatten() for p in model.parameters()]).sum()
+    sums = [torch.zeros(1) for _ in range(world)]
+    dist.all_gather(sums, checksum.reshape(1))
+    print(f"rank={rank} weights_checksum={checksum.item():.6f}")
+    if rank == 0:
+        model_dir = output_dir() / "model"
+        model_dir.mkdir(exist_ok=True)
+        torch.save(model.module.state_dict(), model_dir / "state_dict.pt")
+        write_summary(
+            {
+                "world_size": world,
+                "allreduce_sum": probe.item(),
+                "final_loss": mean_loss,
+                "accuracy": accuracy.item(),
+                "weights_checksums": [s.item() for s in sums],
+            }
+        )
+    # Tear down in an order that avoids gloo's intermittent abort at interpreter exit.
+    del model, opt
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

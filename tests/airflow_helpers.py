@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-EXAMPLES_BUNDLE = "dags-folder"
+TEST_DAGS = Path(__file__).resolve().parent / "dags"
+EXAMPLE_DAGS = Path(__file__).resolve().parents[1] / "dags"
+BUNDLE = "dags-folder"
 
 
-def register_dag(dag) -> None:
-    """Serialize a DAG defined inside a test so that ``dag.test()`` can find its version."""
+def load_dag(folder: Path, dag_id: str):
+    """Parse a DAG folder like the DAG processor and store its DAGs, so ``dag.test()`` finds them."""
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
     from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
 
-    bag = DagBag(dag_folder="/dev/null")
-    bag.bag_dag(dag)
-    sync_bag_to_db(bag, EXAMPLES_BUNDLE, None)
-
-
-def run_dag(dag, conf: dict | None = None, **kwargs):
-    return dag.test(run_conf=conf, **kwargs)
+    DagBundlesManager().sync_bundles_to_db()
+    bag = DagBag(dag_folder=str(folder))
+    assert not bag.import_errors, bag.import_errors
+    sync_bag_to_db(bag, BUNDLE, None)
+    return bag.get_dag(dag_id)
 
 
 def task_instance(dag_run, task_id: str):
@@ -39,3 +41,19 @@ def xcom(dag_run, task_id: str, key: str = "return_value") -> Any:
             )
         ).first()
         return None if row is None else XComModel.deserialize_value(row)
+
+
+def rendered_fields(dag_run, task_id: str) -> dict:
+    from airflow.models.renderedtifields import RenderedTaskInstanceFields
+    from airflow.settings import Session
+    from sqlalchemy import select
+
+    with Session() as session:
+        row = session.scalars(
+            select(RenderedTaskInstanceFields).where(
+                RenderedTaskInstanceFields.dag_id == dag_run.dag_id,
+                RenderedTaskInstanceFields.run_id == dag_run.run_id,
+                RenderedTaskInstanceFields.task_id == task_id,
+            )
+        ).first()
+        return row.rendered_fields

@@ -56,11 +56,17 @@ class DnnTrainOperator(BaseOperator):
         "entry_script",
         "arguments",
         "environment_variables",
+        "secret_variables",
         "inputs",
         "tracking_uri",
         "experiment_name",
     )
-    template_fields_renderers = {"arguments": "json", "environment_variables": "json", "inputs": "json"}
+    template_fields_renderers = {
+        "arguments": "json",
+        "environment_variables": "json",
+        "secret_variables": "json",
+        "inputs": "json",
+    }
     ui_color = "#d6eaf8"
 
     def __init__(
@@ -154,7 +160,6 @@ class DnnTrainOperator(BaseOperator):
         ti = context["ti"]
         run_id = make_run_id(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number)
         job = self.build_job()
-        self._mask_secrets(job)
         launcher = self._launcher()
         plan = launcher.plan(job, run_id)
         self.log.info("Run %s on %s launcher, plan:\n%s", run_id, launcher.name, plan.to_json())
@@ -179,11 +184,21 @@ class DnnTrainOperator(BaseOperator):
             self.log.info("Stopping every replica of run %s", self._handle.run_id)
             self.launcher.cancel(self._handle)
 
-    def _mask_secrets(self, job: TrainingJob) -> None:
+    def render_template_fields(self, context, jinja_env=None) -> None:
+        super().render_template_fields(context, jinja_env)
+        # Registered before Airflow stores the rendered fields, so they, and every log line, are redacted.
         from airflow.sdk.log import mask_secret
 
-        for name, value in job.environment.secrets.items():
-            mask_secret(value.get_secret_value(), name)
+        for name, value in self._secret_values().items():
+            mask_secret(value, name)
+
+    def _secret_values(self) -> dict[str, str]:
+        environment = self.environment
+        if isinstance(environment, Environment):
+            given = {k: v.get_secret_value() for k, v in environment.secrets.items()}
+        else:
+            given = {k: str(v) for k, v in (environment or {}).get("secrets", {}).items()}
+        return {**given, **{k: str(v) for k, v in self.secret_variables.items()}}
 
     def _start_tracking(self, context, job: TrainingJob, plan: JobPlan, launcher: Launcher):
         from airflow_provider_dnntrain import tracking

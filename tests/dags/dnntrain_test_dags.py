@@ -1,4 +1,4 @@
-"""DAGs the operator tests run (through dag.test() and `airflow dags test`), using tests/scripts/replica.py."""
+"""DAGs the operator tests run through dag.test() and `airflow dags test`, on tests/scripts/replica.py."""
 
 from __future__ import annotations
 

@@ -1,0 +1,125 @@
+"""The example DAGs, end to end: real distributed training, XCom hand-off, real MLflow registration."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from airflow_helpers import EXAMPLE_DAGS, load_dag, xcom
+
+from airflow_provider_dnntrain import tracking
+
+EXAMPLES = {
+    "dnntrain_tf_parameter_server": "digits-tf-parameter-server",
+    "dnntrain_tf_multi_worker": "digits-tf-multi-worker",
+    "dnntrain_pytorch_ddp": "digits-pytorch-ddp",
+}
+
+
+@pytest.fixture(autouse=True)
+def _db(airflow_db):
+    return airflow_db
+
+
+def run_example(dag_id: str, epochs: int = 3):
+    dag = load_dag(EXAMPLE_DAGS, dag_id)
+    dag_run = dag.test(run_conf={"epochs": epochs})
+    assert dag_run.state == "success"
+    result = xcom(dag_run, "train")
+    return result, xcom(dag_run, "register")
+
+
+def summary(result) -> dict:
+    return json.loads((Path(result["outputs"]) / "summary.json").read_text())
+
+
+def replica_log(result, replica: str) -> str:
+    return (Path(result["outputs"]).parents[1] / "logs" / f"{replica}.log").read_text()
+
+
+def assert_registered(model_name: str, version: int, framework: str, expected_file: str) -> None:
+    client = tracking.client(tracking.resolve_tracking_uri())
+    model_version = client.get_model_version(model_name, str(version))
+    assert model_version.tags["framework"] == framework
+    assert re.match(r"^\d+\.\d+", model_version.tags["framework_version"])
+    assert model_version.tags["dataset"] == "sklearn-digits"
+    assert model_version.source.endswith("/outputs/model")
+    files = [Path(f.path).name for f in client.list_artifacts(model_version.run_id, "outputs/model")]
+    assert expected_file in files
+
+
+def test_example_dags_parse():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(EXAMPLE_DAGS))
+    assert bag.import_errors == {}
+    assert set(EXAMPLES) <= set(bag.dag_ids)
+    for dag_id in EXAMPLES:
+        assert {t.task_id for t in bag.get_dag(dag_id).tasks} == {"train", "register"}
+
+
+@pytest.mark.slow
+def test_tensorflow_parameter_server_trains_and_registers():
+    result, version = run_example("dnntrain_tf_parameter_server")
+    facts = summary(result)
+    assert facts["workers"] == 2 and facts["parameter_servers"] == 1
+    assert facts["devices"] == ["/job:ps/replica:0/task:0/device:CPU:0"]  # variables live on the ps
+    assert facts["losses"][-1] < facts["losses"][0]
+    assert facts["accuracy"] > 0.8
+    assert "serving at" in replica_log(result, "ps-0")
+    assert set(result["metrics"]) == {"loss", "accuracy"}
+    assert isinstance(version, int) and version >= 1
+    assert_registered("digits-tf-parameter-server", version, "tensorflow", "weights.npz")
+
+
+@pytest.mark.slow
+def test_tensorflow_multi_worker_mirrored_trains_and_registers():
+    result, version = run_example("dnntrain_tf_multi_worker")
+    facts = summary(result)
+    assert facts["world_size"] == 2
+    assert facts["allreduce_sum"] == 3.0  # (index 0 + 1) + (index 1 + 1): both workers took part
+    assert facts["losses"][-1] < facts["losses"][0]
+    checksums = [re.search(r"weights_checksum=(\S+)", replica_log(result, f"worker-{i}")).group(1) for i in (0, 1)]
+    assert checksums[0] == checksums[1]  # all-reduced gradients keep the replicas identical
+    assert result["metrics"]["accuracy"] == pytest.approx(facts["accuracy"])
+    assert_registered("digits-tf-multi-worker", version, "tensorflow", "model.keras")
+
+
+@pytest.mark.slow
+def test_pytorch_ddp_through_airflow_dags_test_like_a_user():
+    airflow = Path(sys.executable).with_name("airflow")
+    before = _latest_version("digits-pytorch-ddp")
+    completed = subprocess.run(
+        [str(airflow), "dags", "test", "dnntrain_pytorch_ddp", "-c", json.dumps({"epochs": 3})],
+        env={**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(EXAMPLE_DAGS)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-5000:]
+    assert "[node-0] [default0]:rank=0 world_size=2" in output
+    assert "[node-0] [default1]:rank=1 world_size=2" in output
+    version = _latest_version("digits-pytorch-ddp")
+    assert version == before + 1
+    assert f"Registered model digits-pytorch-ddp version {version}" in output
+    client = tracking.client(tracking.resolve_tracking_uri())
+    run = client.get_run(client.get_model_version("digits-pytorch-ddp", str(version)).run_id)
+    facts = json.loads(Path(client.download_artifacts(run.info.run_id, "outputs/summary.json")).read_text())
+    assert facts["world_size"] == 2 and facts["allreduce_sum"] == 3.0
+    assert facts["weights_checksums"][0] == facts["weights_checksums"][1]
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert len(history) == 3 and history[-1].value < history[0].value
+    assert run.data.tags["airflow.dag_id"] == "dnntrain_pytorch_ddp"
+    assert run.data.params["world_size"] == "2"
+    assert_registered("digits-pytorch-ddp", version, "pytorch", "state_dict.pt")
+
+
+def _latest_version(name: str) -> int:
+    client = tracking.client(tracking.resolve_tracking_uri())
+    return max((int(v.version) for v in client.search_model_versions(f"name = '{name}'")), default=0)

@@ -1,0 +1,44 @@
+# Two commands matter: `make demo` and `make test`. Both create the environment first if it is missing.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+EXTRAS := mlflow,tensorflow,torch,examples,test
+# Rebuilt when the dependency declarations change.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+DEMO_HOME := $(CURDIR)/.demo/airflow
+DEMO_DAG ?= dnntrain_tf_multi_worker
+AIRFLOW_ENV := AIRFLOW_HOME=$(DEMO_HOME) AIRFLOW__CORE__LOAD_EXAMPLES=False \
+	AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags TF_CPP_MIN_LOG_LEVEL=2
+
+.PHONY: env demo test lint clean
+
+env: $(STAMP)
+
+$(STAMP):
+	rm -f $(VENV)/.installed-*
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check uv
+	# pip, not uv: pip's configured find-links hold the CPU build of torch; uv would fetch the CUDA one.
+	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+demo: $(STAMP)
+	mkdir -p $(DEMO_HOME)
+	$(AIRFLOW_ENV) $(BIN)/airflow db migrate > $(DEMO_HOME)/../db-migrate.log 2>&1
+	@echo "Running $(DEMO_DAG) with 'airflow dags test' (log: .demo/$(DEMO_DAG).log) ..."
+	@$(AIRFLOW_ENV) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/airflow dags test $(DEMO_DAG) \
+		> .demo/$(DEMO_DAG).log 2>&1 || { tail -n 60 .demo/$(DEMO_DAG).log; exit 1; }
+	@grep -o '\[worker-[0-9]\] epoch=[0-9]* loss=[0-9.]* accuracy=[0-9.]*' .demo/$(DEMO_DAG).log || true
+	@grep -o 'Registered model .* version [0-9]* from run [a-z0-9-]*' .demo/$(DEMO_DAG).log
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -p no:cacheprovider --durations=15
+
+clean:
+	rm -rf .demo

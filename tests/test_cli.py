@@ -24,7 +24,9 @@ def test_render_yaml_job_file(tmp_path):
             }
         )
     )
-    out = subprocess.run([DNNTRAIN, "render", str(job_file)], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [DNNTRAIN, "render", str(job_file)], capture_output=True, text=True, check=True
+    ).stdout
     plan = json.loads(out)
     assert [r["name"] for r in plan["replicas"]] == ["chief-0", "ps-0", "worker-0", "worker-1"]
     tf_config = json.loads(plan["replicas"][3]["env"]["TF_CONFIG"])
@@ -35,8 +37,15 @@ def test_render_yaml_job_file(tmp_path):
 
 def test_render_json_job_file_with_an_error_names_the_field(tmp_path):
     job_file = tmp_path / "job.json"
-    job_file.write_text(json.dumps({"framework": "pytorch", "entry_script": "t.py",
-                                    "distribution": {"kind": "torch_distributed", "process_count_per_node": 0}}))
+    job_file.write_text(
+        json.dumps(
+            {
+                "framework": "pytorch",
+                "entry_script": "t.py",
+                "distribution": {"kind": "torch_distributed", "process_count_per_node": 0},
+            }
+        )
+    )
     result = subprocess.run([DNNTRAIN, "render", str(job_file)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "process_count_per_node" in result.stderr

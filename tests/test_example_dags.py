@@ -84,7 +84,9 @@ def test_tensorflow_multi_worker_mirrored_trains_and_registers():
     assert facts["world_size"] == 2
     assert facts["allreduce_sum"] == 3.0  # (index 0 + 1) + (index 1 + 1): both workers took part
     assert facts["losses"][-1] < facts["losses"][0]
-    checksums = [re.search(r"weights_checksum=(\S+)", replica_log(result, f"worker-{i}")).group(1) for i in (0, 1)]
+    checksums = [
+        re.search(r"weights_checksum=(\S+)", replica_log(result, f"worker-{i}")).group(1) for i in (0, 1)
+    ]
     assert checksums[0] == checksums[1]  # all-reduced gradients keep the replicas identical
     assert result["metrics"]["accuracy"] == pytest.approx(facts["accuracy"])
     assert_registered("digits-tf-multi-worker", version, "tensorflow", "model.keras")

@@ -15,8 +15,13 @@ def store(tmp_path):
 
 
 def finished_run(store, tmp_path, run_id="run-a", with_model=True, succeeded=True):
-    run = tracking.start_run(store, "exp", run_id, {"dnntrain.framework": "pytorch",
-                                                     "dnntrain.framework_version": "2.13.0"}, {"lr": 0.1})
+    run = tracking.start_run(
+        store,
+        "exp",
+        run_id,
+        {"dnntrain.framework": "pytorch", "dnntrain.framework_version": "2.13.0"},
+        {"lr": 0.1},
+    )
     artifacts = tmp_path / run_id / "artifacts"
     (artifacts / "outputs" / "model").mkdir(parents=True)
     if with_model:
@@ -64,6 +69,8 @@ def test_tracking_uri_resolution_order(monkeypatch, airflow_db):
     assert tracking.resolve_tracking_uri() == "sqlite:////from/config.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-env:5000")
     assert tracking.resolve_tracking_uri() == "http://from-env:5000"
-    monkeypatch.setenv("AIRFLOW_CONN_DNNTRAIN_MLFLOW", json.dumps({"conn_type": "http", "host": "mlflow", "port": 80}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_DNNTRAIN_MLFLOW", json.dumps({"conn_type": "http", "host": "mlflow", "port": 80})
+    )
     assert tracking.resolve_tracking_uri() == "http://mlflow:80"
     assert tracking.resolve_tracking_uri("file:///explicit") == "file:///explicit"

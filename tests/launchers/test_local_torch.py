@@ -29,7 +29,9 @@ def test_two_nodes_one_process_each(tmp_path, rendezvous):
     handle = launcher.submit(job, launcher.plan(job, f"ddp-{rendezvous}"), extra_env={})
     lines = []
     wait_for_job(launcher, handle, lines.append, timeout=240)
-    text = {name: "\n".join(line.text for line in lines if line.replica == name) for name in ("node-0", "node-1")}
+    text = {
+        name: "\n".join(line.text for line in lines if line.replica == name) for name in ("node-0", "node-1")
+    }
     assert "rank=0 world_size=2" in text["node-0"] and "rank=1 world_size=2" in text["node-1"]
     checksums = {name: re.search(r"weights_checksum=(\S+)", t).group(1) for name, t in text.items()}
     assert checksums["node-0"] == checksums["node-1"]

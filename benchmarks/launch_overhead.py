@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -43,17 +44,19 @@ def ddp_job() -> TrainingJob:
 
 
 def run_direct(job: TrainingJob, workdir: Path) -> float:
-    """The same argv and environment, started by hand with output going to files."""
+    """The same argv and environment, started by hand with output going to files (no snapshot)."""
     launcher = LocalLauncher(work_root=workdir)
     plan = launcher.plan(job, "direct")
+    cwd = workdir / "direct-cwd"
+    shutil.rmtree(cwd, ignore_errors=True)
+    shutil.copytree(job.source_directory, cwd)
+    (cwd / "logs").mkdir()
     started = time.perf_counter()
     procs = []
     for replica in plan.replicas:
         out = open(workdir / f"{replica.name}.log", "wb")  # noqa: SIM115
         env = {**os.environ, **replica.env}
-        procs.append(
-            subprocess.Popen(replica.argv, cwd=job.source_directory, env=env, stdout=out, stderr=out)
-        )
+        procs.append(subprocess.Popen(replica.argv, cwd=cwd, env=env, stdout=out, stderr=out))
     codes = [p.wait() for p in procs]
     elapsed = time.perf_counter() - started
     assert codes == [0] * len(codes), codes

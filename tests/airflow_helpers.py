@@ -26,7 +26,7 @@ def task_instance(dag_run, task_id: str):
     return next(ti for ti in dag_run.get_task_instances() if ti.task_id == task_id)
 
 
-def xcom(dag_run, task_id: str, key: str = "return_value") -> Any:
+def xcom(dag_run, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
     from airflow.models.xcom import XComModel
     from airflow.settings import Session
     from sqlalchemy import select
@@ -38,6 +38,7 @@ def xcom(dag_run, task_id: str, key: str = "return_value") -> Any:
                 XComModel.run_id == dag_run.run_id,
                 XComModel.task_id == task_id,
                 XComModel.key == key,
+                XComModel.map_index == map_index,
             )
         ).first()
         return None if row is None else XComModel.deserialize_value(row)

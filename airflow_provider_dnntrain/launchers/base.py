@@ -92,6 +92,7 @@ class Launcher(ABC):
     """Where replicas run. Subclasses know nothing about TensorFlow vs PyTorch beyond the plan."""
 
     name: str = "launcher"
+    stop_grace_seconds: float = 10.0
 
     @abstractmethod
     def placement(self, run_id: str) -> Placement: ...
@@ -127,7 +128,7 @@ class Launcher(ABC):
         """Copy the chief's ``./outputs`` and ``./logs`` into the run's artifacts; return their folder."""
 
     def cancel(self, handle: JobHandle) -> None:
-        self.stop(handle, grace_seconds=10)
+        self.stop(handle, grace_seconds=self.stop_grace_seconds)
 
 
 def wait_for_job(
@@ -145,7 +146,7 @@ def wait_for_job(
     deadline = None if timeout is None else time.monotonic() + timeout
     status = launcher.poll(handle)
     while not status.state.finished:
-        for line in launcher.stream_logs(handle, timeout=0.2):
+        for line in launcher.stream_logs(handle, timeout=0.05):
             on_log(line)
         status = launcher.poll(handle)
         if deadline is not None and time.monotonic() > deadline and not status.state.finished:

@@ -31,7 +31,22 @@ from airflow_provider_dnntrain.launchers.base import (
 from airflow_provider_dnntrain.spec import TrainingJob
 from airflow_provider_dnntrain.topology import Endpoint, JobPlan, Replica
 
-_SNAPSHOT_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".git", ".ipynb_checkpoints")
+_READ_SIZE = 1 << 16
+_NEVER_SNAPSHOT = shutil.ignore_patterns("__pycache__", "*.pyc", ".git", ".ipynb_checkpoints")
+
+
+def _snapshot_ignore(source: Path):
+    """Skip caches, and a top-level outputs/ or logs/ left by a manual run: each run starts with its own."""
+
+    def ignore(folder: str, names: list[str]) -> set[str]:
+        skipped = set(_NEVER_SNAPSHOT(folder, names))
+        if Path(folder) == source:
+            skipped |= {"outputs", "logs"} & set(names)
+        return skipped
+
+    return ignore
+
+
 _PR_SET_PDEATHSIG = 1
 _LIBC = ctypes.CDLL(None, use_errno=True)
 
@@ -95,9 +110,16 @@ class LocalLauncher(Launcher):
 
     name = "local"
 
-    def __init__(self, *, work_root: str | os.PathLike | None = None, python: str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        work_root: str | os.PathLike | None = None,
+        python: str | None = None,
+        stop_grace_seconds: float = 10.0,
+    ) -> None:
         self.work_root = Path(work_root) if work_root else None
         self.python = python
+        self.stop_grace_seconds = stop_grace_seconds
 
     def placement(self, run_id: str) -> FreePortPlacement:
         return FreePortPlacement()
@@ -118,7 +140,7 @@ class LocalLauncher(Launcher):
         _kill_recorded_processes(run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
         snapshot = run_dir / "source"
-        shutil.copytree(source, snapshot, ignore=_SNAPSHOT_IGNORE)
+        shutil.copytree(source, snapshot, ignore=_snapshot_ignore(source))
         (run_dir / "logs").mkdir()
         (run_dir / "plan.json").write_text(plan.to_json())
         secrets = {name: value.get_secret_value() for name, value in job.environment.secrets.items()}
@@ -135,7 +157,8 @@ class LocalLauncher(Launcher):
 
     def _start(self, handle: LocalJobHandle, replica: Replica, snapshot: Path, env: dict) -> _Process:
         workdir = handle.run_dir / "replicas" / replica.name
-        _link_tree(snapshot, workdir)
+        # A real copy, not hard links: a script writing a file in place must not change its peers' copy.
+        shutil.copytree(snapshot, workdir)
         for sub in ("outputs", "logs"):
             (workdir / sub).mkdir(exist_ok=True)
         popen = subprocess.Popen(
@@ -165,11 +188,11 @@ class LocalLauncher(Launcher):
         return aggregate_status(handle.plan, codes)
 
     def stream_logs(self, handle: LocalJobHandle, timeout: float) -> Iterable[LogLine]:
-        lines = []
+        lines: list[LogLine] = []
         try:
-            lines.append(handle.lines.get(timeout=timeout) if timeout > 0 else handle.lines.get_nowait())
+            lines += handle.lines.get(timeout=timeout) if timeout > 0 else handle.lines.get_nowait()
             while True:
-                lines.append(handle.lines.get_nowait())
+                lines += handle.lines.get_nowait()
         except queue.Empty:
             pass
         return lines
@@ -200,29 +223,31 @@ class LocalLauncher(Launcher):
 
 
 def _pump_lines(process: _Process, lines: queue.Queue) -> None:
-    """Read whole lines (a partial last line too) from one replica into the shared queue."""
+    """Read one replica's output in chunks, split it into whole lines (a partial last line too), and
+    hand them to the shared queue a chunk at a time."""
     name = process.replica.name
+    fd = process.popen.stdout.fileno()
+    pending = b""
     with open(process.log_file, "ab") as log:
-        for raw in iter(process.popen.stdout.readline, b""):
-            log.write(raw)
-            log.flush()
-            text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-            process.tail.append(text)
-            lines.put(LogLine(name, text))
+        while chunk := os.read(fd, _READ_SIZE):
+            log.write(chunk)
+            *complete, pending = (pending + chunk).split(b"\n")
+            if complete:
+                _publish(process, lines, name, complete)
+        if pending:
+            _publish(process, lines, name, [pending])
     process.popen.stdout.close()
+
+
+def _publish(process: _Process, lines: queue.Queue, name: str, raw_lines: list[bytes]) -> None:
+    texts = [raw.decode("utf-8", errors="replace").rstrip("\r") for raw in raw_lines]
+    process.tail.extend(texts)
+    lines.put([LogLine(name, text) for text in texts])
 
 
 def _inherited_env() -> dict[str, str]:
     # Airflow's own settings (database URL, secrets backends, task tokens) are not the script's business.
     return {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
-
-
-def _link_tree(source: Path, target: Path) -> None:
-    try:
-        shutil.copytree(source, target, copy_function=os.link)
-    except (OSError, shutil.Error):
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(source, target)
 
 
 def _descendants(pid: int) -> list[psutil.Process]:

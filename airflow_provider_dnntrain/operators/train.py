@@ -171,7 +171,8 @@ class DnnTrainOperator(BaseOperator):
                 launcher, handle, on_log=lambda line: self.log.info("%s", line), timeout=self.job_timeout
             )
         except JobFailed as failure:
-            self._finish_tracking(tracking_run, None, succeeded=False)
+            # The failed run keeps what the chief wrote, and its logs, for whoever debugs it.
+            self._finish_tracking(tracking_run, launcher.collect_outputs(handle), succeeded=False)
             raise RuntimeError(f"training run {run_id} failed: {failure}") from None
         finally:
             self._handle = None

@@ -57,3 +57,8 @@ with DAG("dnntrain_test_register_without_model", schedule=None, start_date=START
         task_id="train", source_directory=SCRIPTS, entry_script="replica.py", arguments=["--lines", "3"]
     )
     RegisterModelOperator(task_id="register", run_id=train.output, model_name="nothing-here")
+
+with DAG("dnntrain_test_mapped_sweep", schedule=None, start_date=START):
+    TensorFlowTrainOperator.partial(
+        task_id="train", source_directory=SCRIPTS, entry_script="replica.py", tracking=False
+    ).expand(arguments=[["--lr", "0.1"], ["--lr", "0.01"]])

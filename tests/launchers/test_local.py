@@ -29,7 +29,7 @@ def make_job(arguments, distribution=None, source=SCRIPTS, **extra) -> TrainingJ
 
 @pytest.fixture
 def launcher(tmp_path):
-    return LocalLauncher(work_root=tmp_path / "runs")
+    return LocalLauncher(work_root=tmp_path / "runs", stop_grace_seconds=2)
 
 
 def run(launcher, job, run_id="run-1", **wait_kwargs):
@@ -80,7 +80,8 @@ def test_replicas_get_distinct_free_ports_and_the_job_environment(launcher):
 
 def test_source_is_snapshotted_at_submit(launcher, tmp_path):
     source = tmp_path / "src"
-    source.mkdir()
+    (source / "outputs").mkdir(parents=True)
+    (source / "outputs" / "stale.txt").write_text("from a manual run")
     (source / "replica.py").write_text((SCRIPTS / "replica.py").read_text())
     job = make_job(["--serve", "worker-0", "--serve", "worker-1"], source=source)
     plan = launcher.plan(job, "snap")
@@ -88,6 +89,7 @@ def test_source_is_snapshotted_at_submit(launcher, tmp_path):
     try:
         (source / "replica.py").write_text("raise SystemExit(99)\n")
         (source / "new_file.txt").write_text("late")
+        assert not (handle.run_dir / "source" / "outputs").exists()
         snapshot = handle.run_dir / "replicas" / "worker-0"
         assert "argparse" in (snapshot / "replica.py").read_text()
         assert not (snapshot / "new_file.txt").exists()
@@ -169,3 +171,16 @@ def test_missing_entry_script_is_reported_before_launch(launcher, tmp_path):
     job = make_job([], source=tmp_path)
     with pytest.raises(FileNotFoundError, match="entry_script 'replica.py' not found"):
         launcher.submit(job, launcher.plan(job, "nothing"), extra_env={})
+
+
+def test_each_replica_has_its_own_copy_of_the_source(launcher, tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "replica.py").write_text((SCRIPTS / "replica.py").read_text())
+    (source / "scratch.txt").write_text("untouched")
+    handle, _ = run(launcher, make_job([], source=source))
+    for name in ("worker-0", "worker-1"):
+        overwritten = name + "untouched"[len(name) :]  # its own name over the start, nobody else's
+        assert (handle.run_dir / "replicas" / name / "scratch.txt").read_text() == overwritten
+    assert (source / "scratch.txt").read_text() == "untouched"
+    assert (handle.run_dir / "source" / "scratch.txt").read_text() == "untouched"

@@ -133,6 +133,8 @@ def test_a_failing_replica_fails_the_task_and_the_tracking_run(capfd):
         filter_string="tags.`airflow.dag_id` = 'dnntrain_test_failing_replica'",
     )
     assert runs and runs[0].info.status == "FAILED"
+    uploaded = [f.path for f in client.list_artifacts(runs[0].info.run_id, "outputs")]
+    assert "outputs/who.txt" in uploaded
 
 
 def test_registering_a_run_without_the_model_fails_clearly(capfd):
@@ -174,3 +176,29 @@ def test_sigterm_to_the_airflow_task_stops_every_process(tmp_path):
     alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert alive == []
     assert "Stopping every replica of run dnntrain-test-killed" in output
+
+
+def test_invalid_topology_is_a_dag_import_error_naming_the_field(tmp_path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    (tmp_path / "bad_dag.py").write_text(
+        "import pendulum\n"
+        "from airflow.sdk import DAG\n"
+        "from airflow_provider_dnntrain.operators import TensorFlowTrainOperator\n"
+        "with DAG('bad', schedule=None, start_date=pendulum.datetime(2026, 1, 1)):\n"
+        "    TensorFlowTrainOperator(task_id='train', source_directory='s', entry_script='t.py',\n"
+        "        distribution={'kind': 'parameter_server', 'worker_count': 0})\n"
+    )
+    errors = DagBag(dag_folder=str(tmp_path)).import_errors
+    (message,) = errors.values()
+    assert "distribution.parameter_server.worker_count: Input should be greater than or equal to 1" in message
+
+
+def test_mapped_tasks_get_one_run_each():
+    dag = load_dag(TEST_DAGS, "dnntrain_test_mapped_sweep")
+    dag_run = dag.test()
+    assert dag_run.state == "success"
+    results = [xcom(dag_run, "train", map_index=i) for i in (0, 1)]
+    assert len({r["run_id"] for r in results}) == 2
+    argvs = [json.loads((Path(r["outputs"]) / "argv.json").read_text()) for r in results]
+    assert argvs == [["--lr", "0.1"], ["--lr", "0.01"]]

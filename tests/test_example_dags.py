@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pendulum
 import pytest
 from airflow_helpers import EXAMPLE_DAGS, load_dag, xcom
 
@@ -93,6 +94,20 @@ def test_tensorflow_multi_worker_mirrored_trains_and_registers():
 
 
 @pytest.mark.slow
+def test_pytorch_ddp_backfill_date_reaches_the_job_and_the_registry():
+    dag = load_dag(EXAMPLE_DAGS, "dnntrain_pytorch_ddp")
+    dag_run = dag.test(logical_date=pendulum.datetime(2026, 3, 14, tz="UTC"), run_conf={"epochs": 2})
+    assert dag_run.state == "success"
+    result, version = xcom(dag_run, "train"), xcom(dag_run, "register")
+    plan = json.loads((Path(result["outputs"]).parents[1] / "plan.json").read_text())
+    assert plan["replicas"][0]["env"]["TRAINING_DATE"] == "2026-03-14"
+    assert summary(result)["world_size"] == 2
+    client = tracking.client(result["tracking_uri"])
+    assert client.get_model_version("digits-pytorch-ddp", str(version)).tags["training_date"] == "2026-03-14"
+    assert client.get_run(result["tracking_run_id"]).data.tags["dnntrain.run_id"] == result["run_id"]
+
+
+@pytest.mark.slow
 def test_pytorch_ddp_through_airflow_dags_test_like_a_user():
     airflow = Path(sys.executable).with_name("airflow")
     before = _latest_version("digits-pytorch-ddp")
@@ -110,6 +125,9 @@ def test_pytorch_ddp_through_airflow_dags_test_like_a_user():
     version = _latest_version("digits-pytorch-ddp")
     assert version == before + 1
     assert f"Registered model digits-pytorch-ddp version {version}" in output
+    dag_run = _latest_dag_run("dnntrain_pytorch_ddp")
+    assert xcom(dag_run, "register") == version
+    assert xcom(dag_run, "train")["status"] == "succeeded"
     client = tracking.client(tracking.resolve_tracking_uri())
     run = client.get_run(client.get_model_version("digits-pytorch-ddp", str(version)).run_id)
     facts = json.loads(Path(client.download_artifacts(run.info.run_id, "outputs/summary.json")).read_text())
@@ -125,3 +143,14 @@ def test_pytorch_ddp_through_airflow_dags_test_like_a_user():
 def _latest_version(name: str) -> int:
     client = tracking.client(tracking.resolve_tracking_uri())
     return max((int(v.version) for v in client.search_model_versions(f"name = '{name}'")), default=0)
+
+
+def _latest_dag_run(dag_id: str):
+    from airflow.models.dagrun import DagRun
+    from airflow.settings import Session
+    from sqlalchemy import select
+
+    with Session() as session:
+        return session.scalars(
+            select(DagRun).where(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).limit(1)
+        ).one()

@@ -125,7 +125,7 @@ def test_parameter_servers_are_stopped_when_the_chief_succeeds(launcher):
 
 def test_a_parameter_server_that_exits_fails_the_job(launcher):
     dist = ParameterServer(worker_count=1, parameter_server_count=1, chief=True)
-    job = make_job(["--serve", "worker-0", "--sleep", "5"], dist)
+    job = make_job(["--serve", "chief-0", "--serve", "worker-0", "--sleep", "1"], dist)
     with pytest.raises(JobFailed, match="replica ps-0 exited before the job finished"):
         run(launcher, job)
 

@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 EXTRAS := mlflow,tensorflow,torch,examples,test
+# Open MPI and a compiler for Horovod (built from source by scripts/build-horovod.sh, wheel cached).
+DEBIAN_PACKAGES := openmpi-bin libopenmpi-dev cmake g++ make
 # Rebuilt when the dependency declarations change.
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt scripts/*.sh | sha256sum | cut -c1-12)
 DEMO_HOME := $(CURDIR)/.demo/airflow
 DEMO_DAG ?= dnntrain_tf_multi_worker
 AIRFLOW_ENV := AIRFLOW_HOME=$(DEMO_HOME) AIRFLOW__CORE__LOAD_EXAMPLES=False \
@@ -22,6 +24,8 @@ $(STAMP):
 	# pip, not uv: pip's configured find-links hold the CPU build of torch; uv would fetch the CUDA one.
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e ".[$(EXTRAS)]"
+	scripts/install-debian-packages.sh $(DEBIAN_PACKAGES)
+	scripts/build-horovod.sh $(BIN)/python
 	touch $@
 
 demo: $(STAMP)

@@ -64,12 +64,28 @@ class TorchDistributed(_Spec):
 
 
 class Horovod(_Spec):
-    """Horovod over Open MPI or Gloo (``distributed_backend='mpi'``). Launching arrives with issue 3."""
+    """Horovod (``distributed_backend='mpi'``): node_count x process_count_per_node ranks, all started by
+    one launcher process on the first node, either ``horovodrun`` (Gloo or MPI controller) or Open MPI's
+    ``mpirun`` directly."""
 
     kind: Literal["horovod"] = "horovod"
     node_count: int = Field(1, ge=1)
     process_count_per_node: int = Field(1, ge=1)
+    runner: Literal["horovodrun", "mpirun"] = "horovodrun"
     controller: Literal["gloo", "mpi"] = "gloo"
+    network_interface: str | None = Field(None, description="interface MPI/Gloo traffic uses, e.g. eth0")
+    oversubscribe: bool = Field(False, description="allow more ranks than cores (mpirun)")
+    ssh_port: int | None = Field(None, ge=1, le=65535)
+
+    @model_validator(mode="after")
+    def _mpirun_means_mpi(self) -> Horovod:
+        if self.runner == "mpirun" and self.controller != "mpi":
+            raise ValueError("runner='mpirun' starts ranks with Open MPI: set controller='mpi'")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        return self.node_count * self.process_count_per_node
 
 
 Distribution = Annotated[
@@ -78,8 +94,8 @@ Distribution = Annotated[
 ]
 
 SUPPORTED_DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
-    "tensorflow": ("single", "parameter_server", "multi_worker_mirrored"),
-    "pytorch": ("single", "torch_distributed"),
+    "tensorflow": ("single", "parameter_server", "multi_worker_mirrored", "horovod"),
+    "pytorch": ("single", "torch_distributed", "horovod"),
 }
 
 
@@ -150,8 +166,6 @@ class TrainingJob(_Spec):
     @model_validator(mode="after")
     def _framework_supports_distribution(self) -> TrainingJob:
         kind = self.distribution.kind
-        if kind == "horovod":
-            raise ValueError("distribution: Horovod launching is not available yet (planned)")
         if kind not in SUPPORTED_DISTRIBUTIONS[self.framework]:
             raise ValueError(
                 f"distribution: {kind!r} is not a {self.framework} topology; "

@@ -4,6 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from airflow_provider_dnntrain.spec import (
+    Horovod,
     Input,
     MultiWorkerMirrored,
     ParameterServer,
@@ -105,6 +106,16 @@ def test_environment_variable_names_are_checked():
     assert error_locations(excinfo) == ["environment.variables"]
 
 
-def test_horovod_has_its_place_but_is_not_launchable_yet():
-    with pytest.raises(ValidationError, match="Horovod launching is not available yet"):
-        job(distribution={"kind": "horovod", "node_count": 2})
+def test_horovod_on_both_frameworks_and_mpirun_needs_the_mpi_controller():
+    for framework in ("tensorflow", "pytorch"):
+        assert (
+            job(
+                framework=framework, distribution={"kind": "horovod", "node_count": 2}
+            ).distribution.world_size
+            == 2
+        )
+    with pytest.raises(ValidationError, match="runner='mpirun' starts ranks with Open MPI"):
+        Horovod(runner="mpirun", controller="gloo")
+    with pytest.raises(ValidationError) as excinfo:
+        Horovod(process_count_per_node=0)
+    assert error_locations(excinfo) == ["process_count_per_node"]

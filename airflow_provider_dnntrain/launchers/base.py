@@ -100,8 +100,13 @@ class Launcher(ABC):
     def interpreter(self, job: TrainingJob) -> str:
         return job.environment.python or sys.executable
 
+    def validate(self, job: TrainingJob) -> None:
+        """Raise ``ValueError`` naming the field if this backend cannot run ``job``."""
+        return None
+
     def plan(self, job: TrainingJob, run_id: str) -> JobPlan:
         """Placement + topology, no side effects."""
+        self.validate(job)
         return render_plan(job, run_id, self.placement(run_id), self.interpreter(job))
 
     @abstractmethod

@@ -28,10 +28,10 @@ from airflow_provider_dnntrain.launchers.base import (
     LogLine,
     aggregate_status,
 )
-from airflow_provider_dnntrain.spec import TrainingJob
+from airflow_provider_dnntrain.launchers.local_logs import follow_rank_files, pump_pipe
+from airflow_provider_dnntrain.spec import Horovod, TrainingJob
 from airflow_provider_dnntrain.topology import Endpoint, JobPlan, Replica
 
-_READ_SIZE = 1 << 16
 _NEVER_SNAPSHOT = shutil.ignore_patterns("__pycache__", "*.pyc", ".git", ".ipynb_checkpoints")
 
 
@@ -68,6 +68,7 @@ class FreePortPlacement:
     def __init__(self, host: str = "127.0.0.1") -> None:
         self._host = host
         self._ports: dict[tuple[str, int], int] = {}
+        self.runs_as_root = os.geteuid() == 0
 
     def endpoint(self, role: str, index: int, default_port: int) -> Endpoint:
         key = (role, index)
@@ -91,8 +92,34 @@ class _Process:
     popen: subprocess.Popen
     workdir: Path
     log_file: Path
-    reader: threading.Thread
+    readers: list[threading.Thread] = field(default_factory=list)
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=30))
+
+    def publish_to(self, lines: queue.Queue):
+        def publish(label: str, texts: list[str]) -> None:
+            prefix = label[len(self.replica.name) + 1 :]
+            self.tail.extend(f"[{prefix}] {t}" if prefix else t for t in texts)
+            lines.put([LogLine(label, text) for text in texts])
+
+        return publish
+
+    def start_readers(self, lines: queue.Queue) -> None:
+        publish, name = self.publish_to(lines), self.replica.name
+        pipe_closed = threading.Event()
+
+        def pump() -> None:
+            try:
+                pump_pipe(self.popen.stdout.fileno(), self.log_file, name, publish)
+            finally:
+                self.popen.stdout.close()
+                pipe_closed.set()
+
+        self.readers.append(threading.Thread(target=pump, name=f"dnntrain-log-{name}", daemon=True))
+        if self.replica.rank_logs:
+            follow = (self.workdir / self.replica.rank_logs, name, publish, pipe_closed)
+            self.readers.append(threading.Thread(target=follow_rank_files, args=follow, daemon=True))
+        for reader in self.readers:
+            reader.start()
 
 
 @dataclass
@@ -123,6 +150,14 @@ class LocalLauncher(Launcher):
 
     def placement(self, run_id: str) -> FreePortPlacement:
         return FreePortPlacement()
+
+    def validate(self, job: TrainingJob) -> None:
+        dist = job.distribution
+        if isinstance(dist, Horovod) and dist.node_count > 1:
+            raise ValueError(
+                "distribution.node_count: the local launcher runs Horovod on this one host; use "
+                "node_count=1 with process_count_per_node=N, or a multi-host launcher"
+            )
 
     def interpreter(self, job: TrainingJob) -> str:
         return self.python or super().interpreter(job)
@@ -161,6 +196,8 @@ class LocalLauncher(Launcher):
         shutil.copytree(snapshot, workdir)
         for sub in ("outputs", "logs"):
             (workdir / sub).mkdir(exist_ok=True)
+        for relative, content in replica.files.items():
+            (workdir / relative).write_text(content)
         popen = subprocess.Popen(
             replica.argv,
             cwd=workdir,
@@ -171,12 +208,8 @@ class LocalLauncher(Launcher):
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        log_file = handle.run_dir / "logs" / f"{replica.name}.log"
-        process = _Process(replica, popen, workdir, log_file, reader=threading.Thread())
-        process.reader = threading.Thread(
-            target=_pump_lines, args=(process, handle.lines), name=f"dnntrain-log-{replica.name}", daemon=True
-        )
-        process.reader.start()
+        process = _Process(replica, popen, workdir, handle.run_dir / "logs" / f"{replica.name}.log")
+        process.start_readers(handle.lines)
         return process
 
     # -- observe --------------------------------------------------------------------------------
@@ -210,7 +243,8 @@ class LocalLauncher(Launcher):
         _terminate_groups([p.popen for p in handle.processes.values()], grace_seconds)
         for process in handle.processes.values():
             # A grandchild that escaped the group may hold the pipe open; it is dead now, so EOF comes.
-            process.reader.join(timeout=5)
+            for reader in process.readers:
+                reader.join(timeout=5)
 
     def collect_outputs(self, handle: LocalJobHandle) -> Path:
         chief = handle.processes[handle.plan.chief.name]
@@ -220,29 +254,6 @@ class LocalLauncher(Launcher):
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(chief.workdir / sub, target, dirs_exist_ok=True)
         return artifacts
-
-
-def _pump_lines(process: _Process, lines: queue.Queue) -> None:
-    """Read one replica's output in chunks, split it into whole lines (a partial last line too), and
-    hand them to the shared queue a chunk at a time."""
-    name = process.replica.name
-    fd = process.popen.stdout.fileno()
-    pending = b""
-    with open(process.log_file, "ab") as log:
-        while chunk := os.read(fd, _READ_SIZE):
-            log.write(chunk)
-            *complete, pending = (pending + chunk).split(b"\n")
-            if complete:
-                _publish(process, lines, name, complete)
-        if pending:
-            _publish(process, lines, name, [pending])
-    process.popen.stdout.close()
-
-
-def _publish(process: _Process, lines: queue.Queue, name: str, raw_lines: list[bytes]) -> None:
-    texts = [raw.decode("utf-8", errors="replace").rstrip("\r") for raw in raw_lines]
-    process.tail.extend(texts)
-    lines.put([LogLine(name, text) for text in texts])
 
 
 def _inherited_env() -> dict[str, str]:

@@ -2,6 +2,7 @@ from airflow_provider_dnntrain.operators.register import RegisterModelOperator
 from airflow_provider_dnntrain.operators.train import (
     DnnTrainOperator,
     InvalidTrainingJob,
+    PyTorchHorovodOperator,
     PyTorchTrainOperator,
     TensorFlowTrainOperator,
 )
@@ -9,6 +10,7 @@ from airflow_provider_dnntrain.operators.train import (
 __all__ = [
     "DnnTrainOperator",
     "InvalidTrainingJob",
+    "PyTorchHorovodOperator",
     "PyTorchTrainOperator",
     "RegisterModelOperator",
     "TensorFlowTrainOperator",

@@ -15,6 +15,7 @@ from airflow_provider_dnntrain.launchers.base import JobFailed, JobHandle, Launc
 from airflow_provider_dnntrain.run_id import make_run_id
 from airflow_provider_dnntrain.spec import (
     Environment,
+    Horovod,
     Input,
     Resources,
     SingleNode,
@@ -33,10 +34,11 @@ def build_job(task_id: str, **fields: Any) -> TrainingJob:
     try:
         return TrainingJob(**fields)
     except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in e['loc']) or 'job'}: {e['msg']}" for e in error.errors()
-        )
-        raise InvalidTrainingJob(f"task {task_id!r}: invalid training job: {problems}") from None
+        raise InvalidTrainingJob(f"task {task_id!r}: invalid training job: {_describe(error)}") from None
+
+
+def _describe(error: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'job'}: {e['msg']}" for e in error.errors())
 
 
 def _is_template(value: Any) -> bool:
@@ -106,7 +108,11 @@ class DnnTrainOperator(BaseOperator):
         self.experiment_name = experiment_name
         self.job_timeout = job_timeout
         self._handle: JobHandle | None = None
-        self.build_job(validate_only=True)
+        job = self.build_job(validate_only=True)
+        try:
+            self._launcher().validate(job)
+        except ValueError as error:
+            raise InvalidTrainingJob(f"task {self.task_id!r}: invalid training job: {error}") from None
 
     # -- the job --------------------------------------------------------------------------------
 
@@ -270,3 +276,36 @@ class PyTorchTrainOperator(DnnTrainOperator):
     """PyTorch training: single node or DDP via ``torchrun`` (``TorchDistributed``)."""
 
     framework = "pytorch"
+
+
+class PyTorchHorovodOperator(PyTorchTrainOperator):
+    """PyTorch with Horovod: ``node_count`` x ``process_count_per_node`` ranks started by ``horovodrun``
+    (Gloo or MPI controller) or ``mpirun``. Scripts call ``hvd.init()`` and read rank/size from Horovod."""
+
+    def __init__(
+        self,
+        *,
+        node_count: int = 1,
+        process_count_per_node: int = 1,
+        runner: str = "horovodrun",
+        controller: str = "gloo",
+        network_interface: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        distribution = build_distribution(
+            kwargs.get("task_id", "?"),
+            Horovod,
+            node_count=node_count,
+            process_count_per_node=process_count_per_node,
+            runner=runner,
+            controller=controller,
+            network_interface=network_interface,
+        )
+        super().__init__(distribution=distribution, **kwargs)
+
+
+def build_distribution(task_id: str, model: type, **fields: Any):
+    try:
+        return model(**fields)
+    except ValidationError as error:
+        raise InvalidTrainingJob(f"task {task_id!r}: invalid training job: {_describe(error)}") from None

@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable
 
 from airflow_provider_dnntrain.spec import TrainingJob
+from airflow_provider_dnntrain.topology.horovod import render_horovod_plan
 from airflow_provider_dnntrain.topology.plan import (
     Endpoint,
     FixedPortPlacement,
@@ -49,6 +50,7 @@ _RENDERERS: dict[str, Callable[[TrainingJob, str, Placement, str], JobPlan]] = {
     "parameter_server": render_tensorflow_plan,
     "multi_worker_mirrored": render_tensorflow_plan,
     "torch_distributed": render_torch_plan,
+    "horovod": render_horovod_plan,
 }
 
 

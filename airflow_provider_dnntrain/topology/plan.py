@@ -16,6 +16,8 @@ ROLE_VAR = "DNNTRAIN_ROLE"
 INDEX_VAR = "DNNTRAIN_REPLICA_INDEX"
 OUTPUT_DIR_VAR = "DNNTRAIN_OUTPUT_DIR"
 LOG_DIR_VAR = "DNNTRAIN_LOG_DIR"
+# Set by the operator at submit when tracking is on; listed so launchers can forward them.
+MLFLOW_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")
 
 
 @dataclass(frozen=True)
@@ -32,12 +34,16 @@ class Placement(Protocol):
 
     def endpoint(self, role: str, index: int, default_port: int) -> Endpoint: ...
 
+    # Whether replicas run as root there (Open MPI refuses root unless told).
+    runs_as_root: bool
+
 
 class FixedPortPlacement:
     """Every replica listens on the topology's default port of a host named by ``host_of``."""
 
-    def __init__(self, host_of=lambda role, index: "127.0.0.1") -> None:
+    def __init__(self, host_of=lambda role, index: "127.0.0.1", runs_as_root: bool = False) -> None:
         self._host_of = host_of
+        self.runs_as_root = runs_as_root
 
     def endpoint(self, role: str, index: int, default_port: int) -> Endpoint:
         return Endpoint(self._host_of(role, index), default_port)
@@ -54,6 +60,10 @@ class Replica:
     ranks: list[int] = field(default_factory=list)
     decides_success: bool = False
     runs_until_stopped: bool = False
+    files: dict[str, str] = field(default_factory=dict)  # written into the working directory first
+    # Folder (relative to the working directory) where the command writes one rank.N/stdout|stderr
+    # per rank; launchers stream those instead of relying on the command's interleaved console.
+    rank_logs: str | None = None
 
     @property
     def name(self) -> str:
@@ -69,6 +79,7 @@ class JobPlan:
     replicas: list[Replica]
     world_size: int
     secret_names: list[str] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)  # Horovod nodes, first one runs the launcher
 
     def replica(self, name: str) -> Replica:
         return next(r for r in self.replicas if r.name == name)

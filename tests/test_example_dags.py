@@ -19,6 +19,8 @@ EXAMPLES = {
     "dnntrain_tf_parameter_server": "digits-tf-parameter-server",
     "dnntrain_tf_multi_worker": "digits-tf-multi-worker",
     "dnntrain_pytorch_ddp": "digits-pytorch-ddp",
+    "dnntrain_pytorch_horovod": "digits-pytorch-horovod",
+    "dnntrain_tf_horovod": "digits-tf-horovod",
 }
 
 
@@ -91,6 +93,23 @@ def test_tensorflow_multi_worker_mirrored_trains_and_registers():
     assert checksums[0] == checksums[1]  # all-reduced gradients keep the replicas identical
     assert result["metrics"]["accuracy"] == pytest.approx(facts["accuracy"])
     assert_registered("digits-tf-multi-worker", version, "tensorflow", "model.keras")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("dag_id", "framework", "model_file"),
+    [
+        ("dnntrain_pytorch_horovod", "pytorch", "state_dict.pt"),
+        ("dnntrain_tf_horovod", "tensorflow", "model.keras"),
+    ],
+)
+def test_horovod_examples_train_and_register(dag_id, framework, model_file):
+    result, version = run_example(dag_id, epochs=2)
+    facts = summary(result)
+    assert facts["size"] == 2 and facts["allreduce_sum"] == 3.0
+    assert facts["weights_checksums"][0] == pytest.approx(facts["weights_checksums"][1], abs=1e-5)
+    assert set(result["metrics"]) == {"loss", "accuracy"}
+    assert_registered(EXAMPLES[dag_id], version, framework, model_file)
 
 
 @pytest.mark.slow

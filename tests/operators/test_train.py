@@ -17,6 +17,7 @@ from airflow_helpers import TEST_DAGS, load_dag, rendered_fields, task_instance,
 from airflow_provider_dnntrain import tracking
 from airflow_provider_dnntrain.operators import (
     InvalidTrainingJob,
+    PyTorchHorovodOperator,
     PyTorchTrainOperator,
     TensorFlowTrainOperator,
 )
@@ -47,6 +48,26 @@ def test_invalid_topology_fails_when_the_dag_is_parsed():
         )
     with pytest.raises(InvalidTrainingJob, match="entry_script"):
         TensorFlowTrainOperator(task_id="train", source_directory="s", entry_script="../t.py")
+
+
+def test_horovod_operator_validates_at_parse_time():
+    op = PyTorchHorovodOperator(
+        task_id="train",
+        source_directory="s",
+        entry_script="t.py",
+        process_count_per_node=4,
+        runner="mpirun",
+        controller="mpi",
+    )
+    assert op.build_job().distribution.world_size == 4
+    with pytest.raises(InvalidTrainingJob, match="task 'train'.*process_count_per_node"):
+        PyTorchHorovodOperator(
+            task_id="train", source_directory="s", entry_script="t.py", process_count_per_node=0
+        )
+    with pytest.raises(
+        InvalidTrainingJob, match="node_count: the local launcher runs Horovod on this one host"
+    ):
+        PyTorchHorovodOperator(task_id="train", source_directory="s", entry_script="t.py", node_count=2)
 
 
 def test_operator_arguments_are_keyword_only():

@@ -34,7 +34,8 @@ demo: $(STAMP)
 	@echo "Running $(DEMO_DAG) with 'airflow dags test' (log: .demo/$(DEMO_DAG).log) ..."
 	@$(AIRFLOW_ENV) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/airflow dags test $(DEMO_DAG) \
 		> .demo/$(DEMO_DAG).log 2>&1 || { tail -n 60 .demo/$(DEMO_DAG).log; exit 1; }
-	@grep -o '\[worker-[0-9]\] epoch=[0-9]* loss=[0-9.]* accuracy=[0-9.]*' .demo/$(DEMO_DAG).log || true
+	@grep -o '\[[a-z0-9./-]*\] \(\[[a-z0-9]*\]:\|\[[0-9]\]<stdout>:\)\?epoch=[0-9]* loss=[0-9.]* accuracy=[0-9.]*' \
+		.demo/$(DEMO_DAG).log || true
 	@grep -o 'Registered model .* version [0-9]* from run [a-z0-9-]*' .demo/$(DEMO_DAG).log
 
 lint: $(STAMP)

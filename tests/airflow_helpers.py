@@ -26,35 +26,26 @@ def task_instance(dag_run, task_id: str):
     return next(ti for ti in dag_run.get_task_instances() if ti.task_id == task_id)
 
 
-def xcom(dag_run, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
-    from airflow.models.xcom import XComModel
+def _row_of(model, dag_run, task_id: str, **filters):
     from airflow.settings import Session
     from sqlalchemy import select
 
+    conditions = [model.dag_id == dag_run.dag_id, model.run_id == dag_run.run_id, model.task_id == task_id]
+    conditions += [getattr(model, column) == value for column, value in filters.items()]
     with Session() as session:
-        row = session.scalars(
-            select(XComModel).where(
-                XComModel.dag_id == dag_run.dag_id,
-                XComModel.run_id == dag_run.run_id,
-                XComModel.task_id == task_id,
-                XComModel.key == key,
-                XComModel.map_index == map_index,
-            )
-        ).first()
-        return None if row is None else XComModel.deserialize_value(row)
+        row = session.scalars(select(model).where(*conditions)).first()
+        session.expunge_all()
+        return row
+
+
+def xcom(dag_run, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
+    from airflow.models.xcom import XComModel
+
+    row = _row_of(XComModel, dag_run, task_id, key=key, map_index=map_index)
+    return None if row is None else XComModel.deserialize_value(row)
 
 
 def rendered_fields(dag_run, task_id: str) -> dict:
     from airflow.models.renderedtifields import RenderedTaskInstanceFields
-    from airflow.settings import Session
-    from sqlalchemy import select
 
-    with Session() as session:
-        row = session.scalars(
-            select(RenderedTaskInstanceFields).where(
-                RenderedTaskInstanceFields.dag_id == dag_run.dag_id,
-                RenderedTaskInstanceFields.run_id == dag_run.run_id,
-                RenderedTaskInstanceFields.task_id == task_id,
-            )
-        ).first()
-        return row.rendered_fields
+    return _row_of(RenderedTaskInstanceFields, dag_run, task_id).rendered_fields

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import os
@@ -10,6 +11,24 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+
+def parse_training_args(lr: float, batch_size: int) -> argparse.Namespace:
+    """The examples' command line: --epochs, --lr, --batch-size (defaults differ per script)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    return parser.parse_args()
+
+
+def keras_mlp():
+    """The TensorFlow examples' model: 64 inputs, one hidden layer, 10 logits."""
+    import tensorflow as tf
+
+    return tf.keras.Sequential(
+        [tf.keras.Input((64,)), tf.keras.layers.Dense(64, activation="relu"), tf.keras.layers.Dense(10)]
+    )
 
 
 def load_digits_split(seed: int = 0):

@@ -8,25 +8,24 @@ in a custom loop. (``TF_USE_LEGACY_KERAS=1`` with ``tf_keras`` makes ``Distribut
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import horovod.tensorflow as hvd
 import numpy as np
 import tensorflow as tf
-from digits import load_digits_split, log_metrics, output_dir, warm_up_tracking, write_summary
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--batch-size", type=int, default=32)
-    return parser.parse_args()
+from digits import (
+    keras_mlp,
+    load_digits_split,
+    log_metrics,
+    output_dir,
+    parse_training_args,
+    warm_up_tracking,
+    write_summary,
+)
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_training_args(lr=0.05, batch_size=32)
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
     if rank == 0:
@@ -41,13 +40,7 @@ def main() -> None:
     (x_train, y_train), (x_test, y_test) = load_digits_split()
     x_shard, y_shard = x_train[rank::size], y_train[rank::size]
     tf.keras.utils.set_random_seed(rank)  # different on purpose: the broadcast below must make them equal
-    model = tf.keras.Sequential(
-        [
-            tf.keras.Input((64,)),
-            tf.keras.layers.Dense(64, activation="relu"),
-            tf.keras.layers.Dense(10),
-        ]
-    )
+    model = keras_mlp()
     for variable in model.variables:
         variable.assign(hvd.broadcast(variable.value, root_rank=0, name=f"init_{variable.path}"))
     optimizer = tf.keras.optimizers.SGD(args.lr * size, momentum=0.9)

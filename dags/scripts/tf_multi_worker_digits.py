@@ -6,26 +6,25 @@ loop; gradients are all-reduced across workers by ``strategy.run``. Worker 0 sav
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
 
 import numpy as np
 import tensorflow as tf
-from digits import load_digits_split, log_metrics, output_dir, warm_up_tracking, write_summary
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch size")
-    return parser.parse_args()
+from digits import (
+    keras_mlp,
+    load_digits_split,
+    log_metrics,
+    output_dir,
+    parse_training_args,
+    warm_up_tracking,
+    write_summary,
+)
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_training_args(lr=0.1, batch_size=64)
     task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {"type": "worker", "index": 0})
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     world = strategy.num_replicas_in_sync
@@ -53,13 +52,7 @@ def main() -> None:
     steps = len(x_train) // args.batch_size
 
     with strategy.scope():
-        model = tf.keras.Sequential(
-            [
-                tf.keras.Input((64,)),
-                tf.keras.layers.Dense(64, activation="relu"),
-                tf.keras.layers.Dense(10),
-            ]
-        )
+        model = keras_mlp()
         optimizer = tf.keras.optimizers.SGD(args.lr, momentum=0.9)
         loss_obj = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
 

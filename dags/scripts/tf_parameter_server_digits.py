@@ -13,15 +13,15 @@ import os
 
 import numpy as np
 import tensorflow as tf
-from digits import load_digits_split, log_metrics, output_dir, warm_up_tracking, write_summary
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--batch-size", type=int, default=64)
-    return parser.parse_args()
+from digits import (
+    keras_mlp,
+    load_digits_split,
+    log_metrics,
+    output_dir,
+    parse_training_args,
+    warm_up_tracking,
+    write_summary,
+)
 
 
 def run_server(resolver: tf.distribute.cluster_resolver.TFConfigClusterResolver) -> None:
@@ -45,13 +45,7 @@ def train(resolver, args: argparse.Namespace) -> None:
         return data.shuffle(2048).repeat().batch(args.batch_size, drop_remainder=True)
 
     with strategy.scope():
-        model = tf.keras.Sequential(
-            [
-                tf.keras.Input((64,)),
-                tf.keras.layers.Dense(64, activation="relu"),
-                tf.keras.layers.Dense(10),
-            ]
-        )
+        model = keras_mlp()
         optimizer = tf.keras.optimizers.SGD(args.lr, momentum=0.9)
     loss_obj = tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     devices = sorted({v.value.device for v in model.trainable_variables})
@@ -95,7 +89,7 @@ def train(resolver, args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_training_args(lr=0.1, batch_size=64)
     os.environ.setdefault("GRPC_FAIL_FAST", "use_caller")
     resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
     if resolver.task_type in ("worker", "ps"):

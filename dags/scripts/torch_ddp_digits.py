@@ -3,27 +3,25 @@
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 
 import torch
 import torch.distributed as dist
-from digits import load_digits_split, log_metrics, output_dir, warm_up_tracking, write_summary
+from digits import (
+    load_digits_split,
+    log_metrics,
+    output_dir,
+    parse_training_args,
+    warm_up_tracking,
+    write_summary,
+)
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--batch-size", type=int, default=32)
-    return parser.parse_args()
-
-
 def main() -> None:
-    args = parse_args()
+    args = parse_training_args(lr=0.05, batch_size=32)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)

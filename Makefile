@@ -13,7 +13,7 @@ DEMO_DAG ?= dnntrain_tf_multi_worker
 AIRFLOW_ENV := AIRFLOW_HOME=$(DEMO_HOME) AIRFLOW__CORE__LOAD_EXAMPLES=False \
 	AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags TF_CPP_MIN_LOG_LEVEL=2
 
-.PHONY: env demo test lint clean
+.PHONY: env demo test lint clean images
 
 env: $(STAMP)
 
@@ -44,6 +44,15 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -p no:cacheprovider --durations=15
+
+# Training images (not part of the tests). DOCKER="docker -H unix:///..." and BASE_IMAGE=... to override.
+DOCKER ?= docker
+BASE_IMAGE ?= debian:bookworm-slim
+images:
+	for framework in torch tensorflow; do \
+		$(DOCKER) build --network host -f docker/Dockerfile.cpu --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+			--build-arg FRAMEWORK=$$framework -t dnntrain-$$framework:cpu . || exit 1; \
+	done
 
 clean:
 	rm -rf .demo

@@ -10,12 +10,7 @@ from pathlib import Path
 import yaml
 
 from airflow_provider_dnntrain.spec import TrainingJob
-from airflow_provider_dnntrain.topology import FixedPortPlacement, render_plan
-
-
-def placeholder_placement() -> FixedPortPlacement:
-    """Default ports on placeholder host names: what the topology is, not where it will land."""
-    return FixedPortPlacement(lambda role, index: f"{role}-{index}")
+from airflow_provider_dnntrain.topology import placeholder_placement, render_plan
 
 
 def load_job(path: Path) -> TrainingJob:

@@ -57,5 +57,5 @@ if ! compgen -G "$wheel_dir/horovod-*.whl" > /dev/null; then
     cd - > /dev/null
 fi
 
-"$PYTHON" -m pip install --quiet --disable-pip-version-check --no-deps "$wheel_dir"/horovod-*.whl
-"$PYTHON" -m pip install --quiet --disable-pip-version-check cloudpickle cffi
+# With its small runtime dependencies (cloudpickle, psutil, pyyaml, packaging, cffi).
+"$PYTHON" -m pip install --quiet --disable-pip-version-check "$wheel_dir"/horovod-*.whl

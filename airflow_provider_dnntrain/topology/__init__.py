@@ -19,7 +19,20 @@ from airflow_provider_dnntrain.topology.plan import (
 from airflow_provider_dnntrain.topology.tensorflow import render_tensorflow_plan
 from airflow_provider_dnntrain.topology.torch import render_torch_plan
 
-__all__ = ["Endpoint", "FixedPortPlacement", "JobPlan", "Placement", "Replica", "render_plan"]
+__all__ = [
+    "Endpoint",
+    "FixedPortPlacement",
+    "JobPlan",
+    "Placement",
+    "Replica",
+    "placeholder_placement",
+    "render_plan",
+]
+
+
+def placeholder_placement() -> FixedPortPlacement:
+    """Default ports on placeholder host names: what the topology is, not where it will land."""
+    return FixedPortPlacement(lambda role, index: f"{role}-{index}")
 
 
 def render_single_plan(job: TrainingJob, run_id: str, placement: Placement, python: str) -> JobPlan:

@@ -96,27 +96,27 @@ class _Process:
     tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=30))
 
     def publish_to(self, lines: queue.Queue):
-        def publish(label: str, texts: list[str]) -> None:
-            prefix = label[len(self.replica.name) + 1 :]
-            self.tail.extend(f"[{prefix}] {t}" if prefix else t for t in texts)
+        def publish(rank: str | None, texts: list[str]) -> None:
+            label = f"{self.replica.name}/{rank}" if rank else self.replica.name
+            self.tail.extend(f"[{rank}] {t}" if rank else t for t in texts)
             lines.put([LogLine(label, text) for text in texts])
 
         return publish
 
     def start_readers(self, lines: queue.Queue) -> None:
-        publish, name = self.publish_to(lines), self.replica.name
+        publish = self.publish_to(lines)
         pipe_closed = threading.Event()
 
         def pump() -> None:
             try:
-                pump_pipe(self.popen.stdout.fileno(), self.log_file, name, publish)
+                pump_pipe(self.popen.stdout.fileno(), self.log_file, publish)
             finally:
                 self.popen.stdout.close()
                 pipe_closed.set()
 
-        self.readers.append(threading.Thread(target=pump, name=f"dnntrain-log-{name}", daemon=True))
+        self.readers.append(threading.Thread(target=pump, daemon=True))
         if self.replica.rank_logs:
-            follow = (self.workdir / self.replica.rank_logs, name, publish, pipe_closed)
+            follow = (self.workdir / self.replica.rank_logs, publish, pipe_closed)
             self.readers.append(threading.Thread(target=follow_rank_files, args=follow, daemon=True))
         for reader in self.readers:
             reader.start()

@@ -12,7 +12,7 @@ from pathlib import Path
 _READ_SIZE = 1 << 16
 _RANK_STREAMS = ("stdout", "stderr")
 
-Publish = Callable[[str, list[str]], None]  # (label, lines)
+Publish = Callable[[str | None, list[str]], None]  # (rank label or None for the replica itself, lines)
 
 
 class LineSplitter:
@@ -34,20 +34,20 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace").rstrip("\r")
 
 
-def pump_pipe(fd: int, log_file: Path, label: str, publish: Publish) -> None:
+def pump_pipe(fd: int, log_file: Path, publish: Publish) -> None:
     """Copy a pipe to ``log_file`` and publish its lines, a chunk at a time, until EOF."""
     splitter = LineSplitter()
     with open(log_file, "ab") as log:
         while chunk := os.read(fd, _READ_SIZE):
             log.write(chunk)
             if lines := splitter.feed(chunk):
-                publish(label, lines)
+                publish(None, lines)
     if rest := splitter.flush():
-        publish(label, rest)
+        publish(None, rest)
 
 
-def follow_rank_files(directory: Path, label: str, publish: Publish, done: threading.Event) -> None:
-    """Publish new lines of every ``.../rank.N/stdout|stderr`` under ``directory`` as ``label/rank.N``
+def follow_rank_files(directory: Path, publish: Publish, done: threading.Event) -> None:
+    """Publish new lines of every ``.../rank.N/stdout|stderr`` under ``directory`` labelled ``rank.N``
     until ``done`` is set, then read what is left."""
     offsets: dict[Path, int] = {}
     splitters: dict[Path, LineSplitter] = {}
@@ -60,11 +60,11 @@ def follow_rank_files(directory: Path, label: str, publish: Publish, done: threa
                 chunk = stream.read()
                 offsets[path] = stream.tell()
             if lines := splitter.feed(chunk):
-                publish(f"{label}/{path.parent.name}", lines)
+                publish(path.parent.name, lines)
         if finished:
             for path, splitter in splitters.items():
                 if rest := splitter.flush():
-                    publish(f"{label}/{path.parent.name}", rest)
+                    publish(path.parent.name, rest)
             return
         time.sleep(0.1)
 

@@ -45,13 +45,16 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -p no:cacheprovider --durations=15
 
-# Training images (not part of the tests). DOCKER="docker -H unix:///..." and BASE_IMAGE=... to override.
+# Training images (not part of the tests): dnntrain-{torch,tensorflow}:$(DEVICE), DEVICE=cpu|gpu.
+# DOCKER="docker -H unix:///..." and BASE_IMAGE=... to override.
 DOCKER ?= docker
 BASE_IMAGE ?= debian:bookworm-slim
+DEVICE ?= cpu
 images:
 	for framework in torch tensorflow; do \
-		$(DOCKER) build --network host -f docker/Dockerfile.cpu --build-arg BASE_IMAGE=$(BASE_IMAGE) \
-			--build-arg FRAMEWORK=$$framework -t dnntrain-$$framework:cpu . || exit 1; \
+		$(DOCKER) build --network host -f docker/Dockerfile --build-arg BASE_IMAGE=$(BASE_IMAGE) \
+			--build-arg FRAMEWORK=$$framework --build-arg DEVICE=$(DEVICE) \
+			-t dnntrain-$$framework:$(DEVICE) . || exit 1; \
 	done
 
 clean:

@@ -127,7 +127,7 @@ def test_pytorch_ddp_backfill_date_reaches_the_job_and_the_registry():
 
 
 @pytest.mark.slow
-def test_pytorch_ddp_through_airflow_dags_test_like_a_user():
+def test_pytorch_ddp_through_airflow_dags_test_like_a_user(tmp_path):
     airflow = Path(sys.executable).with_name("airflow")
     before = _latest_version("digits-pytorch-ddp")
     completed = subprocess.run(
@@ -157,6 +157,29 @@ def test_pytorch_ddp_through_airflow_dags_test_like_a_user():
     assert run.data.tags["airflow.dag_id"] == "dnntrain_pytorch_ddp"
     assert run.data.params["world_size"] == "2"
     assert_registered("digits-pytorch-ddp", version, "pytorch", "state_dict.pt")
+    assert_downloadable_like_the_readme_says("digits-pytorch-ddp", version, "state_dict.pt", tmp_path)
+
+
+def assert_downloadable_like_the_readme_says(model_name, version, expected_file, destination) -> None:
+    """A registered version's files come back later through the registry URI (MLflow's own CLI)."""
+    mlflow = Path(sys.executable).with_name("mlflow")
+    completed = subprocess.run(
+        [
+            str(mlflow),
+            "artifacts",
+            "download",
+            "-u",
+            f"models:/{model_name}/{version}",
+            "-d",
+            str(destination),
+        ],
+        env={**os.environ, "MLFLOW_TRACKING_URI": tracking.resolve_tracking_uri()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert (destination / expected_file).stat().st_size > 0
 
 
 def _latest_version(name: str) -> int:

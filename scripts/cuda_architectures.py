@@ -26,13 +26,14 @@ def framework_architectures() -> list[str]:
 
 
 def choose(wanted: list[str], supported: list[int]) -> list[int]:
-    """`wanted` as the frameworks name them (sm_80, compute_90); all supported ones if none is wanted."""
+    """`wanted` as the frameworks name them (sm_80, compute_90). All supported ones (Horovod's own default)
+    when nothing is wanted, e.g. CPU builds, or none of it can be built."""
     supported = sorted(supported)
     chosen = set()
     for capability in {int(re.sub(r"\D", "", name)) for name in wanted}:
         same_major = [cc for cc in supported if cc >= capability and cc // 10 == capability // 10]
         chosen.update(same_major[:1])
-    return sorted(chosen) if wanted else supported
+    return sorted(chosen) or supported
 
 
 if __name__ == "__main__":

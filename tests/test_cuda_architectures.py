@@ -31,6 +31,11 @@ def test_no_framework_architectures_means_all_supported():
     assert choose([], [90, 75, 80]) == [75, 80, 90]
 
 
+def test_nothing_buildable_falls_back_to_all_supported_not_to_an_empty_list():
+    # An empty HOROVOD_BUILD_CUDA_CC_LIST would crash Horovod's build (int('')).
+    assert choose(["sm_60", "sm_61"], CUDA_13) == CUDA_13
+
+
 def test_command_line_prints_the_choice_for_nvccs_list():
     # -S: no site-packages, so no framework to ask (importing torch and TensorFlow takes ~10 s); the
     # framework probes run for real in the image builds (docker/Dockerfile, DEVICE=gpu).

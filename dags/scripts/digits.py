@@ -50,6 +50,18 @@ def output_dir() -> Path:
     return path
 
 
+def model_dir() -> Path:
+    """``outputs/model``: what the DAGs' RegisterModelOperator registers."""
+    path = output_dir() / "model"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def launcher_rank() -> str | None:
+    """The rank as the launcher numbered it: mpirun's, else horovodrun's (Gloo)."""
+    return os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK"))
+
+
 _client_lock = threading.Lock()
 
 

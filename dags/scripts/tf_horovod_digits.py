@@ -8,16 +8,15 @@ in a custom loop. (``TF_USE_LEGACY_KERAS=1`` with ``tf_keras`` makes ``Distribut
 
 from __future__ import annotations
 
-import os
-
 import horovod.tensorflow as hvd
 import numpy as np
 import tensorflow as tf
 from digits import (
     keras_mlp,
+    launcher_rank,
     load_digits_split,
     log_metrics,
-    output_dir,
+    model_dir,
     parse_training_args,
     warm_up_tracking,
     write_summary,
@@ -31,9 +30,8 @@ def main() -> None:
     if rank == 0:
         warm_up_tracking()
     probe = hvd.allreduce(tf.constant(float(rank + 1)), op=hvd.Sum, name="probe")
-    launcher_rank = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK"))
     print(
-        f"rank={rank} size={size} local_rank={hvd.local_rank()} launcher_rank={launcher_rank} "
+        f"rank={rank} size={size} local_rank={hvd.local_rank()} launcher_rank={launcher_rank()} "
         f"allreduce_sum={float(probe)}"
     )
 
@@ -74,9 +72,7 @@ def main() -> None:
     checksums = hvd.allgather(checksum, name="checksums").numpy().tolist()
     print(f"rank={rank} weights_checksum={float(checksum[0]):.6f}")
     if rank == 0:
-        model_dir = output_dir() / "model"
-        model_dir.mkdir(exist_ok=True)
-        model.save(model_dir / "model.keras")
+        model.save(model_dir() / "model.keras")
         write_summary(
             {
                 "size": size,

@@ -16,7 +16,7 @@ from digits import (
     keras_mlp,
     load_digits_split,
     log_metrics,
-    output_dir,
+    model_dir,
     parse_training_args,
     warm_up_tracking,
     write_summary,
@@ -80,8 +80,7 @@ def main() -> None:
     checksum = float(sum(tf.reduce_sum(v) for v in model.trainable_variables))
     print(f"task={task['type']}:{task['index']} weights_checksum={checksum:.6f}")
     # Every worker saves (the strategy expects it); only the chief's copy is the job's output.
-    target = output_dir() / "model" if is_chief else tempfile.mkdtemp()
-    os.makedirs(target, exist_ok=True)
+    target = model_dir() if is_chief else tempfile.mkdtemp()
     model.save(os.path.join(target, "model.keras"))
     if is_chief:
         write_summary(

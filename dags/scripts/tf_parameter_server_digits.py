@@ -17,7 +17,7 @@ from digits import (
     keras_mlp,
     load_digits_split,
     log_metrics,
-    output_dir,
+    model_dir,
     parse_training_args,
     warm_up_tracking,
     write_summary,
@@ -74,9 +74,7 @@ def train(resolver, args: argparse.Namespace) -> None:
         print(f"epoch={epoch} loss={losses[-1]:.4f} accuracy={accuracy:.4f}")
         log_metrics({"loss": losses[-1], "accuracy": accuracy}, step=epoch)
 
-    model_dir = output_dir() / "model"
-    model_dir.mkdir(exist_ok=True)
-    np.savez(model_dir / "weights.npz", *[v.numpy() for v in model.trainable_variables])
+    np.savez(model_dir() / "weights.npz", *[v.numpy() for v in model.trainable_variables])
     write_summary(
         {
             "devices": devices,

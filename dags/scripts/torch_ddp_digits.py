@@ -11,7 +11,7 @@ import torch.distributed as dist
 from digits import (
     load_digits_split,
     log_metrics,
-    output_dir,
+    model_dir,
     parse_training_args,
     warm_up_tracking,
     write_summary,
@@ -62,9 +62,7 @@ def main() -> None:
     dist.all_gather(sums, checksum.reshape(1))
     print(f"rank={rank} weights_checksum={checksum.item():.6f}")
     if rank == 0:
-        model_dir = output_dir() / "model"
-        model_dir.mkdir(exist_ok=True)
-        torch.save(model.module.state_dict(), model_dir / "state_dict.pt")
+        torch.save(model.module.state_dict(), model_dir() / "state_dict.pt")
         write_summary(
             {
                 "world_size": world,

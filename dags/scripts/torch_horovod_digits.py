@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import os
-
 import horovod.torch as hvd
 import torch
 from digits import (
+    launcher_rank,
     load_digits_split,
     log_metrics,
-    output_dir,
+    model_dir,
     parse_training_args,
     warm_up_tracking,
     write_summary,
@@ -26,9 +25,8 @@ def main() -> None:
         warm_up_tracking()
     torch.manual_seed(rank)  # different on purpose: the broadcast below must make them equal
     probe = hvd.allreduce(torch.tensor([float(rank + 1)]), op=hvd.Sum, name="probe")
-    launcher_rank = os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK"))
     print(
-        f"rank={rank} size={size} local_rank={hvd.local_rank()} launcher_rank={launcher_rank} "
+        f"rank={rank} size={size} local_rank={hvd.local_rank()} launcher_rank={launcher_rank()} "
         f"allreduce_sum={probe.item()}"
     )
 
@@ -63,9 +61,7 @@ def main() -> None:
     checksums = hvd.allgather(checksum, name="checksums")
     print(f"rank={rank} weights_checksum={checksum.item():.6f}")
     if rank == 0:
-        model_dir = output_dir() / "model"
-        model_dir.mkdir(exist_ok=True)
-        torch.save(model.state_dict(), model_dir / "state_dict.pt")
+        torch.save(model.state_dict(), model_dir() / "state_dict.pt")
         write_summary(
             {
                 "size": size,

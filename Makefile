@@ -23,7 +23,8 @@ $(STAMP):
 	$(BIN)/pip install --quiet --disable-pip-version-check uv
 	# pip, not uv: pip's configured find-links hold the CPU build of torch; uv would fetch the CUDA one.
 	$(BIN)/pip install --quiet --disable-pip-version-check torch==2.13.0
-	$(BIN)/uv pip install --quiet --python $(BIN)/python -c constraints.txt -e ".[$(EXTRAS)]"
+	# Bytecode now: uv does not write it, and without it every task pays seconds compiling Airflow and MLflow.
+	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -c constraints.txt -e ".[$(EXTRAS)]"
 	scripts/install-debian-packages.sh $(DEBIAN_PACKAGES)
 	scripts/build-horovod.sh $(BIN)/python
 	touch $@

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from airflow_provider_dnntrain.source import check_source
 from airflow_provider_dnntrain.spec import TrainingJob
 from airflow_provider_dnntrain.topology import placeholder_placement, render_plan
 
@@ -26,6 +27,7 @@ def load_job(path: Path) -> TrainingJob:
 
 def render_command(args: argparse.Namespace) -> int:
     job = load_job(Path(args.job_file))
+    check_source(job)
     plan = render_plan(job, args.run_id, placeholder_placement(), python=args.python)
     print(plan.to_json())
     return 0
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError) as error:  # pydantic's ValidationError is a ValueError
         print(f"dnntrain: {error}", file=sys.stderr)
         return 2
 

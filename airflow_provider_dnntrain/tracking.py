@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 RUN_ID_TAG = "dnntrain.run_id"
+END_REASON_TAG = "dnntrain.end_reason"
 DEFAULT_CONN_ID = "dnntrain_mlflow"
+USERNAME_VAR = "MLFLOW_TRACKING_USERNAME"
+PASSWORD_VAR = "MLFLOW_TRACKING_PASSWORD"
+# Tells the replicas' interpreter which replica's rank 0 logs to the run (see replica_site/).
+PRIMARY_VAR = "DNNTRAIN_TRACKING_PRIMARY"
+PARENT_RUN_VAR = "DNNTRAIN_TRACKING_RUN_ID"
+# What a training task instance is, in the tags of its runs: a retry finds its earlier tries by these.
+TASK_INSTANCE_TAGS = ("airflow.dag_id", "airflow.task_id", "airflow.run_id", "airflow.map_index")
+
+RunOutcome = Literal["FINISHED", "FAILED", "KILLED"]
 
 
 def _home() -> Path:
@@ -26,21 +40,67 @@ def default_artifact_root() -> str:
     return (_home() / "mlartifacts").as_uri()
 
 
-def resolve_tracking_uri(explicit: str | None = None, conn_id: str | None = DEFAULT_CONN_ID) -> str:
-    """Explicit argument, then an Airflow connection, then ``MLFLOW_TRACKING_URI``, then the
-    ``[dnntrain] tracking_uri`` config option, then an embedded SQLite store under AIRFLOW_HOME."""
+@dataclass(frozen=True)
+class TrackingTarget:
+    """A tracking store: its URI without credentials (safe to show), and the credentials apart, as the
+    variables MLflow reads them from."""
+
+    uri: str
+    credentials: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @contextlib.contextmanager
+    def credentials_in_env(self) -> Iterator[None]:
+        """MLflow takes credentials from the environment; set them for this process meanwhile."""
+        saved = {name: os.environ.get(name) for name in self.credentials}
+        os.environ.update(self.credentials)
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def split_credentials(uri: str) -> TrackingTarget:
+    """``http://user:pw@host`` -> ``http://host`` with the user and password as MLflow variables."""
+    parts = urlsplit(uri)
+    if not parts.username and not parts.password:
+        return TrackingTarget(uri)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    credentials = {USERNAME_VAR: unquote(parts.username or "")}
+    if parts.password:
+        credentials[PASSWORD_VAR] = unquote(parts.password)
+    return TrackingTarget(urlunsplit(parts._replace(netloc=netloc)), credentials)
+
+
+def public_uri(uri: str) -> str:
+    """The URI without any credentials it carries."""
+    return split_credentials(uri).uri
+
+
+def resolve_target(explicit: str | None = None, conn_id: str | None = DEFAULT_CONN_ID) -> TrackingTarget:
+    """Explicit argument, then an Airflow connection (its login/password become MLflow's username and
+    password), then ``MLFLOW_TRACKING_URI``, then the ``[dnntrain] tracking_uri`` config option, then an
+    embedded SQLite store under AIRFLOW_HOME."""
     if explicit:
-        return explicit
-    if conn_id and (uri := _uri_from_connection(conn_id)):
-        return uri
+        return split_credentials(explicit)
+    if conn_id and (target := _target_from_connection(conn_id)):
+        return target
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
-        return uri
+        return split_credentials(uri)
     from airflow.configuration import conf
 
-    return conf.get("dnntrain", "tracking_uri", fallback=None) or default_tracking_uri()
+    return split_credentials(conf.get("dnntrain", "tracking_uri", fallback=None) or default_tracking_uri())
 
 
-def _uri_from_connection(conn_id: str) -> str | None:
+def resolve_tracking_uri(explicit: str | None = None, conn_id: str | None = DEFAULT_CONN_ID) -> str:
+    return resolve_target(explicit, conn_id).uri
+
+
+def _target_from_connection(conn_id: str) -> TrackingTarget | None:
     from airflow.exceptions import AirflowNotFoundException
     from airflow.sdk import BaseHook
 
@@ -49,12 +109,19 @@ def _uri_from_connection(conn_id: str) -> str | None:
     except (AirflowNotFoundException, RuntimeError):
         return None
     if conn.extra_dejson.get("tracking_uri"):
-        return conn.extra_dejson["tracking_uri"]
-    if conn.host:
+        target = split_credentials(conn.extra_dejson["tracking_uri"])
+    elif conn.host:
         scheme = conn.conn_type if conn.conn_type in ("http", "https") else "http"
         host = conn.host if "://" in conn.host else f"{scheme}://{conn.host}"
-        return f"{host}:{conn.port}" if conn.port else host
-    return None
+        target = split_credentials(f"{host}:{conn.port}" if conn.port else host)
+    else:
+        return None
+    credentials = dict(target.credentials)
+    if conn.login:
+        credentials[USERNAME_VAR] = conn.login
+    if conn.password:
+        credentials[PASSWORD_VAR] = conn.password
+    return TrackingTarget(target.uri, credentials)
 
 
 def client(tracking_uri: str) -> MlflowClient:
@@ -65,43 +132,102 @@ def client(tracking_uri: str) -> MlflowClient:
 
 @dataclass
 class TrackingRun:
-    tracking_uri: str
+    target: TrackingTarget
     mlflow_run_id: str
+    experiment_id: str
+    artifact_uri: str
 
-    def env(self) -> dict[str, str]:
-        """What every replica needs so rank 0's ``mlflow.log_metric`` lands in this run."""
-        return {"MLFLOW_TRACKING_URI": self.tracking_uri, "MLFLOW_RUN_ID": self.mlflow_run_id}
+    @property
+    def tracking_uri(self) -> str:
+        return self.target.uri
+
+    def env(self, primary_replica: str) -> dict[str, str]:
+        """What every replica needs so rank 0 of ``primary_replica`` logs to this run, and every other
+        process's ``mlflow`` calls land in a child run of its own. Credentials travel as secrets."""
+        return {
+            "MLFLOW_TRACKING_URI": self.target.uri,
+            "MLFLOW_RUN_ID": self.mlflow_run_id,
+            "MLFLOW_EXPERIMENT_ID": self.experiment_id,
+            PARENT_RUN_VAR: self.mlflow_run_id,
+            PRIMARY_VAR: primary_replica,
+        }
 
 
 def start_run(
-    tracking_uri: str, experiment_name: str, run_id: str, tags: dict[str, str], params: dict[str, Any]
+    target: TrackingTarget | str, experiment_name: str, run_id: str, tags: dict[str, str]
 ) -> TrackingRun:
-    """Create (or, for the same run id, reuse) the MLflow run of a training run."""
-    mlflow = client(tracking_uri)
+    """Create (or, for the same run id, reuse) the MLflow run of a training run. Only what is needed
+    before the replicas start; parameters and the rest of the tags follow with :func:`describe_run`."""
+    target = split_credentials(target) if isinstance(target, str) else target
+    mlflow = client(target.uri)
     experiment = mlflow.get_experiment_by_name(experiment_name)
     if experiment is None:
-        artifact_root = default_artifact_root() if tracking_uri.startswith("sqlite:") else None
+        artifact_root = default_artifact_root() if target.uri.startswith("sqlite:") else None
         experiment_id = mlflow.create_experiment(experiment_name, artifact_location=artifact_root)
     else:
         experiment_id = experiment.experiment_id
-    existing = mlflow.search_runs([experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{run_id}'")
+    existing = mlflow.search_runs([experiment_id], filter_string=f"tags.`{RUN_ID_TAG}` = '{_quote(run_id)}'")
     if existing:
         run = existing[0]
     else:
         run = mlflow.create_run(experiment_id, run_name=run_id, tags={RUN_ID_TAG: run_id, **tags})
-        for key, value in params.items():
-            mlflow.log_param(run.info.run_id, key, str(value)[:6000])
-    return TrackingRun(tracking_uri, run.info.run_id)
+    return TrackingRun(target, run.info.run_id, experiment_id, run.info.artifact_uri)
 
 
-def finish_run(run: TrackingRun, artifacts: Path | None, succeeded: bool) -> dict[str, float]:
-    """Upload the collected outputs and logs, close the run, and return its final metrics."""
+def describe_run(run: TrackingRun, tags: dict[str, str], params: dict[str, Any]) -> None:
+    """Tags and parameters that the replicas do not wait for."""
+    from mlflow.entities import Param, RunTag
+
     mlflow = client(run.tracking_uri)
-    if artifacts is not None:
-        for sub in ("outputs", "logs"):
-            if (artifacts / sub).is_dir() and any((artifacts / sub).iterdir()):
-                mlflow.log_artifacts(run.mlflow_run_id, str(artifacts / sub), artifact_path=sub)
-    mlflow.set_terminated(run.mlflow_run_id, status="FINISHED" if succeeded else "FAILED")
+    logged = mlflow.get_run(run.mlflow_run_id).data.params
+    new_params = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in logged]
+    mlflow.log_batch(run.mlflow_run_id, params=new_params, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def close_abandoned_tries(run: TrackingRun, task_instance: dict[str, str]) -> list[str]:
+    """Earlier tries of this task instance whose runs still say RUNNING ended without closing them (the
+    task process was SIGKILLed): mark them KILLED. Returns their MLflow run ids."""
+    mlflow = client(run.tracking_uri)
+    conditions = [f"tags.`{k}` = '{_quote(task_instance[k])}'" for k in TASK_INSTANCE_TAGS]
+    conditions.append("attributes.status = 'RUNNING'")
+    stale = [
+        found
+        for found in mlflow.search_runs([run.experiment_id], filter_string=" and ".join(conditions))
+        if found.info.run_id != run.mlflow_run_id
+    ]
+    for found in stale:
+        mlflow.set_tag(
+            found.info.run_id, END_REASON_TAG, "abandoned: its task process ended without closing it"
+        )
+        mlflow.set_terminated(found.info.run_id, status="KILLED")
+    return [found.info.run_id for found in stale]
+
+
+def mark_run(run: TrackingRun, status: RunOutcome, reason: str = "") -> None:
+    mlflow = client(run.tracking_uri)
+    if reason:
+        mlflow.set_tag(run.mlflow_run_id, END_REASON_TAG, reason[:5000])
+    mlflow.set_terminated(run.mlflow_run_id, status=status)
+
+
+def finish_run(
+    run: TrackingRun, artifacts: Path | None, status: RunOutcome, reason: str = ""
+) -> dict[str, float]:
+    """Upload the collected outputs and logs (in parallel), close the run, return its final metrics.
+
+    The run is closed only after its files are uploaded: FINISHED means they are there to register.
+    """
+    mlflow = client(run.tracking_uri)
+    folders = [] if artifacts is None else [artifacts / sub for sub in ("outputs", "logs")]
+    folders = [folder for folder in folders if folder.is_dir() and any(folder.iterdir())]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        uploads = [
+            pool.submit(mlflow.log_artifacts, run.mlflow_run_id, str(folder), folder.name)
+            for folder in folders
+        ]
+        for upload in uploads:
+            upload.result()
+    mark_run(run, status, reason)
     return dict(mlflow.get_run(run.mlflow_run_id).data.metrics)
 
 

@@ -49,3 +49,29 @@ def rendered_fields(dag_run, task_id: str) -> dict:
     from airflow.models.renderedtifields import RenderedTaskInstanceFields
 
     return _row_of(RenderedTaskInstanceFields, dag_run, task_id).rendered_fields
+
+
+def job_processes(run_id_prefix: str) -> list:
+    """Every live process of the machine that belongs to a training run whose id starts with
+    ``run_id_prefix`` (launchers give each replica, and so everything it starts, DNNTRAIN_RUN_ID)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if process.environ().get("DNNTRAIN_RUN_ID", "").startswith(run_id_prefix):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def wait_until_gone(run_id_prefix: str, timeout: float) -> list:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while (left := job_processes(run_id_prefix)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left

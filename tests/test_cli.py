@@ -11,6 +11,8 @@ DNNTRAIN = str(Path(sys.executable).with_name("dnntrain"))
 
 
 def test_render_yaml_job_file(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "train.py").write_text("print('hi')\n")
     job_file = tmp_path / "job.yaml"
     job_file.write_text(
         yaml.safe_dump(
@@ -49,3 +51,16 @@ def test_render_json_job_file_with_an_error_names_the_field(tmp_path):
     result = subprocess.run([DNNTRAIN, "render", str(job_file)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "process_count_per_node" in result.stderr
+
+
+def test_render_refuses_a_missing_source_directory_or_script(tmp_path):
+    job_file = tmp_path / "job.yaml"
+    job = {"framework": "pytorch", "source_directory": "missing", "entry_script": "train.py"}
+    job_file.write_text(yaml.safe_dump(job))
+    result = subprocess.run([DNNTRAIN, "render", str(job_file)], capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert f"source_directory: '{tmp_path / 'missing'}' is not a directory" in result.stderr
+    (tmp_path / "missing").mkdir()
+    result = subprocess.run([DNNTRAIN, "render", str(job_file)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "entry_script: 'train.py' is not a file in" in result.stderr

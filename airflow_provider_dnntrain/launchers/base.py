@@ -122,7 +122,14 @@ class Launcher(ABC):
 
     @abstractmethod
     def stop(self, handle: JobHandle, grace_seconds: float) -> None:
-        """Stop every replica still running, escalating to SIGKILL; return when none is left."""
+        """Stop every replica still running: SIGTERM, SIGKILL after ``grace_seconds``; return only when
+        none of the job's processes is left (raise naming any that could not be stopped). Bounded."""
+
+    @abstractmethod
+    def cancel(self, handle: JobHandle) -> None:
+        """Ask every replica to stop and return at once: Airflow calls this from its SIGTERM handler,
+        and may SIGKILL the task process a few seconds later, so the backend must finish the job (and
+        escalate) without this process's help. ``poll`` reports CANCELLED from now on."""
 
     @abstractmethod
     def tail(self, handle: JobHandle, replica: str) -> list[str]:
@@ -132,9 +139,6 @@ class Launcher(ABC):
     def collect_outputs(self, handle: JobHandle) -> Path:
         """Copy the chief's ``./outputs`` and ``./logs`` into the run's artifacts; return their folder."""
 
-    def cancel(self, handle: JobHandle) -> None:
-        self.stop(handle, grace_seconds=self.stop_grace_seconds)
-
 
 def wait_for_job(
     launcher: Launcher,
@@ -142,23 +146,30 @@ def wait_for_job(
     on_log: Callable[[LogLine], None],
     *,
     timeout: float | None = None,
-    stop_grace_seconds: float = 3.0,
+    on_finished: Callable[[JobStatus], None] | None = None,
 ) -> JobStatus:
     """Stream logs until the job finishes, then stop what is left (parameter servers, stragglers).
+    ``on_finished`` hears the outcome as soon as it is known, before the stopping begins.
 
-    Raises :class:`JobFailed` naming the failing replica; every replica is stopped before it does.
+    However this returns, every replica is stopped first, with the launcher's grace: on success, on a
+    failing replica (:class:`JobFailed` naming it), on a timeout, and on an exception raised into the
+    wait (Airflow's ``execution_timeout`` arrives as one).
     """
     deadline = None if timeout is None else time.monotonic() + timeout
-    status = launcher.poll(handle)
-    while not status.state.finished:
-        for line in launcher.stream_logs(handle, timeout=0.05):
-            on_log(line)
+    try:
         status = launcher.poll(handle)
-        if deadline is not None and time.monotonic() > deadline and not status.state.finished:
-            status = JobStatus(JobState.FAILED, f"job {handle.run_id} timed out after {timeout:.0f}s")
-    launcher.stop(handle, grace_seconds=stop_grace_seconds)
-    for line in launcher.stream_logs(handle, timeout=0):
-        on_log(line)
+        while not status.state.finished:
+            for line in launcher.stream_logs(handle, timeout=0.05):
+                on_log(line)
+            status = launcher.poll(handle)
+            if deadline is not None and time.monotonic() > deadline and not status.state.finished:
+                status = JobStatus(JobState.FAILED, f"job {handle.run_id} timed out after {timeout:.0f}s")
+        if on_finished is not None:
+            on_finished(status)
+    finally:
+        launcher.stop(handle, grace_seconds=launcher.stop_grace_seconds)
+        for line in launcher.stream_logs(handle, timeout=0):
+            on_log(line)
     if status.state is not JobState.SUCCEEDED:
         if status.failed_replica:
             status = replace(status, last_lines=launcher.tail(handle, status.failed_replica))

@@ -1,25 +1,26 @@
-"""Local processes: the embedded default. Every replica is its own process group on this host."""
+"""Local processes: the embedded default. Every replica runs under its own reaper on this host."""
 
 from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import json
 import os
 import queue
+import random
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-
+from airflow_provider_dnntrain.launchers import reaper
 from airflow_provider_dnntrain.launchers.base import (
     JobHandle,
     JobState,
@@ -28,33 +29,19 @@ from airflow_provider_dnntrain.launchers.base import (
     LogLine,
     aggregate_status,
 )
-from airflow_provider_dnntrain.launchers.local_logs import follow_rank_files, pump_pipe
+from airflow_provider_dnntrain.launchers.local_logs import Redactor, follow_rank_files, pump_pipe
+from airflow_provider_dnntrain.source import check_source
+from airflow_provider_dnntrain.source import snapshot as copy_snapshot
 from airflow_provider_dnntrain.spec import Horovod, TrainingJob
 from airflow_provider_dnntrain.topology import Endpoint, JobPlan, Replica
 
-_NEVER_SNAPSHOT = shutil.ignore_patterns("__pycache__", "*.pyc", ".git", ".ipynb_checkpoints")
-
-
-def _snapshot_ignore(source: Path):
-    """Skip caches, and a top-level outputs/ or logs/ left by a manual run: each run starts with its own."""
-
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        skipped = set(_NEVER_SNAPSHOT(folder, names))
-        if Path(folder) == source:
-            skipped |= {"outputs", "logs"} & set(names)
-        return skipped
-
-    return ignore
-
-
-_PR_SET_PDEATHSIG = 1
-_LIBC = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: if the Airflow task process is SIGKILLed, the replica
-    # gets SIGKILL too instead of living on as an orphan.
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+REAPER = Path(reaper.__file__)
+# Leads every replica's PYTHONPATH: its sitecustomize runs first in each of the replica's interpreters.
+REPLICA_SITE = Path(__file__).resolve().parents[1] / "replica_site"
+# Every process of a launch carries this variable: how a stop finds what escaped every other net.
+LAUNCH_ID_VAR = "DNNTRAIN_LAUNCH_ID"
+# Beyond the grace, how long a reaper may take to report back before its subtree is killed directly.
+_REAPER_SLACK_SECONDS = reaper.KILL_WAIT_SECONDS + 2
 
 
 def default_work_root() -> Path:
@@ -63,7 +50,11 @@ def default_work_root() -> Path:
 
 
 class FreePortPlacement:
-    """Every replica on 127.0.0.1, each on a port free at planning time."""
+    """Every replica on 127.0.0.1, each on a port that is free when planned.
+
+    Ports come from below the kernel's ephemeral range, so no outgoing connection can be handed one
+    between planning and the replica binding it; ``submit`` checks them again right before starting.
+    """
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         self._host = host
@@ -73,12 +64,36 @@ class FreePortPlacement:
     def endpoint(self, role: str, index: int, default_port: int) -> Endpoint:
         key = (role, index)
         if key not in self._ports:
-            self._ports[key] = _free_port(self._host, taken=set(self._ports.values()))
+            self._ports[key] = free_port(self._host, taken=set(self._ports.values()))
         return Endpoint(self._host, self._ports[key])
 
 
-def _free_port(host: str, taken: set[int]) -> int:
-    while True:
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is fine
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str, taken: set[int]) -> int:
+    low, _ = _ephemeral_range()
+    if low > 11000:
+        for _ in range(200):
+            port = random.randrange(10000, low)
+            if port not in taken and port_is_free(host, port):
+                return port
+    while True:  # no room below the ephemeral range: let the kernel choose
         with socket.socket() as sock:
             sock.bind((host, 0))
             port = sock.getsockname()[1]
@@ -90,6 +105,7 @@ def _free_port(host: str, taken: set[int]) -> int:
 class _Process:
     replica: Replica
     popen: subprocess.Popen
+    pidfd: int
     workdir: Path
     log_file: Path
     readers: list[threading.Thread] = field(default_factory=list)
@@ -103,23 +119,34 @@ class _Process:
 
         return publish
 
-    def start_readers(self, lines: queue.Queue) -> None:
+    def start_readers(self, lines: queue.Queue, redactor: Redactor) -> None:
         publish = self.publish_to(lines)
         pipe_closed = threading.Event()
 
         def pump() -> None:
             try:
-                pump_pipe(self.popen.stdout.fileno(), self.log_file, publish)
+                pump_pipe(self.popen.stdout.fileno(), self.log_file, publish, redactor)
             finally:
                 self.popen.stdout.close()
                 pipe_closed.set()
 
         self.readers.append(threading.Thread(target=pump, daemon=True))
         if self.replica.rank_logs:
-            follow = (self.workdir / self.replica.rank_logs, publish, pipe_closed)
+            follow = (self.workdir / self.replica.rank_logs, publish, pipe_closed, redactor)
             self.readers.append(threading.Thread(target=follow_rank_files, args=follow, daemon=True))
         for reader in self.readers:
             reader.start()
+
+    def signal(self, sig: int) -> None:
+        """Signal the reaper, never a process that merely reuses its PID."""
+        if self.popen.returncode is None and self.pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self.pidfd, sig)
+
+    def release(self) -> None:
+        if self.popen.returncode is not None and self.pidfd >= 0:
+            os.close(self.pidfd)
+            self.pidfd = -1
 
 
 @dataclass
@@ -127,13 +154,17 @@ class LocalJobHandle(JobHandle):
     run_id: str
     plan: JobPlan
     run_dir: Path
+    launch_id: str
+    redactor: Redactor
     processes: dict[str, _Process] = field(default_factory=dict)
     lines: queue.Queue = field(default_factory=queue.Queue)
     cancelled: bool = False
+    # The write end of the pipe every reaper watches: while this process holds it, replicas live.
+    watch_fd: int | None = None
 
 
 class LocalLauncher(Launcher):
-    """Run every replica as a process group on this host, in a per-run snapshot of the source."""
+    """Run every replica on this host, each under a reaper, in a per-run snapshot of the source."""
 
     name = "local"
 
@@ -168,29 +199,48 @@ class LocalLauncher(Launcher):
     # -- submit ---------------------------------------------------------------------------------
 
     def submit(self, job: TrainingJob, plan: JobPlan, extra_env: Mapping[str, str]) -> LocalJobHandle:
-        source = Path(job.source_directory).expanduser().resolve()
-        if not (source / job.entry_script).is_file():
-            raise FileNotFoundError(f"entry_script {job.entry_script!r} not found in {source}")
+        source = check_source(job)
         run_dir = self.run_dir(plan.run_id)
-        _kill_recorded_processes(run_dir)
+        end_previous_launch(run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        run_dir.chmod(0o700)  # replica logs and plans are the job owner's only
         snapshot = run_dir / "source"
-        shutil.copytree(source, snapshot, ignore=_snapshot_ignore(source))
+        copy_snapshot(source, snapshot)
         (run_dir / "logs").mkdir()
+        plan = self._with_free_ports(job, plan)
         (run_dir / "plan.json").write_text(plan.to_json())
         secrets = {name: value.get_secret_value() for name, value in job.environment.secrets.items()}
-        handle = LocalJobHandle(run_id=plan.run_id, plan=plan, run_dir=run_dir)
+        handle = LocalJobHandle(
+            run_id=plan.run_id,
+            plan=plan,
+            run_dir=run_dir,
+            launch_id=uuid.uuid4().hex,
+            redactor=Redactor(secrets.values()),
+        )
+        (run_dir / "launch.json").write_text(json.dumps({"launch_id": handle.launch_id}))
+        watch_read, handle.watch_fd = os.pipe()
         try:
             for replica in plan.replicas:
-                env = {**_inherited_env(), **replica.env, **extra_env, **secrets, "PYTHONUNBUFFERED": "1"}
-                handle.processes[replica.name] = self._start(handle, replica, snapshot, env)
+                env = {**_inherited_env(), **replica.env, **extra_env, **secrets}
+                env.update({"PYTHONUNBUFFERED": "1", LAUNCH_ID_VAR: handle.launch_id})
+                env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPLICA_SITE), env.get("PYTHONPATH")]))
+                handle.processes[replica.name] = self._start(handle, replica, snapshot, env, watch_read)
         except BaseException:
             self.stop(handle, grace_seconds=0)
             raise
-        _record_processes(handle)
+        finally:
+            os.close(watch_read)
         return handle
 
-    def _start(self, handle: LocalJobHandle, replica: Replica, snapshot: Path, env: dict) -> _Process:
+    def _with_free_ports(self, job: TrainingJob, plan: JobPlan) -> JobPlan:
+        """The plan's ports were free when planned; if one has been taken since, plan again."""
+        taken = [r for r in plan.replicas if r.port and not port_is_free(r.host, r.port)]
+        return self.plan(job, plan.run_id) if taken else plan
+
+    def _start(
+        self, handle: LocalJobHandle, replica: Replica, snapshot: Path, env: dict, watch_read: int
+    ) -> _Process:
         workdir = handle.run_dir / "replicas" / replica.name
         # A real copy, not hard links: a script writing a file in place must not change its peers' copy.
         shutil.copytree(snapshot, workdir)
@@ -198,18 +248,21 @@ class LocalLauncher(Launcher):
             (workdir / sub).mkdir(exist_ok=True)
         for relative, content in replica.files.items():
             (workdir / relative).write_text(content)
+        command = [sys.executable, "-I", "-S", str(REAPER), "--grace", str(self.stop_grace_seconds)]
+        command += ["--watch-fd", str(watch_read), "--", *replica.argv]
         popen = subprocess.Popen(
-            replica.argv,
+            command,
             cwd=workdir,
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            pass_fds=(watch_read,),
         )
-        process = _Process(replica, popen, workdir, handle.run_dir / "logs" / f"{replica.name}.log")
-        process.start_readers(handle.lines)
+        pidfd = os.pidfd_open(popen.pid)  # not reaped yet, so this is our reaper, whatever happens next
+        process = _Process(replica, popen, pidfd, workdir, handle.run_dir / "logs" / f"{replica.name}.log")
+        process.start_readers(handle.lines, handle.redactor)
         return process
 
     # -- observe --------------------------------------------------------------------------------
@@ -236,15 +289,48 @@ class LocalLauncher(Launcher):
     # -- stop -----------------------------------------------------------------------------------
 
     def cancel(self, handle: LocalJobHandle) -> None:
+        """Ask every replica to stop and return at once (safe in a signal handler); the reapers
+        escalate to SIGKILL after the grace on their own, and ``stop`` waits for them."""
         handle.cancelled = True
-        super().cancel(handle)
+        for process in list(handle.processes.values()):
+            process.signal(signal.SIGTERM)
 
     def stop(self, handle: LocalJobHandle, grace_seconds: float) -> None:
-        _terminate_groups([p.popen for p in handle.processes.values()], grace_seconds)
-        for process in handle.processes.values():
-            # A grandchild that escaped the group may hold the pipe open; it is dead now, so EOF comes.
+        processes = list(handle.processes.values())
+        for process in processes:
+            if grace_seconds > 0:
+                process.signal(signal.SIGTERM)
+            else:  # the subtree first: once its reaper is gone, orphans would be lost to PID 1
+                reaper.send(reaper.descendants(process.popen.pid), signal.SIGKILL)
+                process.signal(signal.SIGKILL)
+        deadline = time.monotonic() + grace_seconds + _REAPER_SLACK_SECONDS
+        while time.monotonic() < deadline and any(p.popen.poll() is None for p in processes):
+            time.sleep(0.05)
+        stuck = [self._kill_unresponsive_reaper(p) for p in processes if p.popen.poll() is None]
+        escaped = reaper.terminate(lambda: _launch_processes(handle.launch_id), grace_seconds=0)
+        if handle.watch_fd is not None:
+            os.close(handle.watch_fd)
+            handle.watch_fd = None
+        for process in processes:
+            process.release()
+            # Everything that held the pipe is gone now, so the readers reach end of file.
             for reader in process.readers:
                 reader.join(timeout=5)
+        for process in processes:  # what runners wrote themselves (torchrun, mpirun rank files)
+            handle.redactor.redact_tree(process.workdir / "logs")
+        if stuck := [pid for pids in stuck for pid in pids] + escaped:
+            raise RuntimeError(f"run {handle.run_id}: processes {stuck} could not be stopped")
+
+    def _kill_unresponsive_reaper(self, process: _Process) -> list[int]:
+        """A reaper that did not finish in time (stopped, starved): kill its subtree and it directly."""
+        below = reaper.descendants(process.popen.pid)
+        stuck = reaper.terminate(lambda: reaper.alive(below), grace_seconds=0)
+        process.signal(signal.SIGKILL)
+        try:
+            process.popen.wait(timeout=reaper.KILL_WAIT_SECONDS)
+        except subprocess.TimeoutExpired:
+            stuck.append(process.popen.pid)
+        return stuck
 
     def collect_outputs(self, handle: LocalJobHandle) -> Path:
         chief = handle.processes[handle.plan.chief.name]
@@ -253,6 +339,10 @@ class LocalLauncher(Launcher):
             target = artifacts / sub
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(chief.workdir / sub, target, dirs_exist_ok=True)
+        replica_logs = artifacts / "logs" / "replicas"
+        replica_logs.mkdir(parents=True, exist_ok=True)
+        for log_file in (handle.run_dir / "logs").glob("*.log"):
+            shutil.copy2(log_file, replica_logs / log_file.name)
         return artifacts
 
 
@@ -261,65 +351,14 @@ def _inherited_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
 
 
-def _descendants(pid: int) -> list[psutil.Process]:
+def _launch_processes(launch_id: str) -> dict[int, int]:
+    return reaper.processes_with_environment(f"{LAUNCH_ID_VAR}={launch_id}")
+
+
+def end_previous_launch(run_dir: Path) -> list[int]:
+    """A resubmitted run id first ends whatever its previous launch left running, wherever it went."""
     try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
+        launch_id = json.loads((run_dir / "launch.json").read_text())["launch_id"]
+    except (OSError, ValueError, KeyError):
         return []
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
-
-
-def _terminate_groups(popens: list[subprocess.Popen], grace_seconds: float) -> None:
-    """SIGTERM each replica's process group (and any descendant that left it), then SIGKILL."""
-    alive = [p for p in popens if p.poll() is None]
-    # Collect descendants first: once a parent dies, its children are re-parented and lost to us.
-    stragglers = [child for p in popens for child in _descendants(p.pid)]
-    for popen in popens:
-        _signal_group(popen.pid, signal.SIGTERM)
-    for child in stragglers:
-        _quietly(child.terminate)
-    deadline = time.monotonic() + grace_seconds
-    while time.monotonic() < deadline and any(p.poll() is None for p in alive):
-        time.sleep(0.05)
-    for popen in popens:
-        _signal_group(popen.pid, signal.SIGKILL)
-    for child in stragglers:
-        _quietly(child.kill)
-    for popen in popens:
-        popen.wait()
-    psutil.wait_procs(stragglers, timeout=5)
-
-
-def _quietly(action) -> None:
-    with contextlib.suppress(psutil.NoSuchProcess):
-        action()
-
-
-def _record_processes(handle: LocalJobHandle) -> None:
-    records = {}
-    for name, process in handle.processes.items():
-        try:
-            started = psutil.Process(process.popen.pid).create_time()
-            records[name] = {"pid": process.popen.pid, "started": started}
-        except psutil.NoSuchProcess:
-            continue
-    (handle.run_dir / "processes.json").write_text(json.dumps(records))
-
-
-def _kill_recorded_processes(run_dir: Path) -> None:
-    """A resubmitted run id first ends whatever its previous submission left running."""
-    try:
-        records = json.loads((run_dir / "processes.json").read_text())
-    except (OSError, ValueError):
-        return
-    for record in records.values():
-        try:
-            process = psutil.Process(record["pid"])
-            if abs(process.create_time() - record["started"]) < 0.01:
-                _signal_group(process.pid, signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            continue
+    return reaper.terminate(lambda: _launch_processes(launch_id), grace_seconds=0)

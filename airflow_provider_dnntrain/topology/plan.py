@@ -17,7 +17,13 @@ INDEX_VAR = "DNNTRAIN_REPLICA_INDEX"
 OUTPUT_DIR_VAR = "DNNTRAIN_OUTPUT_DIR"
 LOG_DIR_VAR = "DNNTRAIN_LOG_DIR"
 # Set by the operator at submit when tracking is on; listed so launchers can forward them.
-MLFLOW_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")
+TRACKING_VARS = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_RUN_ID",
+    "MLFLOW_EXPERIMENT_ID",
+    "DNNTRAIN_TRACKING_RUN_ID",
+    "DNNTRAIN_TRACKING_PRIMARY",
+)
 
 
 @dataclass(frozen=True)

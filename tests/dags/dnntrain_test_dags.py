@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pendulum
 from airflow.sdk import DAG
 
-from airflow_provider_dnntrain.operators import RegisterModelOperator, TensorFlowTrainOperator
-from airflow_provider_dnntrain.spec import MultiWorkerMirrored
+from airflow_provider_dnntrain.operators import (
+    PyTorchHorovodOperator,
+    PyTorchTrainOperator,
+    RegisterModelOperator,
+    TensorFlowTrainOperator,
+)
+from airflow_provider_dnntrain.spec import Input, MultiWorkerMirrored, Resources, TorchDistributed
 
 SCRIPTS = str(Path(__file__).resolve().parents[1] / "scripts")
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
@@ -49,7 +55,6 @@ with DAG("dnntrain_test_killed", schedule=None, start_date=START):
         entry_script="replica.py",
         arguments=["--spawn", "--ignore-term"],
         distribution=MultiWorkerMirrored(worker_count=2),
-        tracking=False,
     )
 
 with DAG("dnntrain_test_register_without_model", schedule=None, start_date=START):
@@ -62,3 +67,121 @@ with DAG("dnntrain_test_mapped_sweep", schedule=None, start_date=START):
     TensorFlowTrainOperator.partial(
         task_id="train", source_directory=SCRIPTS, entry_script="replica.py", tracking=False
     ).expand(arguments=[["--lr", "0.1"], ["--lr", "0.01"]])
+
+# -- every end of a task ----------------------------------------------------------------------------
+
+with DAG("dnntrain_test_execution_timeout", schedule=None, start_date=START):
+    PyTorchTrainOperator(
+        task_id="train",
+        source_directory=SCRIPTS,
+        entry_script="ranks.py",
+        arguments=["--spawn", "--sleep", "600"],
+        distribution=TorchDistributed(node_count=1, process_count_per_node=2),
+        execution_timeout=timedelta(seconds=10),
+    )
+
+# Killed from outside (SIGTERM, SIGKILL) while every rank sleeps with a child of its own.
+with DAG("dnntrain_test_kill_torchrun", schedule=None, start_date=START):
+    PyTorchTrainOperator(
+        task_id="train",
+        source_directory=SCRIPTS,
+        entry_script="ranks.py",
+        arguments=["--spawn", "--sleep", "600"],
+        distribution=TorchDistributed(node_count=1, process_count_per_node=2),
+    )
+
+with DAG("dnntrain_test_kill_mpirun", schedule=None, start_date=START):
+    PyTorchHorovodOperator(
+        task_id="train",
+        source_directory=SCRIPTS,
+        entry_script="ranks.py",
+        arguments=["--spawn", "--sleep", "600"],
+        process_count_per_node=2,
+        runner="mpirun",
+        controller="mpi",
+    )
+
+# -- what reaches the job ---------------------------------------------------------------------------
+
+with DAG("dnntrain_test_job_resources", schedule=None, start_date=START):
+    TensorFlowTrainOperator(
+        task_id="resources_object",
+        source_directory=SCRIPTS,
+        entry_script="replica.py",
+        resources=Resources(use_gpu=True, cpu=2),
+    )
+    TensorFlowTrainOperator(
+        task_id="resources_dict",
+        source_directory=SCRIPTS,
+        entry_script="replica.py",
+        resources={"memory": "2Gi"},
+    )
+    TensorFlowTrainOperator(
+        task_id="use_gpu", source_directory=SCRIPTS, entry_script="replica.py", use_gpu=True
+    )
+    TensorFlowTrainOperator(
+        task_id="airflow_resources",
+        source_directory=SCRIPTS,
+        entry_script="replica.py",
+        resources={"cpus": 2},
+    )
+
+with DAG("dnntrain_test_templated_inputs", schedule=None, start_date=START):
+    TensorFlowTrainOperator(
+        task_id="train",
+        source_directory=SCRIPTS,
+        entry_script="replica.py",
+        inputs=[Input(name="train_data", path="{{ dag_run.conf['data'] }}/{{ ds }}", argument="--data")],
+        tracking=False,
+    )
+
+with DAG("dnntrain_test_rank_metrics", schedule=None, start_date=START):
+    PyTorchHorovodOperator(
+        task_id="mpirun",
+        source_directory=SCRIPTS,
+        entry_script="ranks.py",
+        arguments=["--log-metrics", "6"],
+        process_count_per_node=2,
+        runner="mpirun",
+        controller="mpi",
+    )
+    PyTorchTrainOperator(
+        task_id="torchrun",
+        source_directory=SCRIPTS,
+        entry_script="ranks.py",
+        arguments=["--log-metrics", "6"],
+        distribution=TorchDistributed(node_count=1, process_count_per_node=2),
+    )
+    TensorFlowTrainOperator(
+        task_id="multi_worker",
+        source_directory=SCRIPTS,
+        entry_script="ranks.py",
+        arguments=["--log-metrics", "6"],
+        distribution=MultiWorkerMirrored(worker_count=2),
+    )
+
+with DAG("dnntrain_test_secret_printed", schedule=None, start_date=START):
+    TensorFlowTrainOperator(
+        task_id="train",
+        source_directory=SCRIPTS,
+        entry_script="replica.py",
+        arguments=["--print-env", "API_TOKEN"],
+        distribution=MultiWorkerMirrored(worker_count=2),
+        secret_variables={"API_TOKEN": "{{ dag_run.conf['token'] }}"},
+    )
+
+with DAG("dnntrain_test_tracking_server", schedule=None, start_date=START):
+    TensorFlowTrainOperator(
+        task_id="with_connection",
+        source_directory=SCRIPTS,
+        entry_script="ranks.py",
+        arguments=["--log-metrics", "3", "--print-env", "MLFLOW_TRACKING_PASSWORD"],
+    )
+    TensorFlowTrainOperator(
+        task_id="with_uri",
+        source_directory=SCRIPTS,
+        entry_script="ranks.py",
+        arguments=["--log-metrics", "3", "--print-env", "MLFLOW_TRACKING_PASSWORD"],
+        tracking_uri="{{ dag_run.conf['tracking_uri'] }}",
+        tracking_conn_id=None,
+    )

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import socket
+import subprocess
 import time
 from pathlib import Path
 
@@ -32,14 +36,19 @@ def launcher(tmp_path):
     return LocalLauncher(work_root=tmp_path / "runs", stop_grace_seconds=2)
 
 
-def run(launcher, job, run_id="run-1", **wait_kwargs):
-    plan = launcher.plan(job, run_id)
+def living(pids) -> list[int]:
+    return [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+
+
+def run(launcher, job, run_id="run-1", plan=None, stop_grace=0, **wait_kwargs):
+    plan = plan or launcher.plan(job, run_id)
     handle = launcher.submit(job, plan, extra_env={})
     lines = []
     try:
         wait_for_job(launcher, handle, lines.append, **wait_kwargs)
     finally:
-        launcher.stop(handle, grace_seconds=0)
+        if stop_grace is not None:
+            launcher.stop(handle, grace_seconds=stop_grace)
     return handle, lines
 
 
@@ -140,10 +149,17 @@ def test_cancel_leaves_no_process_behind(launcher):
         time.sleep(0.1)
     pids = [pid for f in pid_files for pid in json.loads(f.read_text()).values()]
     assert all(psutil.pid_exists(pid) for pid in pids)
-    launcher.cancel(handle)
+    started = time.monotonic()
+    launcher.cancel(handle)  # what on_kill calls from Airflow's SIGTERM handler: must not block
+    assert time.monotonic() - started < 0.5
     assert launcher.poll(handle).state is JobState.CANCELLED
-    survivors = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
-    assert survivors == []
+    # Nobody calls stop (the task process may be SIGKILLed right after on_kill): the reapers escalate
+    # to SIGKILL themselves after the grace, and take the setsid'd grandchild with them.
+    deadline = time.monotonic() + launcher.stop_grace_seconds + 10
+    while living(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert living(pids) == []
+    launcher.stop(handle, grace_seconds=0)
 
 
 def test_job_timeout_fails_and_stops_everything(launcher):
@@ -169,7 +185,7 @@ def test_resubmitting_a_run_id_replaces_the_previous_attempt(launcher):
 
 def test_missing_entry_script_is_reported_before_launch(launcher, tmp_path):
     job = make_job([], source=tmp_path)
-    with pytest.raises(FileNotFoundError, match="entry_script 'replica.py' not found"):
+    with pytest.raises(ValueError, match="entry_script: 'replica.py' is not a file in"):
         launcher.submit(job, launcher.plan(job, "nothing"), extra_env={})
 
 
@@ -184,3 +200,130 @@ def test_each_replica_has_its_own_copy_of_the_source(launcher, tmp_path):
         assert (handle.run_dir / "replicas" / name / "scratch.txt").read_text() == overwritten
     assert (source / "scratch.txt").read_text() == "untouched"
     assert (handle.run_dir / "source" / "scratch.txt").read_text() == "untouched"
+
+
+# -- process lifetime: the cases issue #8 found ------------------------------------------------------
+
+
+def wait_for_files(paths, timeout=30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() for p in paths) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(p.exists() for p in paths), [p for p in paths if not p.exists()]
+
+
+def process_with_pid(pid: int, attempts: int = 200) -> subprocess.Popen | None:
+    """Start an unrelated sleeper in a session of its own that gets exactly ``pid`` (root only: steers
+    the kernel's next PID through /proc/sys/kernel/ns_last_pid), as PID reuse would."""
+    for _ in range(attempts):
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid - 1))
+        sleeper = subprocess.Popen(["sleep", "60"], start_new_session=True)
+        if sleeper.pid == pid:
+            return sleeper
+        sleeper.kill()
+        sleeper.wait()
+    return None
+
+
+def test_stopping_never_signals_a_process_that_reuses_a_replica_pid(launcher):
+    job = make_job([])
+    handle = launcher.submit(job, launcher.plan(job, "reuse"), extra_env={})
+    reaper_pid = handle.processes["worker-0"].popen.pid
+    for process in handle.processes.values():
+        process.popen.wait(timeout=30)  # exited and reaped: the PID is free for anyone
+    imposter = process_with_pid(reaper_pid)
+    assert imposter is not None, "could not get the kernel to reuse the PID"
+    try:
+        launcher.stop(handle, grace_seconds=1)
+        time.sleep(0.2)
+        assert imposter.poll() is None, "an unrelated process (and its group) was signalled"
+    finally:
+        imposter.kill()
+        imposter.wait()
+
+
+def test_stopping_is_bounded_even_when_a_reaper_does_not_answer(launcher):
+    job = make_job(["--spawn"])
+    handle = launcher.submit(job, launcher.plan(job, "stuck"), extra_env={})
+    pid_files = [handle.run_dir / "replicas" / n / "outputs" / "pids.json" for n in ("worker-0", "worker-1")]
+    wait_for_files(pid_files)
+    pids = [pid for f in pid_files for pid in json.loads(f.read_text()).values()]
+    stuck = handle.processes["worker-0"].popen.pid
+    os.kill(stuck, signal.SIGSTOP)  # a reaper that cannot act on SIGTERM any more
+    started = time.monotonic()
+    launcher.stop(handle, grace_seconds=1)
+    assert time.monotonic() - started < 1 + 7 + 3  # grace + the reaper's slack + margin, not forever
+    assert living([*pids, stuck]) == []
+
+
+def test_replicas_start_without_preexec_fn(launcher, monkeypatch):
+    """preexec_fn runs Python between fork and exec while reader threads hold locks (a documented
+    deadlock); the reaper sets itself up after exec instead."""
+    seen = []
+    real_popen = subprocess.Popen
+
+    def recording_popen(*args, **kwargs):
+        seen.append(kwargs)
+        return real_popen(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "Popen", recording_popen)
+    run(launcher, make_job([]))
+    assert len(seen) == 2 and all(kwargs.get("preexec_fn") is None for kwargs in seen)
+
+
+def test_a_port_taken_after_planning_is_planned_again(launcher):
+    job = make_job(["--bind"])
+    plan = launcher.plan(job, "ports")
+    taken = plan.replicas[0].port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        handle, lines = run(launcher, job, "ports", plan=plan)
+    assert handle.plan.replicas[0].port != taken
+    assert any("listening on 127.0.0.1" in line.text for line in lines)
+    assert json.loads((handle.run_dir / "plan.json").read_text())["replicas"][0]["port"] != taken
+
+
+def test_resubmitting_ends_what_a_dead_leader_left_behind(launcher):
+    job = make_job(["--spawn"])
+    first = launcher.submit(job, launcher.plan(job, "orphans"), extra_env={})
+    pid_files = [first.run_dir / "replicas" / n / "outputs" / "pids.json" for n in ("worker-0", "worker-1")]
+    wait_for_files(pid_files)
+    children = [pid for f in pid_files for key, pid in json.loads(f.read_text()).items() if key != "self"]
+    for process in first.processes.values():  # the reaper and the replica die; their children do not
+        replica_pid = json.loads((process.workdir / "outputs" / "pids.json").read_text())["self"]
+        os.kill(process.popen.pid, signal.SIGKILL)
+        os.kill(replica_pid, signal.SIGKILL)
+        process.popen.wait()
+    time.sleep(0.3)
+    assert len(living(children)) == 4
+    second_job = make_job([])
+    second = launcher.submit(second_job, launcher.plan(second_job, "orphans"), extra_env={})
+    try:
+        assert living(children) == []
+        assert wait_for_job(launcher, second, lambda line: None).state is JobState.SUCCEEDED
+    finally:
+        launcher.stop(first, grace_seconds=0)
+
+
+def test_stopping_what_is_left_gives_the_launchers_grace(tmp_path):
+    launcher = LocalLauncher(work_root=tmp_path / "runs", stop_grace_seconds=10)
+    dist = ParameterServer(worker_count=1, parameter_server_count=1, chief=True)
+    job = make_job(["--graceful", "ps-0:4", "--sleep", "2"], dist)  # the ps needs 4 s to save on SIGTERM
+    handle, lines = run(launcher, job, "grace", stop_grace=None, timeout=60)
+    assert (handle.run_dir / "replicas" / "ps-0" / "outputs" / "graceful.txt").read_text() == "saved"
+
+
+def test_secrets_a_replica_prints_are_masked_in_every_log(launcher):
+    job = make_job(
+        ["--print-env", "MY_TOKEN", "--print-env", "MULTI"],
+        environment={"secrets": {"MY_TOKEN": "tok-sekrit-9f2", "MULTI": "first-line\nsecond-line"}},
+    )
+    handle, lines = run(launcher, job)
+    texts = [line.text for line in lines]
+    assert "worker-0 MY_TOKEN=***" in texts and "worker-0 MULTI=***" in texts and "***" in texts
+    for log in [*handle.run_dir.glob("logs/*.log"), *launcher.collect_outputs(handle).rglob("*.log")]:
+        content = log.read_text()
+        assert "tok-sekrit-9f2" not in content and "second-line" not in content
+        assert "MY_TOKEN=***" in content
+    assert oct(handle.run_dir.stat().st_mode & 0o777) == "0o700"

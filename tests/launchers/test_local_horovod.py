@@ -103,6 +103,7 @@ def test_cancel_leaves_no_rank_behind(tmp_path, dist):
     assert len(pids) == 2
     launcher.cancel(handle)
     assert launcher.poll(handle).state is JobState.CANCELLED
+    launcher.stop(handle, launcher.stop_grace_seconds)  # what wait_for_job does next
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
 
 

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
+import pendulum
 import psutil
 import pytest
-from airflow_helpers import TEST_DAGS, load_dag, rendered_fields, task_instance, xcom
+from airflow_helpers import (
+    TEST_DAGS,
+    job_processes,
+    load_dag,
+    rendered_fields,
+    task_instance,
+    wait_until_gone,
+    xcom,
+)
 
 from airflow_provider_dnntrain import tracking
 from airflow_provider_dnntrain.operators import (
@@ -21,8 +32,9 @@ from airflow_provider_dnntrain.operators import (
     PyTorchTrainOperator,
     TensorFlowTrainOperator,
 )
-from airflow_provider_dnntrain.spec import ParameterServer, TorchDistributed
+from airflow_provider_dnntrain.spec import ParameterServer, Resources, TorchDistributed
 
+SCRIPTS = TEST_DAGS.parent / "scripts"
 HOSTILE = ["; rm -rf /tmp/dnntrain-victim", "$(touch /tmp/dnntrain-pwned)", "`id`", "a\nb", "'q' \"dq\" \\"]
 
 
@@ -53,8 +65,8 @@ def test_invalid_topology_fails_when_the_dag_is_parsed():
 def test_horovod_operator_validates_at_parse_time():
     op = PyTorchHorovodOperator(
         task_id="train",
-        source_directory="s",
-        entry_script="t.py",
+        source_directory=str(SCRIPTS),
+        entry_script="ranks.py",
         process_count_per_node=4,
         runner="mpirun",
         controller="mpi",
@@ -78,8 +90,8 @@ def test_operator_arguments_are_keyword_only():
 def test_dry_run_prints_the_plan(capsys):
     op = PyTorchTrainOperator(
         task_id="train",
-        source_directory="src",
-        entry_script="train.py",
+        source_directory=str(SCRIPTS),
+        entry_script="ranks.py",
         arguments=["--lr", "0.1"],
         distribution=TorchDistributed(node_count=2, process_count_per_node=2),
     )
@@ -106,7 +118,11 @@ def test_import_needs_no_training_framework():
 def test_conf_arguments_reach_the_script_literally_and_secrets_stay_hidden(capfd):
     token = "tok-hunter2-zq9x"
     dag = load_dag(TEST_DAGS, "dnntrain_test_conf_arguments")
-    conf = {"args": [*HOSTILE, "--lines", "2"], "env_value": "$(whoami)", "token": token}
+    conf = {
+        "args": [*HOSTILE, "--lines", "2", "--print-env", "API_TOKEN"],
+        "env_value": "$(whoami)",
+        "token": token,
+    }
     dag_run = dag.test(run_conf=conf)
     assert dag_run.state == "success"
     result = xcom(dag_run, "train")
@@ -114,16 +130,23 @@ def test_conf_arguments_reach_the_script_literally_and_secrets_stay_hidden(capfd
     run_dir = Path(result["outputs"]).parents[1]
     for name in ("worker-0", "worker-1"):
         outputs = run_dir / "replicas" / name / "outputs"
-        assert json.loads((outputs / "argv.json").read_text()) == [*HOSTILE, "--lines", "2"]
+        assert json.loads((outputs / "argv.json").read_text()) == conf["args"]
         env = json.loads((outputs / "env.json").read_text())
         assert env["FROM_CONF"] == "$(whoami)"
         assert env["API_TOKEN"] == token
     assert not Path("/tmp/dnntrain-pwned").exists()
     logged = capfd.readouterr()
     assert "[worker-1] worker-1 line 1" in logged.out + logged.err
+    assert "[worker-1] worker-1 API_TOKEN=***" in logged.out + logged.err  # printed, and masked
     assert token not in logged.out + logged.err
     assert token not in json.dumps(rendered_fields(dag_run, "train"))
     assert token not in (run_dir / "plan.json").read_text()
+    assert token not in json.dumps(result)
+    assert all(token not in log.read_text() for log in run_dir.glob("logs/*.log"))
+    assert (
+        result["artifact_uri"]
+        == tracking.client(result["tracking_uri"]).get_run(result["tracking_run_id"]).info.artifact_uri
+    )
 
 
 def test_templated_flags_render_and_run_id_is_pushed():
@@ -196,7 +219,14 @@ def test_sigterm_to_the_airflow_task_stops_every_process(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     alive = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
     assert alive == []
+    assert job_processes("dnntrain-test-killed-") == []
     assert "Stopping every replica of run dnntrain-test-killed" in output
+    client = tracking.client(tracking.resolve_tracking_uri())
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("dnntrain_test_killed").experiment_id], order_by=["start_time DESC"]
+    )[:1]
+    assert run.info.status == "KILLED"
+    assert run.data.tags["dnntrain.end_reason"] == "the Airflow task was stopped (on_kill)"
 
 
 def test_invalid_topology_is_a_dag_import_error_naming_the_field(tmp_path):
@@ -223,3 +253,159 @@ def test_mapped_tasks_get_one_run_each():
     assert len({r["run_id"] for r in results}) == 2
     argvs = [json.loads((Path(r["outputs"]) / "argv.json").read_text()) for r in results]
     assert argvs == [["--lr", "0.1"], ["--lr", "0.01"]]
+
+
+# -- every end of a task leaves nothing behind -----------------------------------------------------
+
+
+def mlflow_runs(experiment: str) -> list:
+    client = tracking.client(tracking.resolve_tracking_uri())
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id], order_by=["start_time DESC"])
+
+
+@pytest.mark.slow
+def test_execution_timeout_stops_every_rank_and_fails_the_tracking_run():
+    dag = load_dag(TEST_DAGS, "dnntrain_test_execution_timeout")
+    started = time.monotonic()
+    dag_run = dag.test()
+    assert task_instance(dag_run, "train").state == "failed"
+    assert time.monotonic() - started < 10 + 30
+    assert job_processes("dnntrain-test-execution-timeout-") == []  # torchrun, both ranks, their children
+    run = mlflow_runs("dnntrain_test_execution_timeout")[0]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["dnntrain.end_reason"].startswith("AirflowTaskTimeout")
+
+
+def run_dir_of(prefix: str) -> Path:
+    runs = Path(os.environ["AIRFLOW_HOME"]) / "dnntrain" / "runs"
+    return max(runs.glob(f"{prefix}*"), key=lambda path: path.stat().st_mtime)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dag_id", ["dnntrain_test_kill_torchrun", "dnntrain_test_kill_mpirun"])
+def test_sigkill_of_the_task_process_leaves_no_rank_and_no_child(dag_id):
+    """The Airflow 3 supervisor SIGKILLs a task whose on_kill overran: no chance to clean up."""
+    env = {**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(TEST_DAGS)}
+    airflow = Path(sys.executable).with_name("airflow")
+    task = subprocess.Popen(
+        [str(airflow), "dags", "test", dag_id],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    prefix = dag_id.replace("_", "-") + "-train-"
+    try:
+        deadline = time.monotonic() + 120
+        pid_files: list[Path] = []
+        while time.monotonic() < deadline and len(pid_files) < 2:
+            time.sleep(0.2)
+            with contextlib.suppress(ValueError):
+                pid_files = list(run_dir_of(prefix).glob("replicas/*/outputs/pids-*.json"))
+        assert len(pid_files) == 2, "the ranks never started"
+        time.sleep(0.3)
+        ranks_and_children = [pid for f in pid_files for pid in json.loads(f.read_text()).values()]
+        before = job_processes(prefix)
+        assert set(ranks_and_children) <= {p.pid for p in before}  # what we will watch is all there
+        os.kill(task.pid, signal.SIGKILL)
+        task.wait(timeout=10)
+        left = wait_until_gone(prefix, timeout=10 + 10)
+    finally:
+        if task.poll() is None:
+            os.killpg(task.pid, signal.SIGKILL)
+    assert left == [], [p.cmdline() for p in left]
+
+
+# -- what the job receives -------------------------------------------------------------------------
+
+
+def test_job_resources_do_not_collide_with_airflows_own():
+    dag = load_dag(TEST_DAGS, "dnntrain_test_job_resources")
+    resources = {task.task_id: task.build_job().resources for task in dag.tasks}
+    assert resources["resources_object"] == Resources(use_gpu=True, cpu=2)
+    assert resources["resources_dict"] == Resources(memory="2Gi")
+    assert resources["use_gpu"] == Resources(use_gpu=True)
+    assert resources["airflow_resources"] == Resources()
+    assert dag.get_task("airflow_resources").resources.cpus.qty == 2  # still Airflow's, untouched
+    with pytest.raises(InvalidTrainingJob, match=r"resources\.memory: String should match pattern"):
+        TensorFlowTrainOperator(
+            task_id="t",
+            source_directory=str(SCRIPTS),
+            entry_script="replica.py",
+            resources={"memory": "lots"},
+        )
+
+
+def test_templates_inside_input_objects_are_rendered():
+    dag = load_dag(TEST_DAGS, "dnntrain_test_templated_inputs")
+    dag_run = dag.test(run_conf={"data": "/datasets/digits"}, logical_date=pendulum.datetime(2026, 3, 14))
+    outputs = Path(xcom(dag_run, "train")["outputs"])
+    assert json.loads((outputs / "argv.json").read_text()) == ["--data", "/datasets/digits/2026-03-14"]
+    assert json.loads((outputs / "env.json").read_text())["DNNTRAIN_INPUT_TRAIN_DATA"] == (
+        "/datasets/digits/2026-03-14"
+    )
+
+
+@pytest.mark.slow
+def test_only_rank_zero_logs_to_the_run_and_every_other_rank_gets_its_own_child_run():
+    dag = load_dag(TEST_DAGS, "dnntrain_test_rank_metrics")
+    dag_run = dag.test()
+    assert dag_run.state == "success"
+    client = tracking.client(tracking.resolve_tracking_uri())
+    for task_id, other in [
+        ("mpirun", "launcher-0-rank1"),
+        ("torchrun", "node-0-rank1"),
+        ("multi_worker", "worker-1"),
+    ]:
+        result = xcom(dag_run, task_id)
+        history = client.get_metric_history(result["tracking_run_id"], "loss")
+        assert sorted((m.step, m.value) for m in history) == [(i, float(i)) for i in range(6)], task_id
+        assert result["metrics"] == {"loss": 5.0}
+        (child,) = client.search_runs(
+            [client.get_run(result["tracking_run_id"]).info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{result['tracking_run_id']}'",
+        )
+        assert child.data.tags["dnntrain.replica"] == other
+        assert child.info.run_name == f"{result['run_id']}-{other}"
+        values = sorted(m.value for m in client.get_metric_history(child.info.run_id, "loss"))
+        assert values == [1000.0 + i for i in range(6)], task_id
+        logs = {Path(f.path).name for f in client.list_artifacts(result["tracking_run_id"], "logs/replicas")}
+        assert logs == {f"{name}.log" for name in json_plan_replicas(result)}
+
+
+def json_plan_replicas(result) -> list[str]:
+    plan = json.loads((Path(result["outputs"]).parents[1] / "plan.json").read_text())
+    return [replica["name"] for replica in plan["replicas"]]
+
+
+# -- seeing the plan before running it ---------------------------------------------------------------
+
+
+def test_dry_run_renders_templates_for_a_conf_and_a_date(capsys):
+    dag = load_dag(TEST_DAGS, "dnntrain_test_templated_flags")
+    capsys.readouterr()
+    plan = dag.get_task("train").dry_run(conf={"name": "preview"}, logical_date=datetime(2026, 3, 14))
+    assert plan["replicas"][0]["argv"][-4:] == ["--name", "preview", "--date", "2026-03-14"]
+    assert json.loads(capsys.readouterr().out) == plan
+
+
+def test_a_missing_source_directory_or_script_fails_when_the_dag_is_parsed(tmp_path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    (tmp_path / "src").mkdir()
+    for name, source, script in [("no_dir", "missing", "t.py"), ("no_script", "src", "t.py")]:
+        (tmp_path / f"{name}.py").write_text(
+            "import pendulum\n"
+            "from airflow.sdk import DAG\n"
+            "from airflow_provider_dnntrain.operators import TensorFlowTrainOperator\n"
+            f"with DAG('{name}', schedule=None, start_date=pendulum.datetime(2026, 1, 1)):\n"
+            "    TensorFlowTrainOperator(\n"
+            f"        task_id='train', source_directory='{source}', entry_script='{script}')\n"
+        )
+    errors = {
+        Path(path).stem: message for path, message in DagBag(dag_folder=str(tmp_path)).import_errors.items()
+    }
+    # a relative source_directory is relative to the DAG file
+    assert f"source_directory: '{tmp_path / 'missing'}' is not a directory" in errors["no_dir"]
+    assert f"entry_script: 't.py' is not a file in {tmp_path / 'src'}" in errors["no_script"]

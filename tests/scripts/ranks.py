@@ -1,0 +1,58 @@
+"""A stand-in rank for the multi-process runners (tests only): torchrun, horovodrun, mpirun.
+
+Writes what it received per rank, optionally logs metrics on every rank (as Azure ML samples do),
+starts a child process, sleeps, or fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "RANK")
+REPLICA = f"{os.environ.get('DNNTRAIN_ROLE', 'worker')}-{os.environ.get('DNNTRAIN_REPLICA_INDEX', '0')}"
+RANK = next((os.environ[name] for name in RANK_VARIABLES if name in os.environ), REPLICA)
+# rank N (or replica index N, for replicas without ranks) logs N*1000 + step: whose numbers are whose
+NUMBER = int(RANK) if RANK.isdigit() else int(os.environ.get("DNNTRAIN_REPLICA_INDEX", "0"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--log-metrics", type=int, default=0, help="log 'loss' for this many steps")
+    parser.add_argument("--spawn", action="store_true", help="start a child that sleeps")
+    parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--print-env", action="append", default=[])
+    args, _unknown = parser.parse_known_args()
+    outputs = Path(os.environ.get("DNNTRAIN_OUTPUT_DIR", "outputs"))
+    outputs.mkdir(exist_ok=True)
+    (outputs / f"argv-{RANK}.json").write_text(json.dumps(sys.argv[1:]))
+    pids = {"self": os.getpid()}
+    if args.spawn:
+        pids["child"] = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]).pid
+    (outputs / f"pids-{RANK}.json").write_text(json.dumps(pids))
+    for name in args.print_env:
+        print(f"rank {RANK} {name}={os.environ.get(name)}", flush=True)
+    if args.log_metrics:
+        log_metrics(args.log_metrics)
+    print(f"rank {RANK} ready", flush=True)
+    time.sleep(args.sleep)
+
+
+def log_metrics(steps: int) -> None:
+    import mlflow
+
+    for step in range(steps):
+        mlflow.log_metric("loss", 1000.0 * NUMBER + step, step=step)
+    (Path(os.environ.get("DNNTRAIN_OUTPUT_DIR", "outputs")) / f"run-{RANK}.txt").write_text(
+        mlflow.active_run().info.run_id
+    )
+    mlflow.end_run()
+
+
+if __name__ == "__main__":
+    main()

@@ -141,16 +141,24 @@ class TrackingRun:
     def tracking_uri(self) -> str:
         return self.target.uri
 
-    def env(self, primary_replica: str) -> dict[str, str]:
-        """What every replica needs so rank 0 of ``primary_replica`` logs to this run, and every other
-        process's ``mlflow`` calls land in a child run of its own. Credentials travel as secrets."""
+    def run_env(self) -> dict[str, str]:
+        """The variables that name this run (:data:`RUN_VARIABLES`), known once it exists."""
         return {
-            "MLFLOW_TRACKING_URI": self.target.uri,
             "MLFLOW_RUN_ID": self.mlflow_run_id,
             "MLFLOW_EXPERIMENT_ID": self.experiment_id,
             PARENT_RUN_VAR: self.mlflow_run_id,
-            PRIMARY_VAR: primary_replica,
         }
+
+
+# What replicas are given once the run exists (they start before: see TrackingTarget.replica_env).
+RUN_VARIABLES = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", PARENT_RUN_VAR)
+
+
+def replica_env(target: TrackingTarget, primary_replica: str) -> dict[str, str]:
+    """What every replica needs from the start, so that once :data:`RUN_VARIABLES` arrive rank 0 of
+    ``primary_replica`` logs to the run and every other process to a child run of its own.
+    Credentials are not here: they travel as the job's secrets."""
+    return {"MLFLOW_TRACKING_URI": target.uri, PRIMARY_VAR: primary_replica}
 
 
 def start_run(

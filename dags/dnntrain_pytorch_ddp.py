@@ -14,6 +14,8 @@ from airflow_provider_dnntrain.operators import PyTorchTrainOperator, RegisterMo
 from airflow_provider_dnntrain.spec import TorchDistributed
 
 SCRIPTS = str(Path(__file__).parent / "scripts")
+# Scheduled runs and backfills have a logical date; runs triggered from the UI or the API may not.
+TRAINING_DATE = "{{ (dag_run.logical_date or dag_run.run_after) | ds }}"
 
 with DAG(
     dag_id="dnntrain_pytorch_ddp",
@@ -29,13 +31,13 @@ with DAG(
         entry_script="torch_ddp_digits.py",
         arguments=["--epochs", "{{ params.epochs }}", "--lr", "{{ params.lr }}"],
         distribution=TorchDistributed(node_count=1, process_count_per_node=2),
-        environment_variables={"TRAINING_DATE": "{{ ds }}"},
+        environment_variables={"TRAINING_DATE": TRAINING_DATE},
     )
     register = RegisterModelOperator(
         task_id="register",
         run_id="{{ ti.xcom_pull(task_ids='train')['run_id'] }}",
         model_name="digits-pytorch-ddp",
         model_path="model",
-        tags={"dataset": "sklearn-digits", "training_date": "{{ ds }}"},
+        tags={"dataset": "sklearn-digits", "training_date": TRAINING_DATE},
     )
     train >> register

@@ -35,13 +35,16 @@ def test_start_run_is_idempotent_per_run_id(store):
     other = tracking.start_run(store, "exp", "run-b", {})
     assert first.mlflow_run_id == again.mlflow_run_id != other.mlflow_run_id
     assert tracking.client(store).get_run(first.mlflow_run_id).data.params == {"lr": "0.1", "epochs": "3"}
-    assert first.env("chief-0") == {
+    assert tracking.replica_env(first.target, "chief-0") == {
         "MLFLOW_TRACKING_URI": store,
+        "DNNTRAIN_TRACKING_PRIMARY": "chief-0",
+    }
+    assert first.run_env() == {
         "MLFLOW_RUN_ID": first.mlflow_run_id,
         "MLFLOW_EXPERIMENT_ID": first.experiment_id,
         "DNNTRAIN_TRACKING_RUN_ID": first.mlflow_run_id,
-        "DNNTRAIN_TRACKING_PRIMARY": "chief-0",
     }
+    assert set(first.run_env()) == set(tracking.RUN_VARIABLES)
 
 
 def test_register_tags_and_is_idempotent(store, tmp_path):

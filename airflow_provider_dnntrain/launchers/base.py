@@ -6,7 +6,7 @@ import enum
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -110,8 +110,24 @@ class Launcher(ABC):
         return render_plan(job, run_id, self.placement(run_id), self.interpreter(job))
 
     @abstractmethod
-    def submit(self, job: TrainingJob, plan: JobPlan, extra_env: Mapping[str, str]) -> JobHandle:
-        """Start every replica. Submitting the same run id again replaces what is left of it."""
+    def submit(
+        self,
+        job: TrainingJob,
+        plan: JobPlan,
+        extra_env: Mapping[str, str],
+        *,
+        pending_env: Collection[str] = (),
+    ) -> JobHandle:
+        """Start every replica. Submitting the same run id again replaces what is left of it.
+
+        ``pending_env`` names variables whose values are not known yet (:meth:`provide_env` gives them
+        later): the processes running the job's script wait for them as they start; runners
+        (torchrun, horovodrun, mpirun) start at once, so their ranks usually find them there.
+        """
+
+    @abstractmethod
+    def provide_env(self, handle: JobHandle, values: Mapping[str, str]) -> None:
+        """Deliver the values of the variables ``submit`` was told are pending."""
 
     @abstractmethod
     def poll(self, handle: JobHandle) -> JobStatus: ...
@@ -146,10 +162,12 @@ def wait_for_job(
     on_log: Callable[[LogLine], None],
     *,
     timeout: float | None = None,
+    watch: Callable[[], None] | None = None,
     on_finished: Callable[[JobStatus], None] | None = None,
 ) -> JobStatus:
     """Stream logs until the job finishes, then stop what is left (parameter servers, stragglers).
-    ``on_finished`` hears the outcome as soon as it is known, before the stopping begins.
+    ``watch`` is called every poll and may raise to end the job; ``on_finished`` hears the outcome as
+    soon as it is known, before the stopping begins.
 
     However this returns, every replica is stopped first, with the launcher's grace: on success, on a
     failing replica (:class:`JobFailed` naming it), on a timeout, and on an exception raised into the
@@ -161,6 +179,8 @@ def wait_for_job(
         while not status.state.finished:
             for line in launcher.stream_logs(handle, timeout=0.05):
                 on_log(line)
+            if watch is not None:
+                watch()
             status = launcher.poll(handle)
             if deadline is not None and time.monotonic() > deadline and not status.state.finished:
                 status = JobStatus(JobState.FAILED, f"job {handle.run_id} timed out after {timeout:.0f}s")

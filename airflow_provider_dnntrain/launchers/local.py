@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +40,10 @@ REAPER = Path(reaper.__file__)
 REPLICA_SITE = Path(__file__).resolve().parents[1] / "replica_site"
 # Every process of a launch carries this variable: how a stop finds what escaped every other net.
 LAUNCH_ID_VAR = "DNNTRAIN_LAUNCH_ID"
+# How the replica site (replica_site/sitecustomize.py) knows the script's processes and what they await.
+ENTRY_SCRIPT_VAR = "DNNTRAIN_ENTRY_SCRIPT"
+PENDING_ENV_VAR = "DNNTRAIN_PENDING_ENV"
+PENDING_FILE_VAR = "DNNTRAIN_PENDING_ENV_FILE"
 # Beyond the grace, how long a reaper may take to report back before its subtree is killed directly.
 _REAPER_SLACK_SECONDS = reaper.KILL_WAIT_SECONDS + 2
 
@@ -198,7 +202,14 @@ class LocalLauncher(Launcher):
 
     # -- submit ---------------------------------------------------------------------------------
 
-    def submit(self, job: TrainingJob, plan: JobPlan, extra_env: Mapping[str, str]) -> LocalJobHandle:
+    def submit(
+        self,
+        job: TrainingJob,
+        plan: JobPlan,
+        extra_env: Mapping[str, str],
+        *,
+        pending_env: Collection[str] = (),
+    ) -> LocalJobHandle:
         source = check_source(job)
         run_dir = self.run_dir(plan.run_id)
         end_previous_launch(run_dir)
@@ -219,11 +230,19 @@ class LocalLauncher(Launcher):
             redactor=Redactor(secrets.values()),
         )
         (run_dir / "launch.json").write_text(json.dumps({"launch_id": handle.launch_id}))
+        launch_env = {
+            "PYTHONUNBUFFERED": "1",
+            LAUNCH_ID_VAR: handle.launch_id,
+            ENTRY_SCRIPT_VAR: job.entry_script,
+        }
+        if pending_env:
+            launch_env.update(
+                {PENDING_ENV_VAR: ",".join(pending_env), PENDING_FILE_VAR: str(_pending_file(handle))}
+            )
         watch_read, handle.watch_fd = os.pipe()
         try:
             for replica in plan.replicas:
-                env = {**_inherited_env(), **replica.env, **extra_env, **secrets}
-                env.update({"PYTHONUNBUFFERED": "1", LAUNCH_ID_VAR: handle.launch_id})
+                env = {**_inherited_env(), **replica.env, **extra_env, **secrets, **launch_env}
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPLICA_SITE), env.get("PYTHONPATH")]))
                 handle.processes[replica.name] = self._start(handle, replica, snapshot, env, watch_read)
         except BaseException:
@@ -264,6 +283,13 @@ class LocalLauncher(Launcher):
         process = _Process(replica, popen, pidfd, workdir, handle.run_dir / "logs" / f"{replica.name}.log")
         process.start_readers(handle.lines, handle.redactor)
         return process
+
+    def provide_env(self, handle: LocalJobHandle, values: Mapping[str, str]) -> None:
+        target = _pending_file(handle)
+        written = target.with_suffix(".writing")
+        written.write_text(json.dumps(dict(values)))
+        written.chmod(0o600)
+        os.replace(written, target)  # whole or not at all: the replicas read it as soon as it exists
 
     # -- observe --------------------------------------------------------------------------------
 
@@ -344,6 +370,10 @@ class LocalLauncher(Launcher):
         for log_file in (handle.run_dir / "logs").glob("*.log"):
             shutil.copy2(log_file, replica_logs / log_file.name)
         return artifacts
+
+
+def _pending_file(handle: LocalJobHandle) -> Path:
+    return handle.run_dir / "pending-env.json"
 
 
 def _inherited_env() -> dict[str, str]:

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -215,6 +216,7 @@ class DnnTrainOperator(BaseOperator):
     # -- execution ------------------------------------------------------------------------------
 
     def execute(self, context) -> dict[str, Any]:
+        began = time.monotonic()
         ti = context["ti"]
         run_id = make_run_id(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number)
         job = self.build_job()
@@ -227,23 +229,29 @@ class DnnTrainOperator(BaseOperator):
                 job = session.with_credentials(job)
             plan = launcher.plan(job, run_id)
             self._raise_if_killed("before it started")
-            extra_env = session.replica_env(plan) if session else {}
-            self._raise_if_killed("before it started")
-            handle = self._handle = launcher.submit(job, plan, extra_env=extra_env)
+            # The tracking run is still being created: the replicas start now and are given its id
+            # as soon as it exists (the script's processes wait for it, runners do not).
+            handle = self._handle = launcher.submit(
+                job,
+                plan,
+                extra_env=session.replica_env(plan) if session else {},
+                pending_env=session.pending_variables if session else (),
+            )
+            launched = time.monotonic()
             self.log.info(
                 "Run %s on the %s launcher, plan:\n%s", run_id, launcher.name, handle.plan.to_json()
             )
             if self._kill_requested:  # on_kill came while replicas were being started
                 launcher.cancel(handle)
-            if session is not None:
-                session.describe(launcher, job, handle.plan)
             wait_for_job(
                 launcher,
                 handle,
                 on_log=lambda line: self.log.info("%s", line),
                 timeout=self.job_timeout,
+                watch=(lambda: session.deliver(launcher, job, handle)) if session else None,
                 on_finished=session.on_finished if session else None,
             )
+            ended = time.monotonic()
         except BaseException as error:
             outcome, reason = self._outcome_of(error)
             if handle is not None:
@@ -255,6 +263,15 @@ class DnnTrainOperator(BaseOperator):
         finally:
             self._handle = None
         artifacts, metrics = self._finish(session, launcher, handle, "FINISHED", "succeeded", failing=False)
+        self.log.info(
+            "Run %s: replicas started %.2f s into execute (tracking run ready at %.2f s), ran %.2f s; "
+            "outputs collected and tracking closed in %.2f s",
+            run_id,
+            launched - began,
+            session.ready_at - began if session else 0.0,
+            ended - launched,
+            time.monotonic() - ended,
+        )
         return self._result(run_id, artifacts, session, metrics)
 
     def _outcome_of(self, error: BaseException) -> tuple[str, str]:
@@ -297,6 +314,11 @@ class DnnTrainOperator(BaseOperator):
 
         for name, value in self.secret_variables.items():
             mask_secret(str(value), name)
+        if self.tracking_uri:
+            from airflow_provider_dnntrain.tracking import split_credentials
+
+            for name, value in split_credentials(str(self.tracking_uri)).credentials.items():
+                mask_secret(value, name)
 
     def _result(self, run_id: str, artifacts, session, metrics: dict[str, float]) -> dict[str, Any]:
         run = session.run if session else None
@@ -340,6 +362,8 @@ class TrackingSession:
         self._credentials_env = self.target.credentials_in_env()
         self._credentials_env.__enter__()
         self._describing: threading.Thread | None = None
+        self._delivered = False
+        self.ready_at = 0.0
         self._starting = threading.Thread(target=self._start, args=(tags,), daemon=True)
         self._starting.start()
 
@@ -357,6 +381,8 @@ class TrackingSession:
             self.run = self._tracking.start_run(self.target, self.experiment, self.run_id, tags)
         except BaseException as error:  # handed to the thread that waits for the run
             self._error = error
+        finally:
+            self.ready_at = time.monotonic()
 
     def _wait(self):
         self._starting.join()
@@ -368,17 +394,36 @@ class TrackingSession:
         """The job with the tracking credentials as secrets: masked, never in a plan, given to replicas."""
         if not self.target.credentials:
             return job
-        secrets = {**job.environment.secrets, **self.target.credentials}
-        return job.model_copy(update={"environment": job.environment.model_copy(update={"secrets": secrets})})
+        secrets = {name: value.get_secret_value() for name, value in job.environment.secrets.items()}
+        environment = Environment.model_validate(
+            {
+                **job.environment.model_dump(exclude={"secrets"}),
+                "secrets": {**secrets, **self.target.credentials},
+            }
+        )
+        return job.model_copy(update={"environment": environment})
 
     def replica_env(self, plan: JobPlan) -> dict[str, str]:
-        run = self._wait()
-        self._log.info("Tracking run %s at %s", run.mlflow_run_id, run.tracking_uri)
-        return run.env(primary_replica=plan.chief.name)
+        return self._tracking.replica_env(self.target, primary_replica=plan.chief.name)
 
-    def describe(self, launcher: Launcher, job: TrainingJob, plan: JobPlan) -> None:
-        """Tags and parameters nobody waits for, logged while the job runs."""
+    @property
+    def pending_variables(self) -> tuple[str, ...]:
+        return self._tracking.RUN_VARIABLES
+
+    def deliver(self, launcher: Launcher, job: TrainingJob, handle: JobHandle) -> None:
+        """Once the run exists, give the replicas its id (and raise, ending the job, if it could not
+        be created). Called from the wait loop: cheap until then."""
+        if self._delivered or self._starting.is_alive():
+            return
         run = self._wait()
+        launcher.provide_env(handle, run.run_env())
+        self._delivered = True
+        self._log.info("Tracking run %s at %s", run.mlflow_run_id, run.tracking_uri)
+        self._log_job_description(launcher, job, handle.plan)
+
+    def _log_job_description(self, launcher: Launcher, job: TrainingJob, plan: JobPlan) -> None:
+        """Tags and parameters nobody waits for, logged while the job runs."""
+        run = self.run
 
         def describe() -> None:
             try:

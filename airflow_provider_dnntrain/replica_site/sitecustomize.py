@@ -1,5 +1,9 @@
 """Runs at the start of every Python process of a replica (this folder leads the replicas' PYTHONPATH).
 
+Variables the launcher was told are pending (the tracking run's id, created while the replicas start)
+are awaited by the processes that run the job's script, before any of its code: they find them set
+like any other. Runners (torchrun, horovodrun) do not wait, so their ranks usually find them ready.
+
 Rank 0 of the primary replica (the chief) logs to the training run, as ``MLFLOW_RUN_ID`` says. Every
 other process - other replicas, other ranks started by torchrun, horovodrun or mpirun - gets no
 ``MLFLOW_RUN_ID`` but an ``MLFLOW_RUN_CONTEXT``, so that its first ``mlflow`` call opens a child run
@@ -11,8 +15,28 @@ Standard library only, and then hands over to any other ``sitecustomize`` furthe
 import json
 import os
 import sys
+import time
 
 _RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "PMI_RANK", "RANK")
+_PENDING_WAIT_SECONDS = 600  # the launcher stops the job long before, if the values never come
+
+
+def _await_pending_env() -> None:
+    names = [name for name in os.environ.get("DNNTRAIN_PENDING_ENV", "").split(",") if name]
+    path = os.environ.get("DNNTRAIN_PENDING_ENV_FILE")
+    if not names or not path or all(name in os.environ for name in names):
+        return
+    if not sys.argv or sys.argv[0] != os.environ.get("DNNTRAIN_ENTRY_SCRIPT"):
+        return  # a runner, or another tool: it passes the variables on as they are
+    deadline = time.monotonic() + _PENDING_WAIT_SECONDS
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            print(f"dnntrain: {', '.join(names)} never arrived; starting without them", file=sys.stderr)
+            return
+        time.sleep(0.02)
+    with open(path) as pending:
+        values = json.load(pending)
+    os.environ.update({name: values[name] for name in names if name in values})
 
 
 def _route_tracking() -> None:
@@ -47,5 +71,6 @@ def _hand_over() -> None:
         spec.loader.exec_module(module)
 
 
+_await_pending_env()
 _route_tracking()
 _hand_over()

@@ -16,6 +16,13 @@ ROLE_VAR = "DNNTRAIN_ROLE"
 INDEX_VAR = "DNNTRAIN_REPLICA_INDEX"
 OUTPUT_DIR_VAR = "DNNTRAIN_OUTPUT_DIR"
 LOG_DIR_VAR = "DNNTRAIN_LOG_DIR"
+# Set by launchers for every replica: what the replica's processes need to find their own way.
+LAUNCHER_VARS = (
+    "DNNTRAIN_LAUNCH_ID",
+    "DNNTRAIN_ENTRY_SCRIPT",
+    "DNNTRAIN_PENDING_ENV",
+    "DNNTRAIN_PENDING_ENV_FILE",
+)
 # Set by the operator at submit when tracking is on; listed so launchers can forward them.
 TRACKING_VARS = (
     "MLFLOW_TRACKING_URI",

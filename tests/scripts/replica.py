@@ -103,7 +103,7 @@ def write_long_line(size: int) -> None:
     block = "y" * 4096
     for _ in range(size // len(block)):
         sys.stdout.write(block)
-    sys.stdout.write("\n")
+    sys.stdout.write("y" * (size % len(block)) + "\n")
     sys.stdout.flush()
 
 

@@ -19,8 +19,7 @@ END_REASON_TAG = "dnntrain.end_reason"
 DEFAULT_CONN_ID = "dnntrain_mlflow"
 USERNAME_VAR = "MLFLOW_TRACKING_USERNAME"
 PASSWORD_VAR = "MLFLOW_TRACKING_PASSWORD"
-# Tells the replicas' interpreter which replica's rank 0 logs to the run (see replica_site/).
-PRIMARY_VAR = "DNNTRAIN_TRACKING_PRIMARY"
+# The job's run, for the replicas' interpreters to route non-primary ranks (see replica_site/).
 PARENT_RUN_VAR = "DNNTRAIN_TRACKING_RUN_ID"
 # What a training task instance is, in the tags of its runs: a retry finds its earlier tries by these.
 TASK_INSTANCE_TAGS = ("airflow.dag_id", "airflow.task_id", "airflow.run_id", "airflow.map_index")
@@ -154,11 +153,11 @@ class TrackingRun:
 RUN_VARIABLES = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", PARENT_RUN_VAR)
 
 
-def replica_env(target: TrackingTarget, primary_replica: str) -> dict[str, str]:
-    """What every replica needs from the start, so that once :data:`RUN_VARIABLES` arrive rank 0 of
-    ``primary_replica`` logs to the run and every other process to a child run of its own.
+def replica_env(target: TrackingTarget) -> dict[str, str]:
+    """What every replica needs from the start; once :data:`RUN_VARIABLES` arrive, the primary process
+    (global rank 0, or the chief) logs to the run and every other one to a child run of its own.
     Credentials are not here: they travel as the job's secrets."""
-    return {"MLFLOW_TRACKING_URI": target.uri, PRIMARY_VAR: primary_replica}
+    return {"MLFLOW_TRACKING_URI": target.uri}
 
 
 def start_run(

@@ -153,7 +153,8 @@ class Launcher(ABC):
 
     @abstractmethod
     def collect_outputs(self, handle: JobHandle) -> Path:
-        """Copy the chief's ``./outputs`` and ``./logs`` into the run's artifacts; return their folder."""
+        """Copy the primary process's (global rank 0's, or the chief's) ``./outputs`` and ``./logs`` into
+        the run's artifacts; return their folder."""
 
 
 def wait_for_job(

@@ -40,8 +40,12 @@ REAPER = Path(reaper.__file__)
 REPLICA_SITE = Path(__file__).resolve().parents[1] / "replica_site"
 # Every process of a launch carries this variable: how a stop finds what escaped every other net.
 LAUNCH_ID_VAR = "DNNTRAIN_LAUNCH_ID"
-# How the replica site (replica_site/sitecustomize.py) knows the script's processes and what they await.
+# How the replica site (replica_site/sitecustomize.py) knows the script's processes, which of them is
+# the primary one (global rank 0, else the chief) and what they await.
 ENTRY_SCRIPT_VAR = "DNNTRAIN_ENTRY_SCRIPT"
+PRIMARY_REPLICA_VAR = "DNNTRAIN_PRIMARY_REPLICA"
+# Written by the primary process into its working directory: where the run's outputs are.
+PRIMARY_MARKER = ".dnntrain-primary"
 PENDING_ENV_VAR = "DNNTRAIN_PENDING_ENV"
 PENDING_FILE_VAR = "DNNTRAIN_PENDING_ENV_FILE"
 # Beyond the grace, how long a reaper may take to report back before its subtree is killed directly.
@@ -234,15 +238,19 @@ class LocalLauncher(Launcher):
             "PYTHONUNBUFFERED": "1",
             LAUNCH_ID_VAR: handle.launch_id,
             ENTRY_SCRIPT_VAR: job.entry_script,
+            PRIMARY_REPLICA_VAR: plan.chief.name,
         }
-        if pending_env:
+        # Secrets reach the script's processes through the owner-only pending file, never through a
+        # runner's environment: horovodrun, for one, puts every variable on its ranks' command lines.
+        if pending := [*secrets, *pending_env]:
             launch_env.update(
-                {PENDING_ENV_VAR: ",".join(pending_env), PENDING_FILE_VAR: str(_pending_file(handle))}
+                {PENDING_ENV_VAR: ",".join(pending), PENDING_FILE_VAR: str(_pending_file(handle))}
             )
+            self.provide_env(handle, secrets)
         watch_read, handle.watch_fd = os.pipe()
         try:
             for replica in plan.replicas:
-                env = {**_inherited_env(), **replica.env, **extra_env, **secrets, **launch_env}
+                env = {**_inherited_env(), **replica.env, **extra_env, **launch_env}
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPLICA_SITE), env.get("PYTHONPATH")]))
                 handle.processes[replica.name] = self._start(handle, replica, snapshot, env, watch_read)
         except BaseException:
@@ -286,9 +294,11 @@ class LocalLauncher(Launcher):
 
     def provide_env(self, handle: LocalJobHandle, values: Mapping[str, str]) -> None:
         target = _pending_file(handle)
+        provided = json.loads(target.read_text()) if target.exists() else {}
+        provided.update(values)
         written = target.with_suffix(".writing")
-        written.write_text(json.dumps(dict(values)))
-        written.chmod(0o600)
+        with os.fdopen(os.open(written, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as file:
+            json.dump(provided, file)
         os.replace(written, target)  # whole or not at all: the replicas read it as soon as it exists
 
     # -- observe --------------------------------------------------------------------------------
@@ -359,7 +369,9 @@ class LocalLauncher(Launcher):
         return stuck
 
     def collect_outputs(self, handle: LocalJobHandle) -> Path:
-        chief = handle.processes[handle.plan.chief.name]
+        # Global rank 0 is not always on the first node (torchrun's c10d numbers nodes as they join).
+        marked = [p for p in handle.processes.values() if (p.workdir / PRIMARY_MARKER).exists()]
+        chief = marked[0] if marked else handle.processes[handle.plan.chief.name]
         artifacts = handle.run_dir / "artifacts"
         for sub in ("outputs", "logs"):
             target = artifacts / sub

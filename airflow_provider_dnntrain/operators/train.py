@@ -404,7 +404,7 @@ class TrackingSession:
         return job.model_copy(update={"environment": environment})
 
     def replica_env(self, plan: JobPlan) -> dict[str, str]:
-        return self._tracking.replica_env(self.target, primary_replica=plan.chief.name)
+        return self._tracking.replica_env(self.target)
 
     @property
     def pending_variables(self) -> tuple[str, ...]:

@@ -1,16 +1,22 @@
 """Runs at the start of every Python process of a replica (this folder leads the replicas' PYTHONPATH).
 
-Variables the launcher was told are pending (the tracking run's id, created while the replicas start)
-are awaited by the processes that run the job's script, before any of its code: they find them set
-like any other. Runners (torchrun, horovodrun) do not wait, so their ranks usually find them ready.
+The job's secrets, and variables the launcher was told are pending (the tracking run's id, created
+while the replicas start), come from an owner-only file rather than the replica's environment: the
+processes that run the job's script load them before any of its code, waiting for those not there
+yet, and find them set like any other variable. Runners (torchrun, horovodrun, mpirun) neither wait
+nor hold them, so they cannot pass secrets on in command lines; their ranks are script processes.
 
-Rank 0 of the primary replica (the chief) logs to the training run, as ``MLFLOW_RUN_ID`` says. Every
-other process - other replicas, other ranks started by torchrun, horovodrun or mpirun - gets no
-``MLFLOW_RUN_ID`` but an ``MLFLOW_RUN_CONTEXT``, so that its first ``mlflow`` call opens a child run
-of its own (named after its replica and rank) instead of mixing its metrics into the chief's.
+The primary process - global rank 0 wherever it runs, or the chief replica's process when there are
+no ranks - marks its working directory (the run's outputs are collected from there) and logs to the
+training run, as ``MLFLOW_RUN_ID`` says. Every other process - other replicas, other ranks started by
+torchrun, horovodrun or mpirun - gets no ``MLFLOW_RUN_ID`` but an ``MLFLOW_RUN_CONTEXT``, so that its
+first ``mlflow`` call opens a child run of its own (named after its replica and rank) instead of
+mixing its metrics into the primary's.
 
 Standard library only, and then hands over to any other ``sitecustomize`` further down the path.
 """
+
+from __future__ import annotations
 
 import json
 import os
@@ -26,31 +32,64 @@ def _await_pending_env() -> None:
     path = os.environ.get("DNNTRAIN_PENDING_ENV_FILE")
     if not names or not path or all(name in os.environ for name in names):
         return
-    if not sys.argv or sys.argv[0] != os.environ.get("DNNTRAIN_ENTRY_SCRIPT"):
+    if not _is_script_process():
         return  # a runner, or another tool: it passes the variables on as they are
     deadline = time.monotonic() + _PENDING_WAIT_SECONDS
-    while not os.path.exists(path):
+    values = _read_json(path)
+    while not all(name in values for name in names):
         if time.monotonic() > deadline:
-            print(f"dnntrain: {', '.join(names)} never arrived; starting without them", file=sys.stderr)
-            return
+            missing = sorted(set(names) - set(values))
+            print(f"dnntrain: {', '.join(missing)} never arrived; starting without them", file=sys.stderr)
+            break
         time.sleep(0.02)
-    with open(path) as pending:
-        values = json.load(pending)
+        values = _read_json(path)
     os.environ.update({name: values[name] for name in names if name in values})
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as provided:
+            return json.load(provided)
+    except FileNotFoundError:
+        return {}
+
+
+def _is_script_process() -> bool:
+    return bool(sys.argv) and sys.argv[0] == os.environ.get("DNNTRAIN_ENTRY_SCRIPT")
+
+
+def _rank() -> str | None:
+    return next((os.environ[name] for name in _RANK_VARIABLES if name in os.environ), None)
+
+
+def _replica() -> str:
+    return f"{os.environ.get('DNNTRAIN_ROLE', '')}-{os.environ.get('DNNTRAIN_REPLICA_INDEX', '')}"
+
+
+def _is_primary() -> bool:
+    """Global rank 0 wherever it runs (torchrun's c10d places it on any node); the chief replica for
+    processes that have no rank (TensorFlow replicas, single processes, runners)."""
+    rank = _rank()
+    return rank == "0" if rank is not None else _replica() == os.environ.get("DNNTRAIN_PRIMARY_REPLICA")
+
+
+def _mark_primary() -> None:
+    """The primary script process marks its working directory: the run's outputs are collected there."""
+    if _is_script_process() and _is_primary():
+        with open(".dnntrain-primary", "w") as marker:
+            marker.write(str(os.getpid()))
 
 
 def _route_tracking() -> None:
     parent = os.environ.get("DNNTRAIN_TRACKING_RUN_ID")
-    primary = os.environ.get("DNNTRAIN_TRACKING_PRIMARY")
-    if not parent or not primary:
+    if not parent:
         return
-    replica = f"{os.environ.get('DNNTRAIN_ROLE', '')}-{os.environ.get('DNNTRAIN_REPLICA_INDEX', '')}"
-    rank = next((os.environ[name] for name in _RANK_VARIABLES if name in os.environ), None)
-    if replica == primary and rank in (None, "0"):
+    if _is_primary():
         os.environ["MLFLOW_RUN_ID"] = parent
         os.environ.pop("MLFLOW_RUN_CONTEXT", None)
         return
-    label = replica if rank is None else f"{replica}-rank{rank}"
+    rank = _rank()
+    label = _replica() if rank is None else f"{_replica()}-rank{rank}"
     os.environ.pop("MLFLOW_RUN_ID", None)
     run_name = f"{os.environ.get('DNNTRAIN_RUN_ID', parent)}-{label}"
     tags = {"mlflow.parentRunId": parent, "mlflow.runName": run_name, "dnntrain.replica": label}
@@ -72,5 +111,6 @@ def _hand_over() -> None:
 
 
 _await_pending_env()
+_mark_primary()
 _route_tracking()
 _hand_over()

@@ -145,6 +145,14 @@ with DAG("dnntrain_test_rank_metrics", schedule=None, start_date=START):
         runner="mpirun",
         controller="mpi",
     )
+    PyTorchHorovodOperator(
+        task_id="horovodrun",
+        source_directory=SCRIPTS,
+        entry_script="ranks.py",
+        arguments=["--log-metrics", "6"],
+        process_count_per_node=2,
+        controller="gloo",
+    )
     PyTorchTrainOperator(
         task_id="torchrun",
         source_directory=SCRIPTS,

@@ -7,15 +7,24 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from airflow_provider_dnntrain.launchers import reaper
 from airflow_provider_dnntrain.launchers.base import JobFailed, JobState, wait_for_job
 from airflow_provider_dnntrain.launchers.local import LocalLauncher
-from airflow_provider_dnntrain.spec import MultiWorkerMirrored, ParameterServer, TrainingJob
+from airflow_provider_dnntrain.spec import (
+    Horovod,
+    MultiWorkerMirrored,
+    ParameterServer,
+    SingleNode,
+    TorchDistributed,
+    TrainingJob,
+)
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -327,3 +336,73 @@ def test_secrets_a_replica_prints_are_masked_in_every_log(launcher):
         assert "tok-sekrit-9f2" not in content and "second-line" not in content
         assert "MY_TOKEN=***" in content
     assert oct(handle.run_dir.stat().st_mode & 0o777) == "0o700"
+
+
+# -- the task process dying abruptly, for every topology ---------------------------------------------
+
+SLEEPERS = ["--spawn", "--sleep", "600"]
+TOPOLOGIES = {
+    "single": ("tensorflow", "replica.py", ["--spawn"], SingleNode()),
+    "parameter_server": ("tensorflow", "replica.py", ["--spawn"], ParameterServer(worker_count=1)),
+    "multi_worker_mirrored": ("tensorflow", "replica.py", ["--spawn"], MultiWorkerMirrored(worker_count=2)),
+    "torchrun": ("pytorch", "ranks.py", SLEEPERS, TorchDistributed(process_count_per_node=2)),
+    "horovodrun-gloo": ("pytorch", "ranks.py", SLEEPERS, Horovod(process_count_per_node=2)),
+    "horovodrun-mpi": ("pytorch", "ranks.py", SLEEPERS, Horovod(process_count_per_node=2, controller="mpi")),
+    "mpirun": (
+        "pytorch",
+        "ranks.py",
+        SLEEPERS,
+        Horovod(process_count_per_node=2, runner="mpirun", controller="mpi"),
+    ),
+}
+
+
+@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+def test_nothing_outlives_a_task_process_that_is_sigkilled(tmp_path, topology):
+    """SIGKILL gives the task no chance to clean up (the Airflow 3 supervisor sends it when on_kill
+    overruns): the reapers notice and stop every replica, rank and child."""
+    framework, script, arguments, distribution = TOPOLOGIES[topology]
+    job = TrainingJob(
+        framework=framework,
+        source_directory=str(SCRIPTS),
+        entry_script=script,
+        arguments=arguments,
+        distribution=distribution,
+    )
+    task = subprocess.Popen(
+        [sys.executable, str(SCRIPTS / "task_process.py"), str(tmp_path), "abrupt", job.model_dump_json()],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        launch_id = task.stdout.readline().split()[1]
+        children = wait_for_children(
+            tmp_path / "abrupt" / "replicas", expected=2 if script == "ranks.py" else len(job_replicas(job))
+        )
+        before = reaper.processes_with_environment(f"DNNTRAIN_LAUNCH_ID={launch_id}")
+        assert set(children) <= set(before)
+        os.kill(task.pid, signal.SIGKILL)
+        task.wait(timeout=10)
+        deadline = time.monotonic() + 3 + 7 + 5  # the grace, the reapers' slack, a margin
+        while reaper.alive(before) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert reaper.alive(before) == {}
+        assert reaper.processes_with_environment(f"DNNTRAIN_LAUNCH_ID={launch_id}") == {}
+    finally:
+        if task.poll() is None:
+            os.killpg(task.pid, signal.SIGKILL)
+
+
+def job_replicas(job: TrainingJob) -> list[str]:
+    return [replica.name for replica in LocalLauncher().plan(job, "x").replicas]
+
+
+def wait_for_children(replicas: Path, expected: int) -> list[int]:
+    """The pids of every process the script started, once each replica or rank has written them."""
+    deadline = time.monotonic() + 120
+    while len(files := list(replicas.glob("*/outputs/pids*.json"))) < expected:
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.1)
+    time.sleep(0.3)
+    return [pid for f in files for pid in json.loads(f.read_text()).values()]

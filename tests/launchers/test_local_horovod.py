@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from airflow_provider_dnntrain.launchers import reaper
 from airflow_provider_dnntrain.launchers.base import JobFailed, JobState, wait_for_job
 from airflow_provider_dnntrain.launchers.local import LocalLauncher
 from airflow_provider_dnntrain.spec import Environment, Horovod, TrainingJob
@@ -167,3 +169,37 @@ def test_hostile_arguments_and_secrets_reach_every_rank_literally(tmp_path, dist
     # what the runners wrote themselves (per-rank files of mpirun) is masked once the run is stopped
     for path in (handle.run_dir / "replicas" / "launcher-0" / "logs").rglob("*"):
         assert not path.is_file() or secret.encode() not in path.read_bytes()
+
+
+def test_secrets_are_on_no_command_line_and_in_no_environment_block(tmp_path):
+    """horovodrun with Gloo runs each rank as `env NAME=value ... python script` through a shell: a
+    secret in the runner's environment would be on every rank's command line, visible to any user."""
+    secret = "s3cr3t-horovod-gloo-9d"
+    job = horovod_job(
+        "pytorch", "ranks.py", ["--write-env", "RANK_SECRET", "--sleep", "3"], source=TEST_SCRIPTS
+    )
+    job = job.model_copy(update={"environment": Environment(secrets={"RANK_SECRET": secret})})
+    launcher = LocalLauncher(work_root=tmp_path, stop_grace_seconds=3)
+    handle = launcher.submit(job, launcher.plan(job, "hvd-secret"), extra_env={})
+    outputs = handle.run_dir / "replicas" / "launcher-0" / "outputs"
+    seen: set[int] = set()
+    try:
+        while not list(outputs.glob("env-*.txt")) or len(seen) < 5:
+            for process in job_processes(handle):
+                seen.add(process.pid)
+                assert secret not in " ".join(process.cmdline())
+                assert secret not in "".join(process.environ().values())
+            assert launcher.poll(handle).state is JobState.RUNNING
+            time.sleep(0.05)
+        wait_for_job(launcher, handle, lambda line: None, timeout=60)
+    finally:
+        launcher.stop(handle, grace_seconds=0)
+    assert [(outputs / f"env-{rank}-RANK_SECRET.txt").read_text() for rank in (0, 1)] == [secret, secret]
+
+
+def job_processes(handle) -> list[psutil.Process]:
+    processes = []
+    for pid in reaper.processes_with_environment(f"DNNTRAIN_LAUNCH_ID={handle.launch_id}"):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            processes.append(psutil.Process(pid))
+    return processes

@@ -355,6 +355,7 @@ def test_only_rank_zero_logs_to_the_run_and_every_other_rank_gets_its_own_child_
     client = tracking.client(tracking.resolve_tracking_uri())
     for task_id, other in [
         ("mpirun", "launcher-0-rank1"),
+        ("horovodrun", "launcher-0-rank1"),
         ("torchrun", "node-0-rank1"),
         ("multi_worker", "worker-1"),
     ]:

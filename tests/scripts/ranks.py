@@ -27,6 +27,7 @@ def main() -> None:
     parser.add_argument("--spawn", action="store_true", help="start a child that sleeps")
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--print-env", action="append", default=[])
+    parser.add_argument("--write-env", action="append", default=[], help="write this variable to a file")
     args, _unknown = parser.parse_known_args()
     outputs = Path(os.environ.get("DNNTRAIN_OUTPUT_DIR", "outputs"))
     outputs.mkdir(exist_ok=True)
@@ -37,6 +38,8 @@ def main() -> None:
     (outputs / f"pids-{RANK}.json").write_text(json.dumps(pids))
     for name in args.print_env:
         print(f"rank {RANK} {name}={os.environ.get(name)}", flush=True)
+    for name in args.write_env:
+        (outputs / f"env-{RANK}-{name}.txt").write_text(os.environ.get(name, ""))
     if args.log_metrics:
         log_metrics(args.log_metrics)
     print(f"rank {RANK} ready", flush=True)

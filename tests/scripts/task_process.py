@@ -1,0 +1,23 @@
+"""A stand-in Airflow task process (tests only): submits a job on the local launcher and waits for it,
+as the operator does, until the test kills it. Usage: task_process.py WORK_ROOT RUN_ID JOB_JSON"""
+
+from __future__ import annotations
+
+import sys
+
+from airflow_provider_dnntrain.launchers.base import wait_for_job
+from airflow_provider_dnntrain.launchers.local import LocalLauncher
+from airflow_provider_dnntrain.spec import TrainingJob
+
+
+def main() -> None:
+    work_root, run_id, job_json = sys.argv[1:4]
+    job = TrainingJob.model_validate_json(job_json)
+    launcher = LocalLauncher(work_root=work_root, stop_grace_seconds=3)
+    handle = launcher.submit(job, launcher.plan(job, run_id), extra_env={})
+    print(f"launch {handle.launch_id}", flush=True)
+    wait_for_job(launcher, handle, lambda line: None)
+
+
+if __name__ == "__main__":
+    main()

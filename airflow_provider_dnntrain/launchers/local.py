@@ -7,10 +7,8 @@ import contextlib
 import json
 import os
 import queue
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,10 +28,11 @@ from airflow_provider_dnntrain.launchers.base import (
     aggregate_status,
 )
 from airflow_provider_dnntrain.launchers.local_logs import Redactor, follow_rank_files, pump_pipe
+from airflow_provider_dnntrain.launchers.local_ports import FreePortPlacement, port_is_free
 from airflow_provider_dnntrain.source import check_source
 from airflow_provider_dnntrain.source import snapshot as copy_snapshot
 from airflow_provider_dnntrain.spec import Horovod, TrainingJob
-from airflow_provider_dnntrain.topology import Endpoint, JobPlan, Replica
+from airflow_provider_dnntrain.topology import JobPlan, Replica
 
 REAPER = Path(reaper.__file__)
 # Leads every replica's PYTHONPATH: its sitecustomize runs first in each of the replica's interpreters.
@@ -55,58 +54,6 @@ _REAPER_SLACK_SECONDS = reaper.KILL_WAIT_SECONDS + 2
 def default_work_root() -> Path:
     home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
     return Path(home) / "dnntrain" / "runs"
-
-
-class FreePortPlacement:
-    """Every replica on 127.0.0.1, each on a port that is free when planned.
-
-    Ports come from below the kernel's ephemeral range, so no outgoing connection can be handed one
-    between planning and the replica binding it; ``submit`` checks them again right before starting.
-    """
-
-    def __init__(self, host: str = "127.0.0.1") -> None:
-        self._host = host
-        self._ports: dict[tuple[str, int], int] = {}
-        self.runs_as_root = os.geteuid() == 0
-
-    def endpoint(self, role: str, index: int, default_port: int) -> Endpoint:
-        key = (role, index)
-        if key not in self._ports:
-            self._ports[key] = free_port(self._host, taken=set(self._ports.values()))
-        return Endpoint(self._host, self._ports[key])
-
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
-        return int(low), int(high)
-    except (OSError, ValueError):
-        return 32768, 60999
-
-
-def port_is_free(host: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is fine
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port(host: str, taken: set[int]) -> int:
-    low, _ = _ephemeral_range()
-    if low > 11000:
-        for _ in range(200):
-            port = random.randrange(10000, low)
-            if port not in taken and port_is_free(host, port):
-                return port
-    while True:  # no room below the ephemeral range: let the kernel choose
-        with socket.socket() as sock:
-            sock.bind((host, 0))
-            port = sock.getsockname()[1]
-        if port not in taken:
-            return port
 
 
 @dataclass
@@ -250,7 +197,7 @@ class LocalLauncher(Launcher):
         watch_read, handle.watch_fd = os.pipe()
         try:
             for replica in plan.replicas:
-                env = {**_inherited_env(), **replica.env, **extra_env, **launch_env}
+                env = {**_inherited_env(exclude=secrets), **replica.env, **extra_env, **launch_env}
                 env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPLICA_SITE), env.get("PYTHONPATH")]))
                 handle.processes[replica.name] = self._start(handle, replica, snapshot, env, watch_read)
         except BaseException:
@@ -370,8 +317,10 @@ class LocalLauncher(Launcher):
 
     def collect_outputs(self, handle: LocalJobHandle) -> Path:
         # Global rank 0 is not always on the first node (torchrun's c10d numbers nodes as they join).
+        # After an elastic restart, the newest mark is rank 0's.
         marked = [p for p in handle.processes.values() if (p.workdir / PRIMARY_MARKER).exists()]
-        chief = marked[0] if marked else handle.processes[handle.plan.chief.name]
+        newest = max(marked, key=lambda p: (p.workdir / PRIMARY_MARKER).stat().st_mtime, default=None)
+        chief = newest or handle.processes[handle.plan.chief.name]
         artifacts = handle.run_dir / "artifacts"
         for sub in ("outputs", "logs"):
             target = artifacts / sub
@@ -388,9 +337,11 @@ def _pending_file(handle: LocalJobHandle) -> Path:
     return handle.run_dir / "pending-env.json"
 
 
-def _inherited_env() -> dict[str, str]:
-    # Airflow's own settings (database URL, secrets backends, task tokens) are not the script's business.
-    return {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+def _inherited_env(exclude: Collection[str]) -> dict[str, str]:
+    """This process's environment for the replicas, less Airflow's own settings (database URL, secrets
+    backends, task tokens: not the script's business) and variables named like the job's secrets (those
+    reach the script's processes through the pending file only)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW") and k not in exclude}
 
 
 def _launch_processes(launch_id: str) -> dict[int, int]:

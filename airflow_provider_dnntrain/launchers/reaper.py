@@ -160,7 +160,11 @@ class Reaper:
         if self.watch_fd is not None:
             os.set_inheritable(self.watch_fd, False)
         try:
-            self.child = os.posix_spawnp(self.command[0], self.command, os.environ, setsigmask=())
+            # Python ignores SIGPIPE and SIGXFSZ; the command gets the defaults back (as Popen does).
+            restored = (signal.SIGPIPE, signal.SIGXFSZ)
+            self.child = os.posix_spawnp(
+                self.command[0], self.command, os.environ, setsigmask=(), setsigdef=restored
+            )
         except OSError as error:
             print(f"dnntrain-reaper: cannot start {self.command[0]!r}: {error}", file=sys.stderr, flush=True)
             return 127

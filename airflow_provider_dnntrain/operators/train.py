@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -15,14 +11,8 @@ from typing import Any, ClassVar
 from airflow.sdk import BaseOperator
 from pydantic import ValidationError
 
-from airflow_provider_dnntrain.launchers.base import (
-    JobFailed,
-    JobHandle,
-    JobState,
-    JobStatus,
-    Launcher,
-    wait_for_job,
-)
+from airflow_provider_dnntrain.launchers.base import JobFailed, JobHandle, JobState, Launcher, wait_for_job
+from airflow_provider_dnntrain.operators.tracking_session import TrackingSession
 from airflow_provider_dnntrain.run_id import make_run_id
 from airflow_provider_dnntrain.source import check_source
 from airflow_provider_dnntrain.spec import (
@@ -33,9 +23,8 @@ from airflow_provider_dnntrain.spec import (
     SingleNode,
     TrainingJob,
 )
-from airflow_provider_dnntrain.topology import JobPlan, placeholder_placement, render_plan
+from airflow_provider_dnntrain.topology import placeholder_placement, render_plan
 
-_FRAMEWORK_DISTRIBUTIONS = {"tensorflow": ("tensorflow-cpu", "tensorflow"), "pytorch": ("torch",)}
 _JOB_FIELDS = ("source_directory", "entry_script", "arguments", "environment_variables", "secret_variables")
 
 
@@ -234,7 +223,7 @@ class DnnTrainOperator(BaseOperator):
             handle = self._handle = launcher.submit(
                 job,
                 plan,
-                extra_env=session.replica_env(plan) if session else {},
+                extra_env=session.replica_env() if session else {},
                 pending_env=session.pending_variables if session else (),
             )
             launched = time.monotonic()
@@ -333,142 +322,6 @@ class DnnTrainOperator(BaseOperator):
         }
 
 
-class TrackingSession:
-    """The MLflow side of one execution. The run is created in the background from the moment
-    ``execute`` starts; the replicas wait for it only when they are about to start."""
-
-    def __init__(self, operator: DnnTrainOperator, context, job: TrainingJob, run_id: str) -> None:
-        from airflow_provider_dnntrain import tracking
-
-        self._tracking = tracking
-        self._log = operator.log
-        self.target = tracking.resolve_target(operator.tracking_uri, operator.tracking_conn_id)
-        self.run_id = run_id
-        self.run = None
-        self._error: BaseException | None = None
-        ti = context["ti"]
-        self.task_instance = {
-            "airflow.dag_id": ti.dag_id,
-            "airflow.task_id": ti.task_id,
-            "airflow.run_id": ti.run_id,
-            "airflow.map_index": str(ti.map_index),
-        }
-        self.experiment = operator.experiment_name or ti.dag_id
-        tags = {
-            **self.task_instance,
-            "airflow.try_number": str(ti.try_number),
-            "dnntrain.framework": job.framework,
-        }
-        self._credentials_env = self.target.credentials_in_env()
-        self._credentials_env.__enter__()
-        self._describing: threading.Thread | None = None
-        self._delivered = False
-        self.ready_at = 0.0
-        self._starting = threading.Thread(target=self._start, args=(tags,), daemon=True)
-        self._starting.start()
-
-    @classmethod
-    def start(cls, operator, context, job, run_id) -> TrackingSession:
-        from airflow.sdk.log import mask_secret
-
-        session = cls(operator, context, job, run_id)
-        for name, value in session.target.credentials.items():
-            mask_secret(value, name)
-        return session
-
-    def _start(self, tags: dict[str, str]) -> None:
-        try:
-            self.run = self._tracking.start_run(self.target, self.experiment, self.run_id, tags)
-        except BaseException as error:  # handed to the thread that waits for the run
-            self._error = error
-        finally:
-            self.ready_at = time.monotonic()
-
-    def _wait(self):
-        self._starting.join()
-        if self._error is not None:
-            raise self._error
-        return self.run
-
-    def with_credentials(self, job: TrainingJob) -> TrainingJob:
-        """The job with the tracking credentials as secrets: masked, never in a plan, given to replicas."""
-        if not self.target.credentials:
-            return job
-        secrets = {name: value.get_secret_value() for name, value in job.environment.secrets.items()}
-        environment = Environment.model_validate(
-            {
-                **job.environment.model_dump(exclude={"secrets"}),
-                "secrets": {**secrets, **self.target.credentials},
-            }
-        )
-        return job.model_copy(update={"environment": environment})
-
-    def replica_env(self, plan: JobPlan) -> dict[str, str]:
-        return self._tracking.replica_env(self.target)
-
-    @property
-    def pending_variables(self) -> tuple[str, ...]:
-        return self._tracking.RUN_VARIABLES
-
-    def deliver(self, launcher: Launcher, job: TrainingJob, handle: JobHandle) -> None:
-        """Once the run exists, give the replicas its id (and raise, ending the job, if it could not
-        be created). Called from the wait loop: cheap until then."""
-        if self._delivered or self._starting.is_alive():
-            return
-        run = self._wait()
-        launcher.provide_env(handle, run.run_env())
-        self._delivered = True
-        self._log.info("Tracking run %s at %s", run.mlflow_run_id, run.tracking_uri)
-        self._log_job_description(launcher, job, handle.plan)
-
-    def _log_job_description(self, launcher: Launcher, job: TrainingJob, plan: JobPlan) -> None:
-        """Tags and parameters nobody waits for, logged while the job runs."""
-        run = self.run
-
-        def describe() -> None:
-            try:
-                version = framework_version(launcher.interpreter(job), job.framework)
-                tags = {"dnntrain.framework_version": version, "dnntrain.distribution": plan.distribution}
-                params = {
-                    "entry_script": job.entry_script,
-                    "arguments": json.dumps(job.argv()),
-                    "world_size": plan.world_size,
-                    **{f"distribution.{k}": v for k, v in job.distribution.model_dump().items()},
-                    **{f"resources.{k}": v for k, v in job.resources.model_dump().items()},
-                }
-                self._tracking.describe_run(run, tags, params)
-                closed = self._tracking.close_abandoned_tries(run, self.task_instance)
-                if closed:
-                    self._log.info(
-                        "Marked runs of earlier tries KILLED (their task ended abruptly): %s", closed
-                    )
-            except Exception:
-                self._log.warning("Could not record the run's parameters", exc_info=True)
-
-        self._describing = threading.Thread(target=describe, daemon=True)
-        self._describing.start()
-
-    def on_finished(self, status: JobStatus) -> None:
-        # A stopped task may be SIGKILLed seconds later: say so in the tracking store before anything else.
-        if status.state is JobState.CANCELLED and self.run is not None:
-            try:
-                self._tracking.mark_run(self.run, "KILLED", "the Airflow task was stopped (on_kill)")
-            except Exception:
-                self._log.warning("Could not mark run %s KILLED yet", self.run.mlflow_run_id, exc_info=True)
-
-    def finish(self, artifacts, outcome: str, reason: str) -> dict[str, float]:
-        try:
-            run = self._wait()
-            if self._describing is not None:
-                self._describing.join(timeout=30)
-            return self._tracking.finish_run(run, artifacts, outcome, reason)
-        finally:
-            self._credentials_env.__exit__(None, None, None)
-
-    def public(self, uri: str) -> str:
-        return self._tracking.public_uri(uri)
-
-
 def _environment_dict(environment: Environment | Mapping[str, Any] | None) -> dict[str, Any]:
     if isinstance(environment, Environment):
         data = environment.model_dump(exclude={"secrets"})
@@ -484,32 +337,6 @@ def _resources_dict(resources: Resources | Mapping[str, Any], use_gpu: bool | No
     if use_gpu is not None:
         data["use_gpu"] = use_gpu
     return data
-
-
-def framework_version(python: str, framework: str) -> str:
-    """The installed framework version as the job's interpreter sees it (package metadata, no import);
-    read in this process when the job runs with this interpreter."""
-    names = _FRAMEWORK_DISTRIBUTIONS[framework]
-    if Path(python).resolve() == Path(sys.executable).resolve():
-        import importlib.metadata
-
-        for name in names:
-            try:
-                return importlib.metadata.version(name)
-            except importlib.metadata.PackageNotFoundError:
-                continue
-        return "unknown"
-    probe = (
-        "import importlib.metadata as m, sys\n"
-        "for name in sys.argv[1:]:\n"
-        "    try:\n        print(m.version(name)); break\n"
-        "    except m.PackageNotFoundError:\n        pass\n"
-    )
-    try:
-        result = subprocess.run([python, "-c", probe, *names], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return result.stdout.strip() or "unknown"
 
 
 class TensorFlowTrainOperator(DnnTrainOperator):

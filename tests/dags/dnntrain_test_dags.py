@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 
 import pendulum
@@ -67,39 +66,6 @@ with DAG("dnntrain_test_mapped_sweep", schedule=None, start_date=START):
     TensorFlowTrainOperator.partial(
         task_id="train", source_directory=SCRIPTS, entry_script="replica.py", tracking=False
     ).expand(arguments=[["--lr", "0.1"], ["--lr", "0.01"]])
-
-# -- every end of a task ----------------------------------------------------------------------------
-
-with DAG("dnntrain_test_execution_timeout", schedule=None, start_date=START):
-    PyTorchTrainOperator(
-        task_id="train",
-        source_directory=SCRIPTS,
-        entry_script="ranks.py",
-        arguments=["--spawn", "--sleep", "600"],
-        distribution=TorchDistributed(node_count=1, process_count_per_node=2),
-        execution_timeout=timedelta(seconds=10),
-    )
-
-# Killed from outside (SIGTERM, SIGKILL) while every rank sleeps with a child of its own.
-with DAG("dnntrain_test_kill_torchrun", schedule=None, start_date=START):
-    PyTorchTrainOperator(
-        task_id="train",
-        source_directory=SCRIPTS,
-        entry_script="ranks.py",
-        arguments=["--spawn", "--sleep", "600"],
-        distribution=TorchDistributed(node_count=1, process_count_per_node=2),
-    )
-
-with DAG("dnntrain_test_kill_mpirun", schedule=None, start_date=START):
-    PyTorchHorovodOperator(
-        task_id="train",
-        source_directory=SCRIPTS,
-        entry_script="ranks.py",
-        arguments=["--spawn", "--sleep", "600"],
-        process_count_per_node=2,
-        runner="mpirun",
-        controller="mpi",
-    )
 
 # -- what reaches the job ---------------------------------------------------------------------------
 

@@ -171,10 +171,12 @@ def test_hostile_arguments_and_secrets_reach_every_rank_literally(tmp_path, dist
         assert not path.is_file() or secret.encode() not in path.read_bytes()
 
 
-def test_secrets_are_on_no_command_line_and_in_no_environment_block(tmp_path):
+def test_secrets_are_on_no_command_line_and_in_no_environment_block(tmp_path, monkeypatch):
     """horovodrun with Gloo runs each rank as `env NAME=value ... python script` through a shell: a
     secret in the runner's environment would be on every rank's command line, visible to any user."""
     secret = "s3cr3t-horovod-gloo-9d"
+    # Also when the task's own environment has it (the operator sets MLflow credentials there).
+    monkeypatch.setenv("RANK_SECRET", secret)
     job = horovod_job(
         "pytorch", "ranks.py", ["--write-env", "RANK_SECRET", "--sleep", "3"], source=TEST_SCRIPTS
     )

@@ -1,0 +1,181 @@
+"""The MLflow side of one training task's execution: the run is created in the background from the
+moment ``execute`` starts, its id reaches the replicas as soon as it exists, and it is closed with the
+outcome and the outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from airflow_provider_dnntrain.launchers.base import JobHandle, JobState, JobStatus, Launcher
+from airflow_provider_dnntrain.spec import Environment, TrainingJob
+from airflow_provider_dnntrain.topology import JobPlan
+
+_FRAMEWORK_DISTRIBUTIONS = {"tensorflow": ("tensorflow-cpu", "tensorflow"), "pytorch": ("torch",)}
+
+
+class TrackingSession:
+    """The MLflow side of one execution. The run is created in the background from the moment
+    ``execute`` starts; the replicas wait for it only when they are about to start."""
+
+    def __init__(self, operator, context, job: TrainingJob, run_id: str) -> None:
+        from airflow_provider_dnntrain import tracking
+
+        self._tracking = tracking
+        self._log = operator.log
+        self.target = tracking.resolve_target(operator.tracking_uri, operator.tracking_conn_id)
+        self.run_id = run_id
+        self.run = None
+        self._error: BaseException | None = None
+        ti = context["ti"]
+        self.task_instance = {
+            "airflow.dag_id": ti.dag_id,
+            "airflow.task_id": ti.task_id,
+            "airflow.run_id": ti.run_id,
+            "airflow.map_index": str(ti.map_index),
+        }
+        self.experiment = operator.experiment_name or ti.dag_id
+        tags = {
+            **self.task_instance,
+            "airflow.try_number": str(ti.try_number),
+            "dnntrain.framework": job.framework,
+        }
+        self._cleanup = contextlib.ExitStack()
+        self._cleanup.enter_context(self.target.credentials_in_env())  # until finish()
+        self._describing: threading.Thread | None = None
+        self._delivered = False
+        self.ready_at = 0.0
+        self._starting = threading.Thread(target=self._start, args=(tags,), daemon=True)
+        self._starting.start()
+
+    @classmethod
+    def start(cls, operator, context, job, run_id) -> TrackingSession:
+        from airflow.sdk.log import mask_secret
+
+        session = cls(operator, context, job, run_id)
+        for name, value in session.target.credentials.items():
+            mask_secret(value, name)
+        return session
+
+    def _start(self, tags: dict[str, str]) -> None:
+        try:
+            self.run = self._tracking.start_run(self.target, self.experiment, self.run_id, tags)
+        except BaseException as error:  # handed to the thread that waits for the run
+            self._error = error
+        finally:
+            self.ready_at = time.monotonic()
+
+    def _wait(self):
+        self._starting.join()
+        if self._error is not None:
+            raise self._error
+        return self.run
+
+    def with_credentials(self, job: TrainingJob) -> TrainingJob:
+        """The job with the tracking credentials as secrets: masked, never in a plan, given to replicas."""
+        if not self.target.credentials:
+            return job
+        secrets = {name: value.get_secret_value() for name, value in job.environment.secrets.items()}
+        environment = Environment.model_validate(
+            {
+                **job.environment.model_dump(exclude={"secrets"}),
+                "secrets": {**secrets, **self.target.credentials},
+            }
+        )
+        return job.model_copy(update={"environment": environment})
+
+    def replica_env(self) -> dict[str, str]:
+        return self._tracking.replica_env(self.target)
+
+    @property
+    def pending_variables(self) -> tuple[str, ...]:
+        return self._tracking.RUN_VARIABLES
+
+    def deliver(self, launcher: Launcher, job: TrainingJob, handle: JobHandle) -> None:
+        """Once the run exists, give the replicas its id (and raise, ending the job, if it could not
+        be created). Called from the wait loop: cheap until then."""
+        if self._delivered or self._starting.is_alive():
+            return
+        run = self._wait()
+        launcher.provide_env(handle, run.run_env())
+        self._delivered = True
+        self._log.info("Tracking run %s at %s", run.mlflow_run_id, run.tracking_uri)
+        self._log_job_description(launcher, job, handle.plan)
+
+    def _log_job_description(self, launcher: Launcher, job: TrainingJob, plan: JobPlan) -> None:
+        """Tags and parameters nobody waits for, logged while the job runs."""
+        run = self.run
+
+        def describe() -> None:
+            try:
+                version = framework_version(launcher.interpreter(job), job.framework)
+                tags = {"dnntrain.framework_version": version, "dnntrain.distribution": plan.distribution}
+                params = {
+                    "entry_script": job.entry_script,
+                    "arguments": json.dumps(job.argv()),
+                    "world_size": plan.world_size,
+                    **{f"distribution.{k}": v for k, v in job.distribution.model_dump().items()},
+                    **{f"resources.{k}": v for k, v in job.resources.model_dump().items()},
+                }
+                self._tracking.describe_run(run, tags, params)
+                closed = self._tracking.close_abandoned_tries(run, self.task_instance)
+                if closed:
+                    self._log.info(
+                        "Marked runs of earlier tries KILLED (their task ended abruptly): %s", closed
+                    )
+            except Exception:
+                self._log.warning("Could not record the run's parameters", exc_info=True)
+
+        self._describing = threading.Thread(target=describe, daemon=True)
+        self._describing.start()
+
+    def on_finished(self, status: JobStatus) -> None:
+        # A stopped task may be SIGKILLed seconds later: say so in the tracking store before anything else.
+        if status.state is JobState.CANCELLED and self.run is not None:
+            try:
+                self._tracking.mark_run(self.run, "KILLED", "the Airflow task was stopped (on_kill)")
+            except Exception:
+                self._log.warning("Could not mark run %s KILLED yet", self.run.mlflow_run_id, exc_info=True)
+
+    def finish(self, artifacts, outcome: str, reason: str) -> dict[str, float]:
+        try:
+            run = self._wait()
+            if self._describing is not None:
+                self._describing.join(timeout=30)
+            return self._tracking.finish_run(run, artifacts, outcome, reason)
+        finally:
+            self._cleanup.close()
+
+    def public(self, uri: str) -> str:
+        return self._tracking.public_uri(uri)
+
+
+def framework_version(python: str, framework: str) -> str:
+    """The installed framework version as the job's interpreter sees it (package metadata, no import);
+    read in this process when the job runs with this interpreter."""
+    names = _FRAMEWORK_DISTRIBUTIONS[framework]
+    if Path(python).resolve() == Path(sys.executable).resolve():
+        import importlib.metadata
+
+        for name in names:
+            try:
+                return importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+        return "unknown"
+    probe = (
+        "import importlib.metadata as m, sys\n"
+        "for name in sys.argv[1:]:\n"
+        "    try:\n        print(m.version(name)); break\n"
+        "    except m.PackageNotFoundError:\n        pass\n"
+    )
+    try:
+        result = subprocess.run([python, "-c", probe, *names], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return result.stdout.strip() or "unknown"

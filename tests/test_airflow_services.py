@@ -17,6 +17,7 @@ from airflow_provider_dnntrain.run_id import make_run_id
 
 SERVICE_DAGS = Path(__file__).resolve().parent / "service_dags"
 TORCHRUN, MPIRUN, TIMEOUT = "dnntrain_service_torchrun", "dnntrain_service_mpirun", "dnntrain_service_timeout"
+STUBBORN = "dnntrain_service_stubborn"  # ranks ignore SIGTERM
 # A stopped task: the supervisor notices at its next heartbeat (5 s), SIGTERMs, SIGKILLs 5 s later,
 # and the reapers finish within the launcher's grace (10 s).
 STOPPED_WITHIN = 5 + 5 + 10 + 10
@@ -73,13 +74,16 @@ def test_an_example_dag_triggered_through_the_api_trains_and_registers(services)
     assert job_processes(result["run_id"]) == []
 
 
-@pytest.mark.parametrize("new_state", ["failed", "success"])
-def test_marking_a_running_training_task_stops_every_process(services, new_state):
-    run_id = services.trigger(TORCHRUN)
-    job = wait_for_ranks(services, TORCHRUN, run_id)
-    services.api("PATCH", f"/dags/{TORCHRUN}/dagRuns/{run_id}/taskInstances/train", {"new_state": new_state})
+@pytest.mark.parametrize(
+    ("dag_id", "new_state"), [(TORCHRUN, "failed"), (TORCHRUN, "success"), (STUBBORN, "failed")]
+)
+def test_marking_a_running_training_task_stops_every_process(services, dag_id, new_state):
+    """With ranks that ignore SIGTERM, on_kill cannot finish before the supervisor's SIGKILL."""
+    run_id = services.trigger(dag_id)
+    job = wait_for_ranks(services, dag_id, run_id)
+    services.api("PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/train", {"new_state": new_state})
     assert wait_until_gone(job, timeout=STOPPED_WITHIN) == []
-    assert services.task(TORCHRUN, run_id, "train")["state"] == new_state
+    assert services.task(dag_id, run_id, "train")["state"] == new_state
     run = tracking_run(services, job)
     assert run.info.status == "KILLED"
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pendulum
 from airflow.sdk import DAG
 
+from airflow_provider_dnntrain.launchers.local import LocalLauncher
 from airflow_provider_dnntrain.operators import (
     PyTorchHorovodOperator,
     PyTorchTrainOperator,
@@ -54,6 +56,28 @@ with DAG("dnntrain_test_killed", schedule=None, start_date=START):
         entry_script="replica.py",
         arguments=["--spawn", "--ignore-term"],
         distribution=MultiWorkerMirrored(worker_count=2),
+    )
+
+
+class SlowSnapshotLauncher(LocalLauncher):
+    """Submits as slowly as a large source folder would: a kill can arrive while it does."""
+
+    def submit(self, job, plan, extra_env, **kwargs):
+        marker = self.run_dir(plan.run_id).parent / f"{plan.run_id}.submitting"
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        time.sleep(5)
+        return super().submit(job, plan, extra_env, **kwargs)
+
+
+with DAG("dnntrain_test_killed_while_submitting", schedule=None, start_date=START):
+    TensorFlowTrainOperator(
+        task_id="train",
+        source_directory=SCRIPTS,
+        entry_script="replica.py",
+        arguments=["--spawn"],
+        distribution=MultiWorkerMirrored(worker_count=2),
+        launcher=SlowSnapshotLauncher(),
     )
 
 with DAG("dnntrain_test_register_without_model", schedule=None, start_date=START):

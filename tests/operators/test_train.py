@@ -231,6 +231,35 @@ def test_sigterm_to_the_airflow_task_stops_every_process(tmp_path):
     assert run.data.tags["dnntrain.end_reason"] == "the Airflow task was stopped (on_kill)"
 
 
+@pytest.mark.slow
+def test_a_kill_that_arrives_while_the_job_is_submitted_is_not_lost():
+    env = {**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(TEST_DAGS)}
+    airflow = Path(sys.executable).with_name("airflow")
+    proc = subprocess.Popen(
+        [str(airflow), "dags", "test", "dnntrain_test_killed_while_submitting"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    runs = Path(os.environ["AIRFLOW_HOME"]) / "dnntrain" / "runs"
+    try:
+        deadline = time.monotonic() + 120
+        while not list(runs.glob("dnntrain-test-killed-while-submitting-*.submitting")):
+            assert time.monotonic() < deadline and proc.poll() is None, "never got to submit"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)  # on_kill runs now, before any replica exists
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert job_processes("dnntrain-test-killed-while-submitting-") == []
+    assert "Stopping every replica" not in output  # there was no replica yet to stop
+    (run,) = mlflow_runs("dnntrain_test_killed_while_submitting")[:1]
+    assert run.info.status == "KILLED"
+
+
 def test_invalid_topology_is_a_dag_import_error_naming_the_field(tmp_path):
     from airflow.dag_processing.dagbag import DagBag
 

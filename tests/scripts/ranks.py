@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,9 +27,12 @@ def main() -> None:
     parser.add_argument("--log-metrics", type=int, default=0, help="log 'loss' for this many steps")
     parser.add_argument("--spawn", action="store_true", help="start a child that sleeps")
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM, as TensorFlow does")
     parser.add_argument("--print-env", action="append", default=[])
     parser.add_argument("--write-env", action="append", default=[], help="write this variable to a file")
     args, _unknown = parser.parse_known_args()
+    if args.ignore_term:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     outputs = Path(os.environ.get("DNNTRAIN_OUTPUT_DIR", "outputs"))
     outputs.mkdir(exist_ok=True)
     (outputs / f"argv-{RANK}.json").write_text(json.dumps(sys.argv[1:]))

@@ -46,3 +46,14 @@ with DAG("dnntrain_service_timeout", schedule=None, start_date=START):
         distribution=TorchDistributed(node_count=1, process_count_per_node=2),
         execution_timeout=timedelta(seconds=15),
     )
+
+# Ranks that ignore SIGTERM (TensorFlow catches it): on_kill cannot finish before the supervisor's
+# SIGKILL, the reapers must.
+with DAG("dnntrain_service_stubborn", schedule=None, start_date=START):
+    PyTorchTrainOperator(
+        task_id="train",
+        source_directory=SCRIPTS,
+        entry_script="ranks.py",
+        arguments=[*SLEEPING_RANKS, "--ignore-term"],
+        distribution=TorchDistributed(node_count=1, process_count_per_node=2),
+    )

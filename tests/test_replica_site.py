@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -92,3 +93,23 @@ def test_a_sitecustomize_it_shadows_still_runs(tmp_path):
     assert (
         seen(start(tmp_path, ["train.py"], {}, extra_path=str(other)))["API_TOKEN"] == "from-the-other-site"
     )
+
+
+def test_each_line_leaves_in_one_write_even_unbuffered(tmp_path):
+    """mpirun tags every chunk it reads: print's text and newline written apart (as PYTHONUNBUFFERED
+    does) reached the log as ``[1,0]<stdout>:text[1,0]<stdout>:``. Every write to a seqpacket socket
+    is one message, so the messages received are the writes made."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    script = "import sys; print('rank 0', 'loss=0.5'); print('step', 2, file=sys.stderr)"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DNNTRAIN", "MLFLOW"))}
+    with theirs:
+        subprocess.run(
+            [sys.executable, "-c", script],
+            env={**base, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPLICA_SITE)},
+            stdout=theirs,
+            stderr=theirs,
+            check=True,
+            timeout=30,
+        )
+    writes = list(iter(lambda: ours.recv(65536), b""))  # b"": every writer has closed
+    assert writes == [b"rank 0 loss=0.5\n", b"step 2\n"]

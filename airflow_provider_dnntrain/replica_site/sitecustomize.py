@@ -13,11 +13,15 @@ torchrun, horovodrun or mpirun - gets no ``MLFLOW_RUN_ID`` but an ``MLFLOW_RUN_C
 first ``mlflow`` call opens a child run of its own (named after its replica and rank) instead of
 mixing its metrics into the primary's.
 
+Every process writes each line of output whole, in one write, as on a terminal: mpirun tags every
+chunk it reads from a rank, so a line written in pieces would reach the log cut in two.
+
 Standard library only, and then hands over to any other ``sitecustomize`` further down the path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -96,6 +100,16 @@ def _route_tracking() -> None:
     os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps(tags)
 
 
+def _write_whole_lines() -> None:
+    """``PYTHONUNBUFFERED`` (set so output streams as it comes) writes ``print``'s text and its newline
+    separately; line buffering keeps that promise with one write per line. An explicit flush, as
+    progress bars do, still goes out at once."""
+    for stream in (sys.stdout, sys.stderr):
+        # A stream replaced by something that is not a text file, or closed, is left as it is.
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(line_buffering=True, write_through=False)
+
+
 def _hand_over() -> None:
     """Run the ``sitecustomize`` this one shadows, if there is one."""
     import importlib.machinery
@@ -110,6 +124,7 @@ def _hand_over() -> None:
         spec.loader.exec_module(module)
 
 
+_write_whole_lines()
 _await_pending_env()
 _mark_primary()
 _route_tracking()

@@ -11,18 +11,28 @@ from pathlib import Path
 RANK = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK", "-1")))
 
 
+def wait_for_every_rank() -> None:
+    size = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("HOROVOD_SIZE", "1")))
+    deadline = time.monotonic() + 60
+    while len(list(Path("outputs").glob("rank-*.pid"))) < size and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fail", default=None, help="RANK:CODE exits with CODE")
     parser.add_argument("--hang", action="store_true")
     args = parser.parse_args()
     Path("outputs").mkdir(exist_ok=True)
-    (Path("outputs") / f"rank-{RANK}.pid").write_text(str(os.getpid()))
+    partial = Path("outputs") / f".rank-{RANK}.pid.partial"
+    partial.write_text(str(os.getpid()))
+    partial.rename(Path("outputs") / f"rank-{RANK}.pid")
     print(
         f"rank {RANK} of {os.environ.get('OMPI_COMM_WORLD_SIZE', os.environ.get('HOROVOD_SIZE'))} up",
         flush=True,
     )
     if args.fail and int(args.fail.split(":")[0]) == RANK:
+        wait_for_every_rank()  # so the test can check that none outlives the failure
         print(f"rank {RANK} failing", flush=True)
         sys.exit(int(args.fail.split(":")[1]))
     while args.hang or args.fail:

@@ -72,11 +72,16 @@ def test_script_processes_wait_for_pending_values_and_runners_do_not(tmp_path):
     }
     runner = start(tmp_path, ["-c", SHOW.format(keys=KEYS)], env)  # not the entry script: a runner
     assert seen(runner) == dict.fromkeys(KEYS)  # started at once, holding nothing
+    # A writer caught half-way (another backend may not replace the file whole) is waited out too.
+    pending.write_text('{"API_TOKEN": "s3cr')
     started = time.monotonic()
     script = start(tmp_path, ["train.py"], env)
     late = {"API_TOKEN": "s3cret-value", "MLFLOW_RUN_ID": "abc", "MLFLOW_EXPERIMENT_ID": "7"}
-    threading.Timer(1.0, lambda: pending.write_text(json.dumps(late))).start()
+    written = tmp_path / "pending.writing"
+    written.write_text(json.dumps(late))
+    threading.Timer(1.0, lambda: written.replace(pending)).start()
     values = seen(script)
+    assert script.returncode == 0
     assert time.monotonic() - started >= 1.0
     assert values == {
         "MLFLOW_RUN_ID": "abc",

@@ -51,10 +51,11 @@ def _await_pending_env() -> None:
 
 
 def _read_json(path: str) -> dict:
+    """What the file holds so far: nothing while it is absent or caught half-written."""
     try:
         with open(path) as provided:
             return json.load(provided)
-    except FileNotFoundError:
+    except (FileNotFoundError, json.JSONDecodeError):
         return {}
 
 

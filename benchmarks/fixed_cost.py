@@ -11,7 +11,9 @@ with Gloo) alternately:
 
 Prints each pair, then the medians, the ratio task/direct and the task's extra seconds, split into
 before the launch (task start to the replicas' start) and after the last line (the replicas' last
-output to the task's end). Run: .venv/bin/python benchmarks/fixed_cost.py [--epochs 18] [--repeats 3]
+output to the task's end), and the median of the pairs' differences (on a 2-core machine with the
+Airflow services running, single runs of the same job vary by seconds: use enough repeats).
+Run: .venv/bin/python benchmarks/fixed_cost.py [--epochs 18] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -106,8 +108,12 @@ def main() -> None:
         direct_run = tracking.start_run(uri, "bench-direct", "direct", {})
         tasks, directs = [], []
         for i in range(args.repeats):
+            # Which side goes first alternates, so a drift in the machine's speed favours neither.
+            if i % 2:
+                tasks.append(run_task(services, args.epochs))
             directs.append(run_direct(args.epochs, uri, direct_run.mlflow_run_id))
-            tasks.append(run_task(services, args.epochs))
+            if not i % 2:
+                tasks.append(run_task(services, args.epochs))
             print(
                 f"run {i + 1}: direct {directs[-1]:6.2f} s   task {tasks[-1][0]:6.2f} s  "
                 f"(before launch {tasks[-1][1]:.2f} s, after the last line {tasks[-1][2]:.2f} s)",
@@ -118,9 +124,11 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     direct, task = statistics.median(directs), statistics.median(t[0] for t in tasks)
     before, after = statistics.median(t[1] for t in tasks), statistics.median(t[2] for t in tasks)
+    paired = statistics.median(t[0] - d for t, d in zip(tasks, directs, strict=True))
     print(
         f"median: direct {direct:.2f} s, task {task:.2f} s, ratio task/direct {task / direct:.3f}, "
-        f"extra {task - direct:+.2f} s (before launch {before:.2f} s, after the last line {after:.2f} s)"
+        f"extra {task - direct:+.2f} s (before launch {before:.2f} s, after the last line {after:.2f} s); "
+        f"median of the pairs' differences {paired:+.2f} s"
     )
 
 

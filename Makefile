@@ -3,9 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS := mlflow,tensorflow,torch,examples,test
-# Open MPI and a compiler for Horovod (built from source by scripts/build-horovod.sh, wheel cached).
-DEBIAN_PACKAGES := openmpi-bin libopenmpi-dev cmake g++ make
+EXTRAS := mlflow,tensorflow,torch,ssh,examples,test
+# Open MPI and a compiler for Horovod (built from source by scripts/build-horovod.sh, wheel cached);
+# sshd, ssh and ip for the test hosts (tests/ssh_hosts.py: sshd in network namespaces).
+DEBIAN_PACKAGES := openmpi-bin libopenmpi-dev cmake g++ make openssh-server openssh-client iproute2
 # Rebuilt when the dependency declarations change.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt scripts/*.sh | sha256sum | cut -c1-12)
 DEMO_HOME := $(CURDIR)/.demo/airflow

@@ -134,13 +134,14 @@ class SSHHosts:
                 ]
             )
         )
-        host.sshd = subprocess.Popen(
-            ["ip", "netns", "exec", host.namespace, "unshare", "--uts", "sh", "-c",
-             f'hostname "$1" && exec {SSHD} -D -e -f "$2"', "sh", host.name, str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=open(home / "sshd.log", "w"),  # noqa: SIM115 - the child holds it
-            start_new_session=True,
-        )  # fmt: skip
+        with open(home / "sshd.log", "w") as log:
+            host.sshd = subprocess.Popen(
+                ["ip", "netns", "exec", host.namespace, "unshare", "--uts", "sh", "-c",
+                 f'hostname "$1" && exec {SSHD} -D -e -f "$2"', "sh", host.name, str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,
+            )  # fmt: skip
 
     # -- stop --------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from base64 import b64decode
 
 import paramiko
@@ -66,6 +67,11 @@ def test_stopping_leaves_no_namespace_and_no_process(tmp_path):
     sleeper = subprocess.Popen(  # a process left on a host, as a detached job would be
         ["ip", "netns", "exec", hosts.hosts[0].namespace, "sleep", "600"], start_new_session=True
     )
+    deadline = time.monotonic() + 10
+    while sleeper.pid not in hosts.hosts[0].pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sleeper.pid in hosts.hosts[0].pids()
+    assert sleeper.pid not in hosts.hosts[1].pids()
     hosts.stop()
     assert sleeper.wait(timeout=10) != 0
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout

@@ -20,8 +20,8 @@ _FRAMEWORK_DISTRIBUTIONS = {"tensorflow": ("tensorflow-cpu", "tensorflow"), "pyt
 
 
 class TrackingSession:
-    """The MLflow side of one execution. The run is created in the background from the moment
-    ``execute`` starts; the replicas wait for it only when they are about to start."""
+    """The MLflow side of one execution. The run is created in a background thread while the replicas
+    start; ``deliver`` hands its id to them once it exists (the script's processes wait for it)."""
 
     def __init__(self, operator, context, job: TrainingJob, run_id: str) -> None:
         from airflow_provider_dnntrain import tracking

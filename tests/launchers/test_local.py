@@ -100,7 +100,8 @@ def test_source_is_snapshotted_at_submit(launcher, tmp_path):
     source = tmp_path / "src"
     (source / "outputs").mkdir(parents=True)
     (source / "outputs" / "stale.txt").write_text("from a manual run")
-    (source / "replica.py").write_text((SCRIPTS / "replica.py").read_text())
+    for script in ("replica.py", "published.py"):
+        (source / script).write_text((SCRIPTS / script).read_text())
     job = make_job(["--serve", "worker-0", "--serve", "worker-1"], source=source)
     plan = launcher.plan(job, "snap")
     handle = launcher.submit(job, plan, extra_env={})
@@ -201,7 +202,8 @@ def test_missing_entry_script_is_reported_before_launch(launcher, tmp_path):
 def test_each_replica_has_its_own_copy_of_the_source(launcher, tmp_path):
     source = tmp_path / "src"
     source.mkdir()
-    (source / "replica.py").write_text((SCRIPTS / "replica.py").read_text())
+    for script in ("replica.py", "published.py"):
+        (source / script).write_text((SCRIPTS / script).read_text())
     (source / "scratch.txt").write_text("untouched")
     handle, _ = run(launcher, make_job([], source=source))
     for name in ("worker-0", "worker-1"):

@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from published import publish
+
 RANK = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK", "-1")))
 
 
@@ -24,9 +26,7 @@ def main() -> None:
     parser.add_argument("--hang", action="store_true")
     args = parser.parse_args()
     Path("outputs").mkdir(exist_ok=True)
-    partial = Path("outputs") / f".rank-{RANK}.pid.partial"
-    partial.write_text(str(os.getpid()))
-    partial.rename(Path("outputs") / f"rank-{RANK}.pid")
+    publish(Path("outputs") / f"rank-{RANK}.pid", str(os.getpid()))
     print(
         f"rank {RANK} of {os.environ.get('OMPI_COMM_WORLD_SIZE', os.environ.get('HOROVOD_SIZE'))} up",
         flush=True,

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from published import publish
+
 RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "HOROVOD_RANK", "RANK")
 REPLICA = f"{os.environ.get('DNNTRAIN_ROLE', 'worker')}-{os.environ.get('DNNTRAIN_REPLICA_INDEX', '0')}"
 RANK = next((os.environ[name] for name in RANK_VARIABLES if name in os.environ), REPLICA)
@@ -39,7 +41,7 @@ def main() -> None:
     pids = {"self": os.getpid()}
     if args.spawn:
         pids["child"] = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]).pid
-    (outputs / f"pids-{RANK}.json").write_text(json.dumps(pids))
+    publish(outputs / f"pids-{RANK}.json", json.dumps(pids))
     for name in args.print_env:
         print(f"rank {RANK} {name}={os.environ.get(name)}", flush=True)
     for name in args.write_env:

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from published import publish
+
 NAME = f"{os.environ.get('DNNTRAIN_ROLE', 'worker')}-{os.environ.get('DNNTRAIN_REPLICA_INDEX', '0')}"
 
 
@@ -112,7 +114,7 @@ def spawn_children(outputs: Path) -> None:
     child = subprocess.Popen(sleeper)
     escaped = subprocess.Popen(sleeper, start_new_session=True)
     pids = {"child": child.pid, "escaped": escaped.pid, "self": os.getpid()}
-    (outputs / "pids.json").write_text(json.dumps(pids))
+    publish(outputs / "pids.json", json.dumps(pids))
 
 
 if __name__ == "__main__":

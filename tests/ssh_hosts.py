@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import os
 import shutil
 import signal
@@ -25,9 +26,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SUBNET = "10.213.{}.{}"
+SUBNET = "10.213.0.{}"
 CLONE_NEWNET = 0x40000000
 SSHD = "/usr/sbin/sshd"
+_sets = itertools.count()
 
 
 @dataclass
@@ -53,10 +55,10 @@ class SSHHosts:
     _forwarders: list[_Forwarder] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        tag = f"{os.getpid() % 100000}"
-        self.prefix = f"dnt{tag}"
+        # Unique on the machine while it runs; the subnet can be the same for every set of hosts,
+        # since each set's bridge is in a namespace of its own.
+        self.prefix = f"dnt{os.getpid() % 100000}-{next(_sets)}"
         self.bridge_namespace = f"{self.prefix}-br"
-        self.subnet_octet = 64 + os.getpid() % 128  # a second run at once gets another subnet
         self.client_key = self.root / "id_ed25519"
         self.known_hosts = self.root / "known_hosts"
 
@@ -69,7 +71,7 @@ class SSHHosts:
         _keygen(self.client_key)
         (self.root / "authorized_keys").write_text(self.client_key.with_suffix(".pub").read_text())
         self.hosts = [
-            SSHHost(f"{self.prefix}-h{i}", f"{self.prefix}-h{i}", SUBNET.format(self.subnet_octet, 10 + i))
+            SSHHost(f"{self.prefix}-h{i}", f"{self.prefix}-h{i}", SUBNET.format(10 + i))
             for i in range(self.count)
         ]
         try:

@@ -62,20 +62,22 @@ def test_every_host_has_its_own_host_key(hosts):
 
 
 def test_stopping_leaves_no_namespace_and_no_process(tmp_path):
-    hosts = SSHHosts(tmp_path / "hosts").start()
-    sshd_pids = [h.sshd.pid for h in hosts.hosts]
-    sleeper = subprocess.Popen(  # a process left on a host, as a detached job would be
-        ["ip", "netns", "exec", hosts.hosts[0].namespace, "sleep", "600"], start_new_session=True
-    )
-    deadline = time.monotonic() + 10
-    while sleeper.pid not in hosts.hosts[0].pids() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sleeper.pid in hosts.hosts[0].pids()
-    assert sleeper.pid not in hosts.hosts[1].pids()
-    hosts.stop()
-    assert sleeper.wait(timeout=10) != 0
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
-    assert hosts.prefix not in listed
-    for pid in sshd_pids:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+    with SSHHosts(tmp_path / "other") as other:  # another set at the same time is left alone
+        hosts = SSHHosts(tmp_path / "hosts").start()
+        sshd_pids = [h.sshd.pid for h in hosts.hosts]
+        sleeper = subprocess.Popen(  # a process left on a host, as a detached job would be
+            ["ip", "netns", "exec", hosts.hosts[0].namespace, "sleep", "600"], start_new_session=True
+        )
+        deadline = time.monotonic() + 10
+        while sleeper.pid not in hosts.hosts[0].pids() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sleeper.pid in hosts.hosts[0].pids()
+        assert sleeper.pid not in hosts.hosts[1].pids()
+        hosts.stop()
+        assert sleeper.wait(timeout=10) != 0
+        listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+        assert hosts.prefix not in listed
+        for pid in sshd_pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        assert other.prefix in listed and all(h.sshd.poll() is None for h in other.hosts)

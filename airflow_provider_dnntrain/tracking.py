@@ -149,7 +149,7 @@ class TrackingRun:
         }
 
 
-# What replicas are given once the run exists (they start before: see TrackingTarget.replica_env).
+# What replicas are given once the run exists (they start before it: see replica_env).
 RUN_VARIABLES = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", PARENT_RUN_VAR)
 
 

@@ -125,37 +125,21 @@ with DAG("dnntrain_test_templated_inputs", schedule=None, start_date=START):
         tracking=False,
     )
 
+# Every rank logs `loss`: the run must hold rank 0's only, each other rank a child run of its own.
+RANKS_LOGGING = {"source_directory": SCRIPTS, "entry_script": "ranks.py", "arguments": ["--log-metrics", "6"]}
+
 with DAG("dnntrain_test_rank_metrics", schedule=None, start_date=START):
     PyTorchHorovodOperator(
-        task_id="mpirun",
-        source_directory=SCRIPTS,
-        entry_script="ranks.py",
-        arguments=["--log-metrics", "6"],
-        process_count_per_node=2,
-        runner="mpirun",
-        controller="mpi",
+        task_id="mpirun", process_count_per_node=2, runner="mpirun", controller="mpi", **RANKS_LOGGING
     )
-    PyTorchHorovodOperator(
-        task_id="horovodrun",
-        source_directory=SCRIPTS,
-        entry_script="ranks.py",
-        arguments=["--log-metrics", "6"],
-        process_count_per_node=2,
-        controller="gloo",
-    )
+    PyTorchHorovodOperator(task_id="horovodrun", process_count_per_node=2, controller="gloo", **RANKS_LOGGING)
     PyTorchTrainOperator(
         task_id="torchrun",
-        source_directory=SCRIPTS,
-        entry_script="ranks.py",
-        arguments=["--log-metrics", "6"],
         distribution=TorchDistributed(node_count=1, process_count_per_node=2),
+        **RANKS_LOGGING,
     )
     TensorFlowTrainOperator(
-        task_id="multi_worker",
-        source_directory=SCRIPTS,
-        entry_script="ranks.py",
-        arguments=["--log-metrics", "6"],
-        distribution=MultiWorkerMirrored(worker_count=2),
+        task_id="multi_worker", distribution=MultiWorkerMirrored(worker_count=2), **RANKS_LOGGING
     )
 
 with DAG("dnntrain_test_secret_printed", schedule=None, start_date=START):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from hostile import HOSTILE_ARGUMENTS, PWNED
 
 from airflow_provider_dnntrain.launchers import reaper
 from airflow_provider_dnntrain.launchers.base import JobFailed, JobState, wait_for_job
@@ -132,18 +133,6 @@ def test_mpirun_rank_lines_arrive_whole_and_labelled(tmp_path):
     assert not [line for line in lines if re.search(r"\[1,\d\]<std", line.text)]
 
 
-HOSTILE = [
-    "; touch /tmp/dnntrain-pwned",
-    "$(touch /tmp/dnntrain-pwned)",
-    "`id`",
-    "a\nb",
-    "'q' \"dq\" \\",
-    "",
-    "*",
-    "$HOME",
-]
-
-
 @pytest.mark.parametrize(
     "dist",
     [MPIRUN, {"controller": "mpi"}, {"controller": "gloo"}],
@@ -153,17 +142,17 @@ def test_hostile_arguments_and_secrets_reach_every_rank_literally(tmp_path, dist
     """horovodrun joins the command into a shell string (and, with Gloo, every variable too)."""
     secret = "s3cr3t-$(id)-'quoted'"
     job = horovod_job(
-        "pytorch", "ranks.py", [*HOSTILE, "--print-env", "RANK_SECRET"], source=TEST_SCRIPTS, **dist
+        "pytorch", "ranks.py", [*HOSTILE_ARGUMENTS, "--print-env", "RANK_SECRET"], source=TEST_SCRIPTS, **dist
     ).model_copy(update={"environment": Environment(secrets={"RANK_SECRET": secret})})
     _, handle, lines = run(tmp_path, job, "hvd-hostile")
     outputs = handle.run_dir / "replicas" / "launcher-0" / "outputs"
     for rank in (0, 1):
         assert json.loads((outputs / f"argv-{rank}.json").read_text()) == [
-            *HOSTILE,
+            *HOSTILE_ARGUMENTS,
             "--print-env",
             "RANK_SECRET",
         ]
-    assert not Path("/tmp/dnntrain-pwned").exists()
+    assert not PWNED.exists()
     printed = [line.text for line in lines if "RANK_SECRET=" in line.text]
     assert len(printed) == 2 and all(text.endswith("RANK_SECRET=***") for text in printed)
     # what the runners wrote themselves (per-rank files of mpirun) is masked once the run is stopped

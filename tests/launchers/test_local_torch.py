@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+from hostile import HOSTILE_ARGUMENTS, PWNED
 
 from airflow_provider_dnntrain.launchers.base import wait_for_job
 from airflow_provider_dnntrain.launchers.local import LocalLauncher
@@ -47,19 +48,11 @@ def test_two_nodes_one_process_each(tmp_path, rendezvous):
 
 
 def test_hostile_arguments_reach_every_torchrun_worker_literally(tmp_path):
-    hostile = [
-        "; touch /tmp/dnntrain-pwned",
-        "$(touch /tmp/dnntrain-pwned)",
-        "`id`",
-        "a\nb",
-        "'q' \"dq\" \\",
-        "",
-    ]
     job = TrainingJob(
         framework="pytorch",
         source_directory=str(TEST_SCRIPTS),
         entry_script="ranks.py",
-        arguments=hostile,
+        arguments=HOSTILE_ARGUMENTS,
         distribution=TorchDistributed(node_count=1, process_count_per_node=2),
     )
     launcher = LocalLauncher(work_root=tmp_path)
@@ -67,5 +60,5 @@ def test_hostile_arguments_reach_every_torchrun_worker_literally(tmp_path):
     wait_for_job(launcher, handle, lambda line: None, timeout=120)
     outputs = handle.run_dir / "replicas" / "node-0" / "outputs"
     for rank in (0, 1):
-        assert json.loads((outputs / f"argv-{rank}.json").read_text()) == hostile
-    assert not Path("/tmp/dnntrain-pwned").exists()
+        assert json.loads((outputs / f"argv-{rank}.json").read_text()) == HOSTILE_ARGUMENTS
+    assert not PWNED.exists()

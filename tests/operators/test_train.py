@@ -24,6 +24,7 @@ from airflow_helpers import (
     wait_until_gone,
     xcom,
 )
+from hostile import HOSTILE_ARGUMENTS, PWNED
 
 from airflow_provider_dnntrain import tracking
 from airflow_provider_dnntrain.operators import (
@@ -37,7 +38,6 @@ from airflow_provider_dnntrain.spec import ParameterServer, Resources, TorchDist
 SCRIPTS = TEST_DAGS.parent / "scripts"
 # DAGs ended from outside while every rank sleeps with a child (also run under the real scheduler).
 SERVICE_DAGS = TEST_DAGS.parent / "service_dags"
-HOSTILE = ["; rm -rf /tmp/dnntrain-victim", "$(touch /tmp/dnntrain-pwned)", "`id`", "a\nb", "'q' \"dq\" \\"]
 
 
 @pytest.fixture(autouse=True)
@@ -121,7 +121,7 @@ def test_conf_arguments_reach_the_script_literally_and_secrets_stay_hidden(capfd
     token = "tok-hunter2-zq9x"
     dag = load_dag(TEST_DAGS, "dnntrain_test_conf_arguments")
     conf = {
-        "args": [*HOSTILE, "--lines", "2", "--print-env", "API_TOKEN"],
+        "args": [*HOSTILE_ARGUMENTS, "--lines", "2", "--print-env", "API_TOKEN"],
         "env_value": "$(whoami)",
         "token": token,
     }
@@ -136,7 +136,7 @@ def test_conf_arguments_reach_the_script_literally_and_secrets_stay_hidden(capfd
         env = json.loads((outputs / "env.json").read_text())
         assert env["FROM_CONF"] == "$(whoami)"
         assert env["API_TOKEN"] == token
-    assert not Path("/tmp/dnntrain-pwned").exists()
+    assert not PWNED.exists()
     logged = capfd.readouterr()
     assert "[worker-1] worker-1 line 1" in logged.out + logged.err
     assert "[worker-1] worker-1 API_TOKEN=***" in logged.out + logged.err  # printed, and masked
@@ -191,28 +191,43 @@ def test_registering_a_run_without_the_model_fails_clearly(capfd):
     assert "has no 'outputs/model' to register" in "".join(capfd.readouterr())
 
 
-def test_sigterm_to_the_airflow_task_stops_every_process(tmp_path):
-    """`airflow dags test` as a user runs it; SIGTERM makes Airflow call on_kill."""
-    env = {**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(TEST_DAGS)}
+def mlflow_runs(experiment: str) -> list:
+    client = tracking.client(tracking.resolve_tracking_uri())
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id], order_by=["start_time DESC"])
+
+
+def start_dags_test(folder: Path, dag_id: str, *, output: bool = True) -> subprocess.Popen:
+    """`airflow dags test` as a user runs it, in a session of its own (the test may kill it)."""
     airflow = Path(sys.executable).with_name("airflow")
-    proc = subprocess.Popen(
-        [str(airflow), "dags", "test", "dnntrain_test_killed"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    return subprocess.Popen(
+        [str(airflow), "dags", "test", dag_id],
+        env={**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(folder)},
+        stdout=subprocess.PIPE if output else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if output else subprocess.DEVNULL,
         text=True,
         start_new_session=True,
     )
-    pid_files: list[Path] = []
+
+
+def published_pids(find_files, count: int = 2, timeout: float = 120) -> list[int]:
+    """The pids in the files two replicas (or ranks) publish once they are up (written whole)."""
+    deadline = time.monotonic() + timeout
+    files: list[Path] = []
+    while len(files) < count:
+        assert time.monotonic() < deadline, "the replicas never started"
+        time.sleep(0.2)
+        with contextlib.suppress(ValueError):  # no run directory yet
+            files = find_files()
+    return [pid for f in files for pid in json.loads(f.read_text()).values()]
+
+
+def test_sigterm_to_the_airflow_task_stops_every_process(tmp_path):
+    """`airflow dags test` as a user runs it; SIGTERM makes Airflow call on_kill."""
+    proc = start_dags_test(TEST_DAGS, "dnntrain_test_killed")
+    runs = Path(os.environ["AIRFLOW_HOME"]) / "dnntrain" / "runs"
     try:
-        deadline = time.monotonic() + 120
-        runs = Path(os.environ["AIRFLOW_HOME"]) / "dnntrain" / "runs"
-        while time.monotonic() < deadline and len(pid_files) < 2:
-            pid_files = list(runs.glob("dnntrain-test-killed-*/replicas/*/outputs/pids.json"))
-            time.sleep(0.2)
-        assert len(pid_files) == 2, "replicas never started"
-        time.sleep(0.5)
-        pids = [pid for f in pid_files for pid in json.loads(f.read_text()).values()]
+        pids = published_pids(lambda: list(runs.glob("dnntrain-test-killed-*/replicas/*/outputs/pids.json")))
         assert all(psutil.pid_exists(pid) for pid in pids)
         proc.send_signal(signal.SIGTERM)
         output, _ = proc.communicate(timeout=90)
@@ -223,26 +238,14 @@ def test_sigterm_to_the_airflow_task_stops_every_process(tmp_path):
     assert alive == []
     assert job_processes("dnntrain-test-killed-") == []
     assert "Stopping every replica of run dnntrain-test-killed" in output
-    client = tracking.client(tracking.resolve_tracking_uri())
-    (run,) = client.search_runs(
-        [client.get_experiment_by_name("dnntrain_test_killed").experiment_id], order_by=["start_time DESC"]
-    )[:1]
+    run = mlflow_runs("dnntrain_test_killed")[0]
     assert run.info.status == "KILLED"
     assert run.data.tags["dnntrain.end_reason"] == "the Airflow task was stopped (on_kill)"
 
 
 @pytest.mark.slow
 def test_a_kill_that_arrives_while_the_job_is_submitted_is_not_lost():
-    env = {**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(TEST_DAGS)}
-    airflow = Path(sys.executable).with_name("airflow")
-    proc = subprocess.Popen(
-        [str(airflow), "dags", "test", "dnntrain_test_killed_while_submitting"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_dags_test(TEST_DAGS, "dnntrain_test_killed_while_submitting")
     runs = Path(os.environ["AIRFLOW_HOME"]) / "dnntrain" / "runs"
     try:
         deadline = time.monotonic() + 120
@@ -289,12 +292,6 @@ def test_mapped_tasks_get_one_run_each():
 # -- every end of a task leaves nothing behind -----------------------------------------------------
 
 
-def mlflow_runs(experiment: str) -> list:
-    client = tracking.client(tracking.resolve_tracking_uri())
-    found = client.get_experiment_by_name(experiment)
-    return [] if found is None else client.search_runs([found.experiment_id], order_by=["start_time DESC"])
-
-
 @pytest.mark.slow
 def test_execution_timeout_stops_every_rank_and_fails_the_tracking_run():
     dag = load_dag(SERVICE_DAGS, "dnntrain_service_timeout")
@@ -317,26 +314,12 @@ def run_dir_of(prefix: str) -> Path:
 @pytest.mark.parametrize("dag_id", ["dnntrain_service_torchrun", "dnntrain_service_mpirun"])
 def test_sigkill_of_the_task_process_leaves_no_rank_and_no_child(dag_id):
     """The Airflow 3 supervisor SIGKILLs a task whose on_kill overran: no chance to clean up."""
-    env = {**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(SERVICE_DAGS)}
-    airflow = Path(sys.executable).with_name("airflow")
-    task = subprocess.Popen(
-        [str(airflow), "dags", "test", dag_id],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    task = start_dags_test(SERVICE_DAGS, dag_id, output=False)
     prefix = dag_id.replace("_", "-") + "-train-"
     try:
-        deadline = time.monotonic() + 120
-        pid_files: list[Path] = []
-        while time.monotonic() < deadline and len(pid_files) < 2:
-            time.sleep(0.2)
-            with contextlib.suppress(ValueError):
-                pid_files = list(run_dir_of(prefix).glob("replicas/*/outputs/pids-*.json"))
-        assert len(pid_files) == 2, "the ranks never started"
-        time.sleep(0.3)
-        ranks_and_children = [pid for f in pid_files for pid in json.loads(f.read_text()).values()]
+        ranks_and_children = published_pids(
+            lambda: list(run_dir_of(prefix).glob("replicas/*/outputs/pids-*.json"))
+        )
         before = job_processes(prefix)
         assert set(ranks_and_children) <= {p.pid for p in before}  # what we will watch is all there
         os.kill(task.pid, signal.SIGKILL)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -44,6 +45,18 @@ class SSHHost:
     def pids(self) -> list[int]:
         """Every process on the host (all hosts share this machine's PID namespace, not its network)."""
         return _namespace_pids(self.namespace)
+
+    def job_processes(self) -> dict[int, str]:
+        """pid -> command line of every process on the host but sshd and its sessions."""
+        found = {}
+        for pid in self.pids():
+            try:
+                if Path(f"/proc/{pid}/comm").read_text().strip() == "sshd":
+                    continue
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue  # gone meanwhile
+        return found
 
 
 @dataclass
@@ -144,6 +157,13 @@ class SSHHosts:
                 stderr=log,
                 start_new_session=True,
             )  # fmt: skip
+
+    def airflow_connection(self, host: SSHHost, **extra) -> str:
+        """The Airflow SSH connection (JSON, for an ``AIRFLOW_CONN_...`` variable) a user would define
+        for ``host``: the client key, the host key pinned, and the address its peers reach it at."""
+        extra = {"key_file": str(self.client_key), "host_key": host.host_key, "address": host.address} | extra
+        uri = {"conn_type": "ssh", "host": "127.0.0.1", "port": host.port, "login": self.user, "extra": extra}
+        return json.dumps(uri)
 
     # -- stop --------------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import os
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -10,8 +11,30 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from airflow_provider_dnntrain.launchers import reaper
 from airflow_provider_dnntrain.spec import TrainingJob
-from airflow_provider_dnntrain.topology import JobPlan, Placement, render_plan
+from airflow_provider_dnntrain.topology import JobPlan, Placement, placeholder_placement, render_plan
+
+# What every backend runs a replica under: reaper.py, and replica_site/ leading its PYTHONPATH (that
+# sitecustomize runs first in each of the replica's interpreters).
+REAPER = Path(reaper.__file__)
+REPLICA_SITE = Path(__file__).resolve().parents[1] / "replica_site"
+# Every process of a launch carries this variable: how a stop finds what escaped every other net.
+LAUNCH_ID_VAR = "DNNTRAIN_LAUNCH_ID"
+# How the replica site knows the script's processes, which of them is the primary one (global rank 0,
+# else the chief) and what they await.
+ENTRY_SCRIPT_VAR = "DNNTRAIN_ENTRY_SCRIPT"
+PRIMARY_REPLICA_VAR = "DNNTRAIN_PRIMARY_REPLICA"
+# Written by the primary process into its working directory: where the run's outputs are.
+PRIMARY_MARKER = ".dnntrain-primary"
+PENDING_ENV_VAR = "DNNTRAIN_PENDING_ENV"
+PENDING_FILE_VAR = "DNNTRAIN_PENDING_ENV_FILE"
+
+
+def default_work_root() -> Path:
+    """Where a run's files live on the Airflow worker: its snapshot, plan, logs and artifacts."""
+    home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
+    return Path(home) / "dnntrain" / "runs"
 
 
 class JobState(str, enum.Enum):
@@ -108,6 +131,11 @@ class Launcher(ABC):
         """Placement + topology, no side effects."""
         self.validate(job)
         return render_plan(job, run_id, self.placement(run_id), self.interpreter(job))
+
+    def preview(self, job: TrainingJob, run_id: str) -> JobPlan:
+        """The plan a dry run shows: where replicas would go, as far as it is known before a run
+        (placeholder hosts unless the backend knows its hosts)."""
+        return render_plan(job, run_id, placeholder_placement(), self.interpreter(job))
 
     @abstractmethod
     def submit(

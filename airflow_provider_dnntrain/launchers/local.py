@@ -20,12 +20,21 @@ from pathlib import Path
 
 from airflow_provider_dnntrain.launchers import reaper
 from airflow_provider_dnntrain.launchers.base import (
+    ENTRY_SCRIPT_VAR,
+    LAUNCH_ID_VAR,
+    PENDING_ENV_VAR,
+    PENDING_FILE_VAR,
+    PRIMARY_MARKER,
+    PRIMARY_REPLICA_VAR,
+    REAPER,
+    REPLICA_SITE,
     JobHandle,
     JobState,
     JobStatus,
     Launcher,
     LogLine,
     aggregate_status,
+    default_work_root,
 )
 from airflow_provider_dnntrain.launchers.local_logs import Redactor, follow_rank_files, pump_pipe
 from airflow_provider_dnntrain.launchers.local_ports import FreePortPlacement, port_is_free
@@ -34,26 +43,8 @@ from airflow_provider_dnntrain.source import snapshot as copy_snapshot
 from airflow_provider_dnntrain.spec import Horovod, TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan, Replica
 
-REAPER = Path(reaper.__file__)
-# Leads every replica's PYTHONPATH: its sitecustomize runs first in each of the replica's interpreters.
-REPLICA_SITE = Path(__file__).resolve().parents[1] / "replica_site"
-# Every process of a launch carries this variable: how a stop finds what escaped every other net.
-LAUNCH_ID_VAR = "DNNTRAIN_LAUNCH_ID"
-# How the replica site (replica_site/sitecustomize.py) knows the script's processes, which of them is
-# the primary one (global rank 0, else the chief) and what they await.
-ENTRY_SCRIPT_VAR = "DNNTRAIN_ENTRY_SCRIPT"
-PRIMARY_REPLICA_VAR = "DNNTRAIN_PRIMARY_REPLICA"
-# Written by the primary process into its working directory: where the run's outputs are.
-PRIMARY_MARKER = ".dnntrain-primary"
-PENDING_ENV_VAR = "DNNTRAIN_PENDING_ENV"
-PENDING_FILE_VAR = "DNNTRAIN_PENDING_ENV_FILE"
 # Beyond the grace, how long a reaper may take to report back before its subtree is killed directly.
 _REAPER_SLACK_SECONDS = reaper.KILL_WAIT_SECONDS + 2
-
-
-def default_work_root() -> Path:
-    home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
-    return Path(home) / "dnntrain" / "runs"
 
 
 @dataclass

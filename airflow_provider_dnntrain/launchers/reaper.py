@@ -8,10 +8,15 @@ The reaper:
   stays findable;
 - watches a pipe whose write end only the launcher's process holds: end of file means that process is
   gone, however it ended (SIGKILL included), and the whole subtree is stopped;
+- or, started ``--detached`` on a remote host (its launching shell exits at once), watches a lease
+  file the launcher touches whenever it looks at the job: a lease older than ``--lease-timeout``
+  seconds means nobody watches the job any more (the task and its retries are gone, or the host was
+  cut off), and the whole subtree is stopped;
 - on SIGTERM/SIGINT/SIGHUP, or when the command exits leaving processes behind, stops its subtree:
   SIGTERM, then SIGKILL after ``--grace`` seconds;
 - signals through pidfds, after checking each process's start time, so a reused PID is never hit;
-- exits with the command's exit status (re-raising the signal that ended it).
+- exits with the command's exit status (re-raising the signal that ended it), first writing it to
+  ``--exit-code-file`` if given (128 + N for signal N), for launchers that cannot wait for it.
 
 Standard library only: it runs with the launcher's interpreter before anything else is imported, and
 later on hosts that have nothing but Python. Linux only (pidfds, /proc, prctl).
@@ -27,6 +32,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 PR_SET_CHILD_SUBREAPER = 36
 # After SIGKILL, how long to wait for the kernel to take processes down before reporting them.
@@ -140,12 +146,23 @@ def terminate(find, grace_seconds: float, reap=lambda: None) -> list[int]:
 # -- the reaper process ------------------------------------------------------------------------------
 
 
+@dataclass
+class Options:
+    grace_seconds: float = 10.0
+    watch_fd: int | None = None
+    detached: bool = False
+    lease: str | None = None
+    lease_timeout: float = 600.0
+    exit_code_file: str | None = None
+
+
 class Reaper:
-    def __init__(self, command: list[str], grace_seconds: float, watch_fd: int | None) -> None:
+    def __init__(self, command: list[str], options: Options) -> None:
         self.command = command
-        self.grace_seconds = grace_seconds
-        self.watch_fd = watch_fd
-        self.parent = os.getppid()
+        self.grace_seconds = options.grace_seconds
+        self.watch_fd = options.watch_fd
+        self.options = options
+        self.parent = None if options.detached else os.getppid()
         self.child: int | None = None
         self.child_status: int | None = None
         self.stop_reason: str | None = None
@@ -182,10 +199,19 @@ class Reaper:
                 self.stop_reason = "asked to stop"
         self._reap()
         watched_pipe_closed = self.watch_fd in ready and not os.read(self.watch_fd, 512)
-        if watched_pipe_closed or os.getppid() != self.parent:
+        if watched_pipe_closed or (self.parent is not None and os.getppid() != self.parent):
             self.stop_reason = "the launching process is gone"
+        if self.options.lease and self._lease_expired():
+            self.stop_reason = "nobody watches the job any more (its lease expired)"
         if self.child_status is not None and self.stop_reason is None:
             self.stop_reason = "command exited"
+
+    def _lease_expired(self) -> bool:
+        try:
+            age = time.time() - os.stat(self.options.lease).st_mtime
+        except FileNotFoundError:
+            return True
+        return age > self.options.lease_timeout
 
     def _reap(self) -> None:
         while True:
@@ -210,38 +236,67 @@ class Reaper:
     def _exit(self) -> int:
         status = self.child_status
         if status is None:  # stopped before the command ended and it would not die
-            return 128 + signal.SIGKILL
+            return self._report(128 + signal.SIGKILL)
         if os.WIFSIGNALED(status):
             sig = os.WTERMSIG(status)
+            self._report(128 + sig)
             signal.signal(sig, signal.SIG_DFL)
             signal.set_wakeup_fd(-1)
             os.kill(os.getpid(), sig)
             return 128 + sig
-        return os.WEXITSTATUS(status)
+        return self._report(os.WEXITSTATUS(status))
+
+    def _report(self, code: int) -> int:
+        if self.stop_reason not in (None, "command exited"):
+            print(f"dnntrain-reaper: stopped the command: {self.stop_reason}", file=sys.stderr, flush=True)
+        if self.options.exit_code_file:
+            written = self.options.exit_code_file + ".writing"
+            with open(written, "w") as file:
+                file.write(f"{code}\n")
+            os.replace(written, self.options.exit_code_file)  # whole or absent for a reader
+        return code
 
 
 def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
-def _parse(argv: list[str]) -> tuple[float, int | None, list[str]]:
-    grace, watch_fd = 10.0, None
+_USAGE = (
+    "usage: reaper.py [--grace S] [--watch-fd N | --detached --lease FILE [--lease-timeout S]]"
+    " [--exit-code-file FILE] -- COMMAND [ARG...]"
+)
+
+
+def _parse(argv: list[str]) -> tuple[Options, list[str]]:
+    options = Options()
     while argv and argv[0] != "--":
-        option, value, *argv = argv
+        option, *argv = argv
+        if option == "--detached":
+            options.detached = True
+            continue
+        if not argv:
+            raise SystemExit(_USAGE)
+        value, *argv = argv
         if option == "--grace":
-            grace = float(value)
+            options.grace_seconds = float(value)
         elif option == "--watch-fd":
-            watch_fd = int(value)
+            options.watch_fd = int(value)
+        elif option == "--lease":
+            options.lease = value
+        elif option == "--lease-timeout":
+            options.lease_timeout = float(value)
+        elif option == "--exit-code-file":
+            options.exit_code_file = value
         else:
             raise SystemExit(f"dnntrain-reaper: unknown option {option}")
     if len(argv) < 2:
-        raise SystemExit("usage: reaper.py [--grace S] [--watch-fd N] -- COMMAND [ARG...]")
-    return grace, watch_fd, argv[1:]
+        raise SystemExit(_USAGE)
+    return options, argv[1:]
 
 
 def main(argv: list[str]) -> int:
-    grace, watch_fd, command = _parse(argv)
-    return Reaper(command, grace, watch_fd).run()
+    options, command = _parse(argv)
+    return Reaper(command, options).run()
 
 
 if __name__ == "__main__":

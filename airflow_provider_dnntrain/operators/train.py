@@ -23,7 +23,6 @@ from airflow_provider_dnntrain.spec import (
     SingleNode,
     TrainingJob,
 )
-from airflow_provider_dnntrain.topology import placeholder_placement, render_plan
 
 _JOB_FIELDS = ("source_directory", "entry_script", "arguments", "environment_variables", "secret_variables")
 
@@ -185,7 +184,8 @@ class DnnTrainOperator(BaseOperator):
 
     def dry_run(self, *, conf: Mapping[str, Any] | None = None, logical_date: datetime | None = None) -> dict:
         """Print and return the plan a run would have, with templates rendered for a manual run with
-        ``conf`` at ``logical_date`` (placeholder hosts, default ports; secrets shown as ``***``)."""
+        ``conf`` at ``logical_date``: the launcher's hosts where it knows them before a run (else
+        placeholders), default ports (free ones are chosen at submit); secrets shown as ``***``."""
         fields = None
         if self.has_dag():
             from airflow_provider_dnntrain.operators.preview import preview_context
@@ -198,7 +198,7 @@ class DnnTrainOperator(BaseOperator):
             }
         job = self.build_job(fields)
         self._check_source(job)
-        plan = render_plan(job, f"{self.dag_id}-{self.task_id}-dry-run", placeholder_placement())
+        plan = self._launcher().preview(job, f"{self.dag_id}-{self.task_id}-dry-run")
         print(plan.to_json())
         return plan.to_dict()
 

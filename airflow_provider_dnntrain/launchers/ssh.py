@@ -1,0 +1,490 @@
+"""SSH hosts: every replica runs detached on a host named by an Airflow SSH connection.
+
+Each host gets the source snapshot once, in a per-run folder (``<remote_root>/<run id>``, owner-only),
+and an agent (``ssh_agent.py``, standard library only) that starts replicas under the reaper in their
+own sessions, so that a dropped connection does not stop training, and reports their exit codes and
+new log lines, one command per host per poll. A replica stops itself when nobody has polled its job
+for ``orphan_timeout`` seconds: a host cut off from Airflow cleans up after itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import io
+import json
+import logging
+import posixpath
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from airflow_provider_dnntrain.launchers import ssh_agent
+from airflow_provider_dnntrain.launchers.base import (
+    ENTRY_SCRIPT_VAR,
+    LAUNCH_ID_VAR,
+    PENDING_ENV_VAR,
+    PENDING_FILE_VAR,
+    PRIMARY_REPLICA_VAR,
+    REAPER,
+    REPLICA_SITE,
+    JobHandle,
+    JobState,
+    JobStatus,
+    Launcher,
+    LogLine,
+    aggregate_status,
+    default_work_root,
+)
+from airflow_provider_dnntrain.launchers.local_logs import LineSplitter, Redactor
+from airflow_provider_dnntrain.launchers.ssh_remote import (
+    HostSpec,
+    HostUnreachable,
+    RemoteHost,
+    hosts_from_connections,
+    on_each,
+    raise_first,
+)
+from airflow_provider_dnntrain.source import check_source
+from airflow_provider_dnntrain.source import snapshot as copy_snapshot
+from airflow_provider_dnntrain.spec import Horovod, TorchDistributed, TrainingJob
+from airflow_provider_dnntrain.topology import Endpoint, JobPlan, Replica, render_plan
+
+log = logging.getLogger(__name__)
+AGENT = Path(ssh_agent.__file__)
+_COMMAND_TIMEOUT_SECONDS = 30
+_TAIL_LINES = 30
+
+
+class HostPlacement:
+    """Replicas spread over the hosts in the order the topology asks for them (the first replica on the
+    first host, the next on the next...), each on a port free on its host (``ports``) or, before a
+    run, the topology's default port."""
+
+    def __init__(self, hosts: Sequence[str], ports: Mapping[str, list[int]] | None, runs_as_root: bool):
+        self.hosts = list(hosts)
+        self.runs_as_root = runs_as_root
+        self._free = {host: list(ports.get(host, [])) for host in hosts} if ports else None
+        self._assigned: dict[tuple[str, int], Endpoint] = {}
+
+    def endpoint(self, role: str, index: int, default_port: int) -> Endpoint:
+        key = (role, index)
+        if key not in self._assigned:
+            host = self.hosts[len(self._assigned) % len(self.hosts)]
+            on_host = sum(1 for e in self._assigned.values() if e.host == host)
+            port = self._free[host].pop(0) if self._free is not None else default_port + on_host
+            self._assigned[key] = Endpoint(host, port)
+        return self._assigned[key]
+
+    def ports_needed(self) -> dict[str, int]:
+        counts = collections.Counter(e.host for e in self._assigned.values())
+        return {host: counts.get(host, 0) for host in self.hosts}
+
+
+@dataclass
+class SSHJobHandle(JobHandle):
+    run_id: str
+    plan: JobPlan
+    python: str  # the job's interpreter on the hosts; runs the agent too
+    run_dir: Path  # on this worker: bundle, plan, fetched logs and artifacts
+    job_dir: str  # on every host
+    launch_id: str
+    redactor: Redactor
+    hosts: dict[str, RemoteHost]  # by label, the hosts this job uses
+    replicas_on: dict[str, list[str]]  # label -> names of the replicas started there
+    provided: dict[str, str] = field(default_factory=dict)  # the pending file's content
+    offsets: dict[str, dict[str, int]] = field(default_factory=dict)  # label -> log key -> bytes read
+    exits: dict[str, int | None] = field(default_factory=dict)
+    lines: list[LogLine] = field(default_factory=list)
+    tails: dict[str, collections.deque] = field(default_factory=dict)
+    last_answer: dict[str, float] = field(default_factory=dict)  # label -> monotonic time
+    last_fetch: float = 0.0
+    status: JobStatus = field(default_factory=lambda: JobStatus(JobState.RUNNING))
+    cancelled: bool = False
+    stopped: bool = False
+    _splitters: dict[str, LineSplitter] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def host_of(self, replica: str) -> str:
+        return next(label for label, names in self.replicas_on.items() if replica in names)
+
+    def agent(self, host: RemoteHost, command: str, *args: str, timeout: float = 0) -> dict:
+        return _agent(host, self.python, self.job_dir, command, *args, timeout=timeout)
+
+    def on_hosts(self, action):
+        """``action`` on every host of the job at once: each one's result, or what it raised, by label."""
+        return on_each(self.hosts.values(), action)
+
+
+class SSHLauncher(Launcher):
+    """Run every replica on SSH hosts named by Airflow SSH connections.
+
+    ``ssh_conn_ids``: one connection per host, or connections whose extra lists ``hosts``; a
+    connection's extra ``address`` is how the other hosts reach that host (default: its host).
+    Host keys are verified (``~/.ssh/known_hosts``, or the key pinned in the connection's extra
+    ``host_key``); an unknown key is refused unless the connection says ``no_host_key_check``.
+    ``python``: the job's interpreter, the same absolute path on every host (default: the job's
+    environment's, else this worker's own). ``remote_root``: per-run folders on the hosts, relative
+    to the login's home unless absolute.
+    """
+
+    name = "ssh"
+
+    def __init__(
+        self,
+        *,
+        ssh_conn_ids: str | Sequence[str],
+        python: str | None = None,
+        remote_root: str = ".dnntrain/runs",
+        work_root: str | None = None,
+        stop_grace_seconds: float = 10.0,
+        poll_interval: float = 1.0,
+        unreachable_timeout: float = 20.0,
+        orphan_timeout: float = 300.0,
+        keep_remote_files: bool = False,
+    ) -> None:
+        self.ssh_conn_ids = [ssh_conn_ids] if isinstance(ssh_conn_ids, str) else list(ssh_conn_ids)
+        self.python = python
+        self.remote_root = remote_root
+        self.work_root = Path(work_root) if work_root else None
+        self.stop_grace_seconds = stop_grace_seconds
+        self.poll_interval = poll_interval
+        self.unreachable_timeout = unreachable_timeout
+        self.orphan_timeout = orphan_timeout
+        self.keep_remote_files = keep_remote_files
+        if not self.ssh_conn_ids:
+            raise ValueError("ssh_conn_ids: name at least one SSH connection")
+
+    @cached_property
+    def host_specs(self) -> list[HostSpec]:
+        return hosts_from_connections(self.ssh_conn_ids)
+
+    def interpreter(self, job: TrainingJob) -> str:
+        return self.python or super().interpreter(job)
+
+    def placement(
+        self, run_id: str, ports: Mapping[str, list[int]] | None = None, runs_as_root: bool = False
+    ) -> HostPlacement:
+        return HostPlacement([h.peer_address for h in self.host_specs], ports, runs_as_root)
+
+    def plan(self, job: TrainingJob, run_id: str) -> JobPlan:
+        self._check_node_count(job)
+        return super().plan(job, run_id)
+
+    def preview(self, job: TrainingJob, run_id: str) -> JobPlan:
+        return self.plan(job, run_id)
+
+    def _check_node_count(self, job: TrainingJob) -> None:
+        dist = job.distribution
+        if isinstance(dist, (TorchDistributed, Horovod)) and dist.node_count > len(self.host_specs):
+            raise ValueError(
+                f"distribution.node_count: {dist.node_count} nodes, but the SSH launcher has "
+                f"{len(self.host_specs)} host(s) ({', '.join(map(str, self.host_specs))})"
+            )
+
+    def run_dir(self, run_id: str) -> Path:
+        return (self.work_root or default_work_root()) / run_id
+
+    # -- submit ---------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        job: TrainingJob,
+        plan: JobPlan,
+        extra_env: Mapping[str, str],
+        *,
+        pending_env: Collection[str] = (),
+    ) -> SSHJobHandle:
+        source = check_source(job)
+        python = self.interpreter(job)
+        run_dir = self.run_dir(plan.run_id)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        run_dir.chmod(0o700)
+        bundle = _bundle(source, run_dir / "bundle.tar")
+        hosts = self._connect(plan)
+        job_dir = posixpath.join(self.remote_root, plan.run_id)
+        raise_first(on_each(hosts, lambda h: self._end_previous_launch(h, python, job_dir)))
+        counting = self.placement(plan.run_id)
+        render_plan(job, plan.run_id, counting, python)
+        needed = counting.ports_needed()
+        prepared = raise_first(on_each(hosts, lambda h: self._prepare(h, python, job_dir, bundle, needed)))
+        ports = {h.spec.peer_address: prepared[h.label]["ports"] for h in hosts}
+        as_root = all(answer["root"] for answer in prepared.values())
+        plan = render_plan(job, plan.run_id, self.placement(plan.run_id, ports, as_root), python)
+        (run_dir / "plan.json").write_text(plan.to_json())
+        secrets = {name: value.get_secret_value() for name, value in job.environment.secrets.items()}
+        handle = SSHJobHandle(
+            run_id=plan.run_id,
+            plan=plan,
+            python=python,
+            run_dir=run_dir,
+            job_dir=hosts[0].absolute(job_dir),
+            launch_id=uuid.uuid4().hex,
+            redactor=Redactor(secrets.values()),
+            hosts={h.label: h for h in hosts},
+            replicas_on={h.label: _replicas_on(plan, h) for h in hosts},
+        )
+        launch_env = {
+            "PYTHONUNBUFFERED": "1",
+            LAUNCH_ID_VAR: handle.launch_id,
+            ENTRY_SCRIPT_VAR: job.entry_script,
+            PRIMARY_REPLICA_VAR: plan.chief.name,
+        }
+        if pending := [*secrets, *pending_env]:
+            pending_file = posixpath.join(handle.job_dir, "pending-env.json")
+            launch_env.update({PENDING_ENV_VAR: ",".join(pending), PENDING_FILE_VAR: pending_file})
+            self.provide_env(handle, secrets)
+        try:
+            raise_first(on_each(hosts, lambda h: self._start(handle, h, {**extra_env, **launch_env})))
+        except BaseException:
+            self.stop(handle, grace_seconds=0)
+            raise
+        now = time.monotonic()
+        handle.last_answer = {label: now for label in handle.hosts}
+        return handle
+
+    def _connect(self, plan: JobPlan) -> list[RemoteHost]:
+        used = {r.host for r in plan.replicas} | set(plan.hosts)
+        hosts = [RemoteHost(s, f"h{i}") for i, s in enumerate(self.host_specs) if s.peer_address in used]
+        raise_first(on_each(hosts, RemoteHost.connect))
+        return hosts
+
+    def _end_previous_launch(self, host: RemoteHost, python: str, job_dir: str) -> None:
+        """A resubmitted run id first ends what its previous launch left on the host, then starts clean."""
+        folder = host.absolute(job_dir)
+        previous = posixpath.join(folder, "hosts", host.label, "host.json")
+        if host.run(["sh", "-c", 'test -f "$1" && echo yes || true', "sh", previous], 30).strip():
+            _agent(host, python, folder, "stop", "0")
+        host.run(["rm", "-rf", "--", folder], _COMMAND_TIMEOUT_SECONDS)
+
+    def _prepare(self, host: RemoteHost, python: str, job_dir: str, bundle: Path, ports: dict) -> dict:
+        folder = host.absolute(job_dir)
+        support = posixpath.join(folder, "dnntrain")
+        host.makedirs(posixpath.join(support, "replica_site"))
+        host.makedirs(posixpath.join(folder, "hosts", host.label))
+        for local, remote in [
+            (AGENT, "ssh_agent.py"),
+            (REAPER, "reaper.py"),
+            (REPLICA_SITE / "sitecustomize.py", "replica_site/sitecustomize.py"),
+        ]:
+            host.put_file(local, posixpath.join(support, remote))
+        host.put_file(bundle, posixpath.join(folder, "hosts", host.label, "bundle.tar"))
+        return _agent(host, python, folder, "prepare", str(ports.get(host.spec.peer_address, 0)))
+
+    def _start(self, handle: SSHJobHandle, host: RemoteHost, launch_env: Mapping[str, str]) -> None:
+        names = handle.replicas_on[host.label]
+        mirrored = self._mirrored_on(handle.plan, host)
+        spec = {
+            "launch_id": handle.launch_id,
+            "grace": self.stop_grace_seconds,
+            "lease_timeout": self.orphan_timeout,
+            "replicas": [_replica_spec(handle.plan.replica(n), launch_env) for n in names],
+            "mirrors": [_replica_spec(r, {}) for r in mirrored],
+        }
+        host.put(json.dumps(spec).encode(), posixpath.join(handle.job_dir, "hosts", host.label, "host.json"))
+        handle.agent(host, "start")
+
+    @staticmethod
+    def _mirrored_on(plan: JobPlan, host: RemoteHost) -> list[Replica]:
+        """Horovod's ranks on the other nodes start in the launcher's working directory, at the same path."""
+        if host.spec.peer_address not in plan.hosts[1:]:
+            return []
+        return [r for r in plan.replicas if r.host != host.spec.peer_address]
+
+    def provide_env(self, handle: SSHJobHandle, values: Mapping[str, str]) -> None:
+        handle.provided.update(values)
+        content = json.dumps(handle.provided).encode()
+        path = posixpath.join(handle.job_dir, "pending-env.json")
+        raise_first(handle.on_hosts(lambda h: h.put(content, path)))
+
+    # -- observe --------------------------------------------------------------------------------
+
+    def poll(self, handle: SSHJobHandle) -> JobStatus:
+        if handle.cancelled:
+            return JobStatus(JobState.CANCELLED, f"job {handle.run_id} was cancelled")
+        if time.monotonic() - handle.last_fetch >= self.poll_interval:
+            self._fetch(handle)
+            handle.status = self._status(handle)
+        return handle.status
+
+    def _fetch(self, handle: SSHJobHandle) -> None:
+        """One command per host: renew the lease, read exit codes and every new log line."""
+        with handle._lock:
+            handle.last_fetch = time.monotonic()
+            answers = handle.on_hosts(lambda h: self._poll_host(handle, h))
+            now = time.monotonic()
+            for label, answer in answers.items():
+                if isinstance(answer, BaseException):
+                    if not isinstance(answer, HostUnreachable):
+                        raise answer
+                    handle.hosts[label].last_error = str(answer)
+                    continue
+                handle.last_answer[label] = now
+                handle.exits.update(answer["exits"])
+                self._take_logs(handle, label, answer["logs"])
+
+    def _poll_host(self, handle: SSHJobHandle, host: RemoteHost) -> dict:
+        offsets = json.dumps(handle.offsets.get(host.label, {}))
+        return handle.agent(host, "poll", offsets, timeout=self.unreachable_timeout)
+
+    def _take_logs(self, handle: SSHJobHandle, label: str, logs: dict[str, list]) -> None:
+        offsets = handle.offsets.setdefault(label, {})
+        for key in sorted(logs):
+            offset, encoded = logs[key]
+            if offset != offsets.get(key, 0):
+                continue  # an answer to an older question: that part was taken already
+            chunk = base64.b64decode(encoded)
+            offsets[key] = offset + len(chunk)
+            splitter = handle._splitters.setdefault(f"{label}:{key}", LineSplitter(handle.redactor))
+            self._publish(handle, key, splitter.feed(chunk))
+
+    def _publish(self, handle: SSHJobHandle, key: str, texts: list[str]) -> None:
+        replica, _, rank = key.partition("/")
+        rank = rank.rpartition("/")[0]  # "rank.N/stdout" -> "rank.N"
+        label = f"{replica}/{rank}" if rank else replica
+        tail = handle.tails.setdefault(replica, collections.deque(maxlen=_TAIL_LINES))
+        tail.extend(f"[{rank}] {t}" if rank else t for t in texts)
+        handle.lines.extend(LogLine(label, text) for text in texts)
+
+    def _status(self, handle: SSHJobHandle) -> JobStatus:
+        status = aggregate_status(handle.plan, handle.exits)
+        if status.state.finished:
+            return status
+        now = time.monotonic()
+        for label, answered in handle.last_answer.items():
+            if now - answered > self.unreachable_timeout:
+                host = handle.hosts[label]
+                names = handle.replicas_on[label]
+                return JobStatus(
+                    JobState.FAILED,
+                    f"host {host.spec} has not answered for {now - answered:.0f} s "
+                    f"(replicas {', '.join(names) or 'none'}): {host.last_error}",
+                    failed_replica=names[0] if names else None,
+                )
+        return status
+
+    def stream_logs(self, handle: SSHJobHandle, timeout: float) -> Iterable[LogLine]:
+        if not handle.lines and timeout > 0:
+            time.sleep(min(timeout, max(0.0, handle.last_fetch + self.poll_interval - time.monotonic())))
+        with handle._lock:
+            lines, handle.lines = handle.lines, []
+        return lines
+
+    def tail(self, handle: SSHJobHandle, replica: str) -> list[str]:
+        return list(handle.tails.get(replica, []))
+
+    # -- stop -----------------------------------------------------------------------------------
+
+    def cancel(self, handle: SSHJobHandle) -> None:
+        """Ask every host to stop the job and return at once: the reapers escalate on their own."""
+        handle.cancelled = True
+
+        def ask() -> None:
+            handle.on_hosts(lambda h: handle.agent(h, "stop", "0", "--no-wait"))
+
+        threading.Thread(target=ask, daemon=True).start()
+
+    def stop(self, handle: SSHJobHandle, grace_seconds: float) -> None:
+        if handle.stopped:
+            return
+        timeout = grace_seconds + _COMMAND_TIMEOUT_SECONDS
+        results = handle.on_hosts(lambda h: handle.agent(h, "stop", str(grace_seconds), timeout=timeout))
+        stuck, unreachable = [], []
+        for label, result in results.items():
+            host = handle.hosts[label]
+            if isinstance(result, BaseException):
+                unreachable.append(f"{host.spec}: {result}")
+            elif result["stuck"]:
+                stuck.append(f"{host.spec}: pids {result['stuck']}")
+        handle.stopped = True
+        self._fetch(handle)  # what the replicas wrote while stopping, and any line left unfinished
+        self._flush(handle)
+        for problem in unreachable:
+            log.warning(
+                "Could not stop run %s on %s; its replicas stop themselves once nobody has polled them "
+                "for %.0f s",
+                handle.run_id,
+                problem,
+                self.orphan_timeout,
+            )
+        if stuck:
+            raise RuntimeError(f"run {handle.run_id}: processes could not be stopped on {'; '.join(stuck)}")
+
+    def _flush(self, handle: SSHJobHandle) -> None:
+        for key, splitter in handle._splitters.items():
+            self._publish(handle, key.partition(":")[2], splitter.flush())
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def collect_outputs(self, handle: SSHJobHandle) -> Path:
+        """Fetch the primary process's outputs and logs and every replica's console log; then remove the
+        job's folders from the hosts (unless ``keep_remote_files``): this is the last step of a run."""
+        label, primary = self._primary(handle)
+        host = handle.hosts[label]
+        packed = handle.agent(host, "outputs", primary)["path"]
+        artifacts = handle.run_dir / "artifacts"
+        shutil.rmtree(artifacts, ignore_errors=True)
+        artifacts.mkdir()
+        with tarfile.open(fileobj=io.BytesIO(host.get(packed))) as tar:
+            tar.extractall(artifacts, filter="data")
+        replica_logs = artifacts / "logs" / "replicas"
+        replica_logs.mkdir(parents=True, exist_ok=True)
+        for label, names in handle.replicas_on.items():
+            for name in names:
+                path = posixpath.join(handle.job_dir, "hosts", label, "logs", f"{name}.log")
+                (replica_logs / f"{name}.log").write_bytes(handle.hosts[label].get(path))
+        handle.redactor.redact_tree(artifacts / "logs")
+        if not self.keep_remote_files:
+            handle.on_hosts(lambda h: h.run(["rm", "-rf", "--", handle.job_dir], _COMMAND_TIMEOUT_SECONDS))
+        for host in handle.hosts.values():
+            host.close()
+        return artifacts
+
+    @staticmethod
+    def _primary(handle: SSHJobHandle) -> tuple[str, str]:
+        """(host label, replica) of global rank 0: the newest mark (elastic restarts), else the chief."""
+        marks = raise_first(handle.on_hosts(lambda h: handle.agent(h, "marks")["marks"]))
+        marked = [(when, label, name) for label, found in marks.items() for name, when in found.items()]
+        if marked:
+            _, label, name = max(marked)
+            return label, name
+        chief = handle.plan.chief.name
+        return handle.host_of(chief), chief
+
+
+def _agent(host: RemoteHost, python: str, job_dir: str, command: str, *args: str, timeout: float = 0) -> dict:
+    agent = posixpath.join(job_dir, "dnntrain", "ssh_agent.py")
+    argv = [python, "-I", "-S", agent, command, job_dir, host.label, *args]
+    return host.run_json(argv, timeout=timeout or _COMMAND_TIMEOUT_SECONDS)
+
+
+def _replicas_on(plan: JobPlan, host: RemoteHost) -> list[str]:
+    return [r.name for r in plan.replicas if r.host == host.spec.peer_address]
+
+
+def _replica_spec(replica: Replica, launch_env: Mapping[str, str]) -> dict:
+    return {
+        "name": replica.name,
+        "argv": replica.argv,
+        "env": {**replica.env, **launch_env},
+        "files": replica.files,
+        "rank_logs": replica.rank_logs,
+    }
+
+
+def _bundle(source: Path, target: Path) -> Path:
+    """The source snapshot as one tar, uploaded once per host."""
+    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+        snapshot = Path(scratch) / "source"
+        copy_snapshot(source, snapshot)
+        with tarfile.open(target, "w") as tar:
+            tar.add(snapshot, arcname="source")
+    return target

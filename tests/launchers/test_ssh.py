@@ -1,0 +1,59 @@
+"""The SSH launcher against real sshd hosts (tests/ssh_hosts.py): every replica on a host of its own."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from ssh_hosts import SSHHosts
+
+from airflow_provider_dnntrain.launchers.base import wait_for_job
+from airflow_provider_dnntrain.launchers.ssh import SSHLauncher
+from airflow_provider_dnntrain.spec import TorchDistributed, TrainingJob
+
+EXAMPLE_SCRIPTS = Path(__file__).resolve().parents[2] / "dags" / "scripts"
+TEST_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    with SSHHosts(tmp_path_factory.mktemp("ssh") / "hosts") as started:
+        yield started
+
+
+@pytest.fixture
+def conn_ids(hosts, monkeypatch):
+    ids = []
+    for index, host in enumerate(hosts.hosts):
+        monkeypatch.setenv(f"AIRFLOW_CONN_SSH_H{index}", hosts.airflow_connection(host))
+        ids.append(f"ssh_h{index}")
+    return ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rendezvous", ["static", "c10d"])
+def test_torchrun_two_nodes_on_two_hosts(tmp_path, conn_ids, hosts, rendezvous):
+    job = TrainingJob(
+        framework="pytorch",
+        source_directory=str(EXAMPLE_SCRIPTS),
+        entry_script="torch_ddp_digits.py",
+        arguments=["--epochs", "2"],
+        distribution=TorchDistributed(node_count=2, process_count_per_node=1, rendezvous=rendezvous),
+    )
+    launcher = SSHLauncher(ssh_conn_ids=conn_ids, work_root=str(tmp_path))
+    handle = launcher.submit(job, launcher.plan(job, f"ssh-ddp-{rendezvous}"), extra_env={})
+    lines = []
+    wait_for_job(launcher, handle, lines.append, timeout=240)
+    print("\n".join(map(str, lines)))
+    text = {n: "\n".join(line.text for line in lines if line.replica == n) for n in ("node-0", "node-1")}
+    ranks = {name: re.search(r"rank=(\d) world_size=2", t).group(1) for name, t in text.items()}
+    assert sorted(ranks.values()) == ["0", "1"]
+    checksums = {name: re.search(r"weights_checksum=(\S+)", t).group(1) for name, t in text.items()}
+    assert checksums["node-0"] == checksums["node-1"]
+    facts = json.loads((launcher.collect_outputs(handle) / "outputs" / "summary.json").read_text())
+    assert facts["allreduce_sum"] == 3.0
+    assert {r.host for r in handle.plan.replicas} == {hosts.hosts[0].address, hosts.hosts[1].address}
+    for host in hosts.hosts:
+        assert host.job_processes() == {}, host.name

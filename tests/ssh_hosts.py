@@ -51,11 +51,19 @@ class SSHHost:
         found = {}
         for pid in self.pids():
             try:
-                if Path(f"/proc/{pid}/comm").read_text().strip() == "sshd":
-                    continue
-                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+                if not _is_sshd(pid):
+                    found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue  # gone meanwhile
+        return found
+
+    def sshd_pids(self) -> list[int]:
+        """The host's sshd and every session it serves."""
+        found = []
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                if _is_sshd(pid):
+                    found.append(pid)
         return found
 
 
@@ -165,6 +173,12 @@ class SSHHosts:
         uri = {"conn_type": "ssh", "host": "127.0.0.1", "port": host.port, "login": self.user, "extra": extra}
         return json.dumps(uri)
 
+    def cut_off(self, host: SSHHost) -> None:
+        """The host drops off the network: its link goes down (its peers lose it) and the connections
+        from this machine stall (so does the launcher)."""
+        _ip("-n", host.namespace, "link", "set", "eth0", "down")
+        self._forwarders[self.hosts.index(host)].cut.set()
+
     # -- stop --------------------------------------------------------------------------------------
 
     def stop(self) -> None:
@@ -186,6 +200,10 @@ class SSHHosts:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _is_sshd(pid: int) -> bool:
+    return Path(f"/proc/{pid}/comm").read_text().strip() == "sshd"
 
 
 def _ip(*args: str) -> None:
@@ -236,13 +254,16 @@ def _wait_for_banner(port: int, timeout: float = 15) -> None:
 
 class _Forwarder:
     """127.0.0.1:port here → address:port inside ``namespace``: each connection is opened by a thread
-    that joined the namespace (``setns`` applies to the calling thread only)."""
+    that joined the namespace (``setns`` applies to the calling thread only). Once ``cut``, it drops
+    every byte in both directions and connects nothing new, as a network that lost the host does:
+    connections stall rather than fail."""
 
     def __init__(self, namespace: str, address: str, port: int) -> None:
         self.namespace, self.target = namespace, (address, port)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.closed = False
+        self.cut = threading.Event()
         self.connections: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -253,7 +274,8 @@ class _Forwarder:
             except OSError:
                 return
             self.connections.append(client)
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+            if not self.cut.is_set():
+                threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
         with open(f"/run/netns/{self.namespace}") as namespace:
@@ -267,8 +289,8 @@ class _Forwarder:
             return
         upstream.settimeout(None)
         self.connections.append(upstream)
-        threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
-        _pump(client, upstream)
+        threading.Thread(target=_pump, args=(upstream, client, self.cut), daemon=True).start()
+        _pump(client, upstream, self.cut)
 
     def close(self) -> None:
         self.closed = True
@@ -278,12 +300,14 @@ class _Forwarder:
                 connection.close()
 
 
-def _pump(source: socket.socket, sink: socket.socket) -> None:
+def _pump(source: socket.socket, sink: socket.socket, cut: threading.Event) -> None:
     try:
         while data := source.recv(65536):
-            sink.sendall(data)
+            if not cut.is_set():
+                sink.sendall(data)
     except OSError:
         pass
     finally:
-        with contextlib.suppress(OSError):
-            sink.shutdown(socket.SHUT_WR)
+        if not cut.is_set():
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import io
 import json
 import logging
@@ -52,6 +53,7 @@ from airflow_provider_dnntrain.launchers.ssh_remote import (
     on_each,
     raise_first,
 )
+from airflow_provider_dnntrain.launchers.ssh_tracking import TrackingRelay, needs_relay
 from airflow_provider_dnntrain.source import check_source
 from airflow_provider_dnntrain.source import snapshot as copy_snapshot
 from airflow_provider_dnntrain.spec import Horovod, TorchDistributed, TrainingJob
@@ -100,6 +102,8 @@ class SSHJobHandle(JobHandle):
     hosts: dict[str, RemoteHost]  # by label, the hosts this job uses
     replicas_on: dict[str, list[str]]  # label -> names of the replicas started there
     provided: dict[str, str] = field(default_factory=dict)  # the pending file's content
+    undelivered: set[str] = field(default_factory=set)  # hosts that have not got it yet
+    lost: set[str] = field(default_factory=set)  # hosts that stopped answering: not waited for again
     offsets: dict[str, dict[str, int]] = field(default_factory=dict)  # label -> log key -> bytes read
     exits: dict[str, int | None] = field(default_factory=dict)
     lines: list[LogLine] = field(default_factory=list)
@@ -109,6 +113,7 @@ class SSHJobHandle(JobHandle):
     status: JobStatus = field(default_factory=lambda: JobStatus(JobState.RUNNING))
     cancelled: bool = False
     stopped: bool = False
+    relay: TrackingRelay | None = None
     _splitters: dict[str, LineSplitter] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -119,8 +124,9 @@ class SSHJobHandle(JobHandle):
         return _agent(host, self.python, self.job_dir, command, *args, timeout=timeout)
 
     def on_hosts(self, action):
-        """``action`` on every host of the job at once: each one's result, or what it raised, by label."""
-        return on_each(self.hosts.values(), action)
+        """``action`` on every host of the job not given up for lost, at once: each one's result, or
+        what it raised, by label."""
+        return on_each([h for label, h in self.hosts.items() if label not in self.lost], action)
 
 
 class SSHLauncher(Launcher):
@@ -203,6 +209,19 @@ class SSHLauncher(Launcher):
         pending_env: Collection[str] = (),
     ) -> SSHJobHandle:
         source = check_source(job)
+        tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
+        # Started first: the store's server boots while the source ships.
+        relay = None
+        if tracking_uri and needs_relay(tracking_uri):
+            relay = TrackingRelay(tracking_uri, self.run_dir(plan.run_id).with_suffix(".tracking-server.log"))
+        try:
+            return self._submit(job, plan, source, extra_env, pending_env, relay)
+        except BaseException:
+            if relay is not None:
+                relay.close()
+            raise
+
+    def _submit(self, job, plan, source, extra_env, pending_env, relay) -> SSHJobHandle:
         python = self.interpreter(job)
         run_dir = self.run_dir(plan.run_id)
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -231,19 +250,23 @@ class SSHLauncher(Launcher):
             redactor=Redactor(secrets.values()),
             hosts={h.label: h for h in hosts},
             replicas_on={h.label: _replicas_on(plan, h) for h in hosts},
+            relay=relay,
         )
         launch_env = {
+            **extra_env,
             "PYTHONUNBUFFERED": "1",
             LAUNCH_ID_VAR: handle.launch_id,
             ENTRY_SCRIPT_VAR: job.entry_script,
             PRIMARY_REPLICA_VAR: plan.chief.name,
         }
+        if relay is not None:
+            launch_env["MLFLOW_TRACKING_URI"] = relay.forward(hosts)
         if pending := [*secrets, *pending_env]:
             pending_file = posixpath.join(handle.job_dir, "pending-env.json")
             launch_env.update({PENDING_ENV_VAR: ",".join(pending), PENDING_FILE_VAR: pending_file})
             self.provide_env(handle, secrets)
         try:
-            raise_first(on_each(hosts, lambda h: self._start(handle, h, {**extra_env, **launch_env})))
+            raise_first(on_each(hosts, lambda h: self._start(handle, h, launch_env)))
         except BaseException:
             self.stop(handle, grace_seconds=0)
             raise
@@ -300,10 +323,23 @@ class SSHLauncher(Launcher):
         return [r for r in plan.replicas if r.host != host.spec.peer_address]
 
     def provide_env(self, handle: SSHJobHandle, values: Mapping[str, str]) -> None:
+        """Write the values to every host; a host out of reach gets them once it answers again (the
+        job fails if it does not, within ``unreachable_timeout``)."""
+        if handle.relay is not None and "MLFLOW_RUN_ID" in values:
+            handle.relay.start_server()  # the run, and so the store, exists now
         handle.provided.update(values)
+        handle.undelivered = set(handle.hosts)
+        self._deliver(handle)
+
+    def _deliver(self, handle: SSHJobHandle) -> None:
         content = json.dumps(handle.provided).encode()
         path = posixpath.join(handle.job_dir, "pending-env.json")
-        raise_first(handle.on_hosts(lambda h: h.put(content, path)))
+        hosts = [handle.hosts[label] for label in sorted(handle.undelivered - handle.lost)]
+        for label, result in on_each(hosts, lambda h: h.put(content, path)).items():
+            if not isinstance(result, BaseException):
+                handle.undelivered.discard(label)
+            elif not isinstance(result, HostUnreachable):
+                raise result
 
     # -- observe --------------------------------------------------------------------------------
 
@@ -329,6 +365,8 @@ class SSHLauncher(Launcher):
                     continue
                 handle.last_answer[label] = now
                 handle.exits.update(answer["exits"])
+                if label in handle.undelivered:
+                    self._deliver(handle)
                 self._take_logs(handle, label, answer["logs"])
 
     def _poll_host(self, handle: SSHJobHandle, host: RemoteHost) -> dict:
@@ -361,6 +399,7 @@ class SSHLauncher(Launcher):
         now = time.monotonic()
         for label, answered in handle.last_answer.items():
             if now - answered > self.unreachable_timeout:
+                handle.lost.add(label)
                 host = handle.hosts[label]
                 names = handle.replicas_on[label]
                 return JobStatus(
@@ -397,22 +436,25 @@ class SSHLauncher(Launcher):
             return
         timeout = grace_seconds + _COMMAND_TIMEOUT_SECONDS
         results = handle.on_hosts(lambda h: handle.agent(h, "stop", str(grace_seconds), timeout=timeout))
-        stuck, unreachable = [], []
+        stuck = []
         for label, result in results.items():
-            host = handle.hosts[label]
-            if isinstance(result, BaseException):
-                unreachable.append(f"{host.spec}: {result}")
+            if isinstance(result, HostUnreachable):
+                handle.lost.add(label)
+                handle.hosts[label].last_error = str(result)
+            elif isinstance(result, BaseException):
+                raise result
             elif result["stuck"]:
-                stuck.append(f"{host.spec}: pids {result['stuck']}")
+                stuck.append(f"{handle.hosts[label].spec}: pids {result['stuck']}")
         handle.stopped = True
         self._fetch(handle)  # what the replicas wrote while stopping, and any line left unfinished
         self._flush(handle)
-        for problem in unreachable:
+        for label in sorted(handle.lost):
             log.warning(
-                "Could not stop run %s on %s; its replicas stop themselves once nobody has polled them "
-                "for %.0f s",
+                "Could not stop run %s on host %s (%s); its replicas stop themselves once nobody has "
+                "polled them for %.0f s",
                 handle.run_id,
-                problem,
+                handle.hosts[label].spec,
+                handle.hosts[label].last_error,
                 self.orphan_timeout,
             )
         if stuck:
@@ -440,10 +482,13 @@ class SSHLauncher(Launcher):
         for label, names in handle.replicas_on.items():
             for name in names:
                 path = posixpath.join(handle.job_dir, "hosts", label, "logs", f"{name}.log")
-                (replica_logs / f"{name}.log").write_bytes(handle.hosts[label].get(path))
+                with contextlib.suppress(HostUnreachable, OSError):  # an unreachable host's is lost
+                    (replica_logs / f"{name}.log").write_bytes(handle.hosts[label].get(path))
         handle.redactor.redact_tree(artifacts / "logs")
         if not self.keep_remote_files:
             handle.on_hosts(lambda h: h.run(["rm", "-rf", "--", handle.job_dir], _COMMAND_TIMEOUT_SECONDS))
+        if handle.relay is not None:
+            handle.relay.close()
         for host in handle.hosts.values():
             host.close()
         return artifacts
@@ -451,8 +496,14 @@ class SSHLauncher(Launcher):
     @staticmethod
     def _primary(handle: SSHJobHandle) -> tuple[str, str]:
         """(host label, replica) of global rank 0: the newest mark (elastic restarts), else the chief."""
-        marks = raise_first(handle.on_hosts(lambda h: handle.agent(h, "marks")["marks"]))
-        marked = [(when, label, name) for label, found in marks.items() for name, when in found.items()]
+        marks = handle.on_hosts(lambda h: handle.agent(h, "marks")["marks"])
+        for label, found in marks.items():
+            if isinstance(found, HostUnreachable):
+                log.warning("Not collecting from host %s: %s", handle.hosts[label].spec, found)
+            elif isinstance(found, BaseException):
+                raise found
+        reached = {label: found for label, found in marks.items() if isinstance(found, dict)}
+        marked = [(when, label, name) for label, found in reached.items() for name, when in found.items()]
         if marked:
             _, label, name = max(marked)
             return label, name

@@ -47,6 +47,7 @@ LAUNCH_ID_VAR = "DNNTRAIN_LAUNCH_ID"
 # At most this much of one log is sent per poll; the rest comes with the next.
 MAX_CHUNK = 1 << 20
 _RANK_STREAMS = ("stdout", "stderr")
+_REPLICA_UMASK = 0o022
 
 
 class Paths:
@@ -154,6 +155,7 @@ def _start_replica(paths: Paths, replica: dict, spec: dict) -> int:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # a dropped SSH session must not take the replica with it
+            umask=_REPLICA_UMASK,
         )
     stat = reaper._stat(process.pid)  # not reaped by anyone yet: this is our reaper
     _write(paths.pid_file(name), f"{process.pid} {stat[1] if stat else 0}\n")
@@ -278,6 +280,8 @@ COMMANDS = {
 
 
 def main(argv: list[str]) -> int:
+    global _REPLICA_UMASK
+    _REPLICA_UMASK = os.umask(0o077)  # what the launcher writes is the owner's only; replicas keep theirs
     command, job_dir, host, *rest = argv
     print(json.dumps(COMMANDS[command](Paths(job_dir, host), *rest)))
     return 0

@@ -3,6 +3,7 @@ with host keys verified, bounded timeouts everywhere, and the agent run by argv,
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import posixpath
@@ -23,6 +24,7 @@ CONNECT_TIMEOUT_SECONDS = 10
 KEEPALIVE_SECONDS = 5
 # Transient connection failures (sshd restarting, a busy host) are retried within this long.
 CONNECT_RETRY_SECONDS = 15
+SFTP_TIMEOUT_SECONDS = 60
 
 
 class HostUnreachable(RuntimeError):
@@ -91,11 +93,15 @@ class RemoteHost:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def connect(self) -> RemoteHost:
+        """Connected, or connect now: the first time with retries for transient failures, later (a
+        dropped connection) with one attempt, so a dead host is noticed within the connect timeout."""
         with self._lock:
             transport = self.client.get_transport() if self.client is not None else None
             if transport is None or not transport.is_active():
-                self.client = _connect(self.spec)
+                retry_seconds = 0 if self.home else CONNECT_RETRY_SECONDS
+                self.client = _connect(self.spec, retry_seconds)
                 self._sftp = self.client.open_sftp()
+                self._sftp.get_channel().settimeout(SFTP_TIMEOUT_SECONDS)
                 self.home = self._sftp.normalize(".")
         return self
 
@@ -106,15 +112,22 @@ class RemoteHost:
         return self.connect()._sftp
 
     def run(self, argv: Sequence[str], timeout: float) -> str:
-        """Run ``argv`` (quoted for the remote shell) and return its standard output."""
+        """Run ``argv`` (quoted for the remote shell) and return its standard output; every step is
+        bounded by ``timeout``, opening the channel included (paramiko's default there is an hour)."""
         import paramiko
 
-        command = shlex.join(argv)
         try:
-            _, stdout, stderr = self.connect().client.exec_command(command, timeout=timeout)
-            out = stdout.read()
-            err = stderr.read()
-            status = stdout.channel.recv_exit_status()
+            channel = self.connect().client.get_transport().open_session(timeout=timeout)
+            channel.settimeout(timeout)
+            channel.exec_command(shlex.join(argv))
+            out = channel.makefile("rb").read()
+            err = channel.makefile_stderr("rb").read()
+            if not channel.status_event.wait(timeout):
+                raise TimeoutError("no exit status")
+            status = channel.exit_status
+            channel.close()
+            if status == -1:  # the session ended without one: sshd or the connection died
+                raise EOFError("the session ended without an exit status")
         except (OSError, EOFError, paramiko.SSHException) as error:
             self.close()
             raise HostUnreachable(f"host {self.spec}: {type(error).__name__}: {error}") from error
@@ -126,9 +139,24 @@ class RemoteHost:
     def run_json(self, argv: Sequence[str], timeout: float) -> dict:
         return json.loads(self.run(argv, timeout))
 
+    @contextlib.contextmanager
+    def _reaching(self):
+        """A lost connection (as opposed to a file error) surfaces as :class:`HostUnreachable`."""
+        import paramiko
+
+        try:
+            yield
+        except (EOFError, paramiko.SSHException, ConnectionError, TimeoutError) as error:
+            self.close()
+            raise HostUnreachable(f"host {self.spec}: {type(error).__name__}: {error}") from error
+
     def put(self, content: bytes, path: str, mode: int = 0o600) -> None:
         """Write ``content`` to ``path`` whole: a reader (or a host sharing the file system) never sees
         it half-written. Created owner-only before any byte is written."""
+        with self._reaching():
+            self._put(content, path, mode)
+
+    def _put(self, content: bytes, path: str, mode: int) -> None:
         sftp = self.sftp
         writing = f"{path}.{uuid.uuid4().hex[:8]}.writing"
         with sftp.open(writing, "wb") as file:
@@ -142,6 +170,10 @@ class RemoteHost:
             self.put(file.read(), path)
 
     def makedirs(self, path: str, mode: int = 0o700) -> None:
+        with self._reaching():
+            self._makedirs(path, mode)
+
+    def _makedirs(self, path: str, mode: int) -> None:
         sftp = self.sftp
         parts = []
         for part in path.strip("/").split("/"):
@@ -149,25 +181,32 @@ class RemoteHost:
             current = "/" + "/".join(parts)
             try:
                 sftp.stat(current)
+                continue
             except FileNotFoundError:
+                pass
+            try:
                 sftp.mkdir(current, mode)
-                sftp.chmod(current, mode)  # mkdir's mode is filtered by the umask
+            except OSError:
+                sftp.stat(current)  # made meanwhile by a host sharing this file system: fine
+                continue
+            sftp.chmod(current, mode)  # mkdir's mode is filtered by the umask
 
     def get(self, path: str) -> bytes:
         buffer = io.BytesIO()
-        self.sftp.getfo(path, buffer)
+        with self._reaching():
+            self.sftp.getfo(path, buffer)
         return buffer.getvalue()
 
     def absolute(self, path: str) -> str:
         return path if path.startswith("/") else posixpath.join(self.home, path)
 
     def close(self) -> None:
-        if self.client is not None:
-            self.client.close()
-            self.client = self._sftp = None
+        client, self.client, self._sftp = self.client, None, None
+        if client is not None:
+            client.close()
 
 
-def _connect(spec: HostSpec):
+def _connect(spec: HostSpec, retry_seconds: float):
     """A paramiko client through the ssh provider's hook: its auth, proxy and host-key rules."""
     import paramiko
     from airflow.providers.ssh.hooks.ssh import SSHHook
@@ -185,7 +224,7 @@ def _connect(spec: HostSpec):
     if spec.host_key:
         hook.host_key = _parse_host_key(spec.host_key)
         hook.no_host_key_check = False
-    deadline = time.monotonic() + CONNECT_RETRY_SECONDS
+    deadline = time.monotonic() + retry_seconds
     while True:
         try:
             return hook.get_conn()

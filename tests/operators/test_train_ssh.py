@@ -1,0 +1,163 @@
+"""Training operators on the SSH launcher inside real Airflow runs: dag.test() against real sshd hosts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from airflow_helpers import load_dag, task_instance, xcom
+from hostile import HOSTILE_ARGUMENTS, PWNED
+from ssh_hosts import SSHHosts
+
+from airflow_provider_dnntrain import tracking
+
+SSH_DAGS = Path(__file__).resolve().parents[1] / "ssh_dags"
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    with SSHHosts(tmp_path_factory.mktemp("ssh") / "hosts") as started:
+        yield started
+
+
+@pytest.fixture(autouse=True)
+def connections(airflow_db, hosts, monkeypatch):
+    for index, host in enumerate(hosts.hosts):
+        monkeypatch.setenv(f"AIRFLOW_CONN_SSH_H{index}", hosts.airflow_connection(host))
+
+
+def assert_nothing_left(hosts: SSHHosts) -> None:
+    for host in hosts.hosts:
+        assert host.job_processes() == {}, host.name
+
+
+@pytest.mark.slow
+def test_parameter_server_across_three_hosts_trains_logs_metrics_and_registers(hosts, capfd):
+    dag_run = load_dag(SSH_DAGS, "dnntrain_ssh_parameter_server").test()
+    logged = "".join(capfd.readouterr())
+    assert task_instance(dag_run, "register").state == "success", logged[-5000:]
+    result = xcom(dag_run, "train")
+    placed = {line.split()[0] for line in logged.splitlines() if '"host": "10.213.0.' in line}
+    assert placed, "the plan in the log shows where each replica ran"
+    addresses = {h.address for h in hosts.hosts}
+    plan_hosts = [r for r in addresses if f'"host": "{r}"' in logged]
+    assert sorted(plan_hosts) == sorted(addresses)  # chief, ps and worker each on a host of its own
+    # Rank 0 (the chief) logged its metrics from a remote host into the embedded store.
+    assert set(result["metrics"]) >= {"loss", "accuracy"}, result
+    client = tracking.client(result["tracking_uri"])
+    history = client.get_metric_history(result["tracking_run_id"], "loss")
+    assert len(history) == 2
+    assert (Path(result["outputs"]) / "model").is_dir()
+    assert_nothing_left(hosts)
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return result
+
+
+def running_scripts(host) -> list[str]:
+    return [cmd for cmd in host.job_processes().values() if "replica.py" in cmd]
+
+
+def assert_nothing_left_within(hosts: SSHHosts, timeout: float) -> None:
+    """Every host's processes end: at once where the launcher could reach the host, and within the
+    orphan timeout (15 s in these DAGs) where it could not."""
+    wait_for(lambda: all(not h.job_processes() for h in hosts.hosts), timeout, "every host to be clean")
+
+
+def test_a_failing_replica_fails_the_task_naming_it_and_stops_the_others(hosts, capfd):
+    started = time.monotonic()
+    dag_run = load_dag(SSH_DAGS, "dnntrain_ssh_failing_replica").test()
+    assert time.monotonic() - started < 60
+    assert task_instance(dag_run, "train").state == "failed"
+    assert "replica worker-2 failed with exit code 3" in "".join(capfd.readouterr())
+    assert_nothing_left(hosts)
+
+
+def test_hostile_arguments_arrive_literally_on_every_host_and_secrets_stay_hidden(hosts, capfd):
+    token = "tok-hunter2-ssh-7kq"
+    conf = {
+        "args": [*HOSTILE_ARGUMENTS, "--print-env", "API_TOKEN"],
+        "env_value": "$(whoami)",
+        "token": token,
+    }
+    dag_run = load_dag(SSH_DAGS, "dnntrain_ssh_conf_arguments").test(run_conf=conf)
+    logged = "".join(capfd.readouterr())
+    assert task_instance(dag_run, "train").state == "success", logged[-3000:]
+    result = xcom(dag_run, "train")
+    remote_job = Path.home() / ".dnntrain" / "runs" / result["run_id"]  # kept: keep_remote_files=True
+    for name in ("worker-0", "worker-1", "worker-2"):
+        outputs = remote_job / "replicas" / name / "outputs"
+        assert json.loads((outputs / "argv.json").read_text()) == conf["args"]
+        env = json.loads((outputs / "env.json").read_text())
+        assert env["FROM_CONF"] == "$(whoami)" and env["API_TOKEN"] == token
+        assert "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" not in env  # the worker's settings stay there
+        assert f"[{name}] {name} API_TOKEN=***" in logged
+    assert not PWNED.exists()
+    assert token not in logged
+    run_dir = Path(result["outputs"]).parents[1]
+    for path in [run_dir / "plan.json", *run_dir.rglob("*.log")]:
+        assert token not in path.read_text(), path
+    launcher_made = [remote_job, *remote_job.glob("*"), *remote_job.glob("hosts/*/*")]
+    launcher_made += [*remote_job.rglob("pending-env.json"), *remote_job.glob("replicas/*")]
+    for path in launcher_made:  # what the launcher writes on a host is its owner's only
+        assert path.stat().st_mode & 0o077 == 0, path
+    for path in remote_job.rglob("host.json"):
+        assert token not in path.read_text()
+    shutil.rmtree(remote_job)
+
+
+def test_an_unknown_host_key_is_refused_clearly(hosts, monkeypatch, capfd):
+    host = hosts.hosts[0]
+    monkeypatch.setenv("AIRFLOW_CONN_SSH_UNPINNED", hosts.airflow_connection(host, host_key=None))
+    started = time.monotonic()
+    dag_run = load_dag(SSH_DAGS, "dnntrain_ssh_unknown_host_key").test()
+    assert time.monotonic() - started < 30  # refused at once, not retried
+    assert task_instance(dag_run, "train").state == "failed"
+    logged = "".join(capfd.readouterr())
+    assert "unknown host key" in logged and "ssh_unpinned" in logged
+    assert not host.job_processes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cut", ["sshd killed", "link down"])
+def test_a_host_lost_mid_run_fails_the_job_naming_it_and_nothing_is_left(tmp_path, monkeypatch, capfd, cut):
+    with SSHHosts(tmp_path / "hosts") as own:  # this test breaks a host: a set of its own
+        for index, host in enumerate(own.hosts):
+            monkeypatch.setenv(f"AIRFLOW_CONN_SSH_H{index}", own.airflow_connection(host))
+        lost = own.hosts[1]
+        cut_at = []
+
+        def cut_off() -> None:
+            try:
+                wait_for(lambda: all(running_scripts(h) for h in own.hosts), 120, "every replica to run")
+                if cut == "sshd killed":
+                    for pid in lost.sshd_pids():
+                        os.kill(pid, signal.SIGKILL)
+                else:
+                    own.cut_off(lost)
+                cut_at.append(time.monotonic())
+            except BaseException as error:
+                cut_at.append(error)
+
+        cutter = threading.Thread(target=cut_off, daemon=True)
+        cutter.start()
+        dag_run = load_dag(SSH_DAGS, "dnntrain_ssh_serving").test()
+        ended = time.monotonic()
+        cutter.join(timeout=5)
+        logged = "".join(capfd.readouterr())
+        assert task_instance(dag_run, "train").state == "failed"
+        assert cut_at and isinstance(cut_at[0], float), cut_at
+        assert ended - cut_at[0] < 45, "failed within 30 s, then stopped the rest"
+        assert f"host {lost.address}" in logged and "has not answered" in logged
+        assert_nothing_left_within(own, timeout=30)

@@ -1,0 +1,88 @@
+"""DAGs the SSH launcher's tests run through dag.test(): every topology on the test hosts (connections
+ssh_h0..ssh_h2, defined by the tests as AIRFLOW_CONN_* variables). The DAGs are the example DAGs' tasks
+with only ``launcher=`` changed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import DAG
+
+from airflow_provider_dnntrain.launchers.ssh import SSHLauncher
+from airflow_provider_dnntrain.operators import (
+    PyTorchTrainOperator,
+    RegisterModelOperator,
+    TensorFlowTrainOperator,
+)
+from airflow_provider_dnntrain.spec import MultiWorkerMirrored, ParameterServer, TorchDistributed
+
+EXAMPLE_SCRIPTS = str(Path(__file__).resolve().parents[2] / "dags" / "scripts")
+TEST_SCRIPTS = str(Path(__file__).resolve().parents[1] / "scripts")
+START = pendulum.datetime(2026, 1, 1, tz="UTC")
+HOSTS = ["ssh_h0", "ssh_h1", "ssh_h2"]
+
+
+def ssh_launcher() -> SSHLauncher:
+    # Short timeouts, so that the failure tests take seconds.
+    return SSHLauncher(ssh_conn_ids=HOSTS, stop_grace_seconds=3, unreachable_timeout=10, orphan_timeout=15)
+
+
+with DAG("dnntrain_ssh_parameter_server", schedule=None, start_date=START):
+    train = TensorFlowTrainOperator(
+        task_id="train",
+        source_directory=EXAMPLE_SCRIPTS,
+        entry_script="tf_parameter_server_digits.py",
+        arguments=["--epochs", "2"],
+        distribution=ParameterServer(worker_count=1, parameter_server_count=1, chief=True),
+        environment_variables={"TF_CPP_MIN_LOG_LEVEL": "2"},
+        launcher=ssh_launcher(),
+    )
+    RegisterModelOperator(task_id="register", run_id=train.output, model_name="ssh-tf-ps", model_path="model")
+
+with DAG("dnntrain_ssh_torch_c10d", schedule=None, start_date=START):
+    PyTorchTrainOperator(
+        task_id="train",
+        source_directory=EXAMPLE_SCRIPTS,
+        entry_script="torch_ddp_digits.py",
+        arguments=["--epochs", "2"],
+        distribution=TorchDistributed(node_count=2, process_count_per_node=1, rendezvous="c10d"),
+        launcher=ssh_launcher(),
+    )
+
+# Three workers, one per host, on tests/scripts/replica.py: each replica's behaviour is chosen by flags.
+for dag_id, arguments in [
+    ("dnntrain_ssh_failing_replica", ["--fail", "worker-2:3", "--serve", "worker-0", "--serve", "worker-1"]),
+    ("dnntrain_ssh_serving", ["--spawn"]),  # every worker runs (with children) until stopped
+]:
+    with DAG(dag_id, schedule=None, start_date=START):
+        TensorFlowTrainOperator(
+            task_id="train",
+            source_directory=TEST_SCRIPTS,
+            entry_script="replica.py",
+            arguments=arguments,
+            distribution=MultiWorkerMirrored(worker_count=3),
+            launcher=ssh_launcher(),
+            job_timeout=120,
+        )
+
+with DAG("dnntrain_ssh_conf_arguments", schedule=None, start_date=START, render_template_as_native_obj=True):
+    TensorFlowTrainOperator(
+        task_id="train",
+        source_directory=TEST_SCRIPTS,
+        entry_script="replica.py",
+        arguments="{{ dag_run.conf['args'] }}",
+        distribution=MultiWorkerMirrored(worker_count=3),
+        environment_variables={"FROM_CONF": "{{ dag_run.conf['env_value'] }}"},
+        secret_variables={"API_TOKEN": "{{ dag_run.conf['token'] }}"},
+        launcher=SSHLauncher(ssh_conn_ids=HOSTS, keep_remote_files=True),
+    )
+
+with DAG("dnntrain_ssh_unknown_host_key", schedule=None, start_date=START):
+    TensorFlowTrainOperator(
+        task_id="train",
+        source_directory=TEST_SCRIPTS,
+        entry_script="replica.py",
+        launcher=SSHLauncher(ssh_conn_ids=["ssh_unpinned"]),
+        tracking=False,
+    )

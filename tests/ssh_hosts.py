@@ -169,7 +169,12 @@ class SSHHosts:
     def airflow_connection(self, host: SSHHost, **extra) -> str:
         """The Airflow SSH connection (JSON, for an ``AIRFLOW_CONN_...`` variable) a user would define
         for ``host``: the client key, the host key pinned, and the address its peers reach it at."""
-        extra = {"key_file": str(self.client_key), "host_key": host.host_key, "address": host.address} | extra
+        extra = {
+            "key_file": str(self.client_key),
+            "host_key": host.host_key,
+            "address": host.address,
+            "authorized_keys_file": str(self.root / "authorized_keys"),  # the file every sshd here reads
+        } | extra
         uri = {"conn_type": "ssh", "host": "127.0.0.1", "port": host.port, "login": self.user, "extra": extra}
         return json.dumps(uri)
 

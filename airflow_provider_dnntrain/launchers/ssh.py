@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from airflow_provider_dnntrain.launchers import ssh_agent
+from airflow_provider_dnntrain.launchers import ssh_agent, ssh_peers
 from airflow_provider_dnntrain.launchers.base import (
     ENTRY_SCRIPT_VAR,
     LAUNCH_ID_VAR,
@@ -239,6 +239,13 @@ class SSHLauncher(Launcher):
         as_root = all(answer["root"] for answer in prepared.values())
         plan = render_plan(job, plan.run_id, self.placement(plan.run_id, ports, as_root), python)
         (run_dir / "plan.json").write_text(plan.to_json())
+        launch_id = uuid.uuid4().hex
+        if len(plan.hosts) > 1:  # a runner starts ranks on the other hosts over SSH
+            folder = hosts[0].absolute(job_dir)
+            line = ssh_peers.grant(hosts, folder, launch_id)
+            raise_first(
+                on_each(hosts, lambda h: _agent(h, python, folder, "authorize", line, h.spec.authorized_keys))
+            )
         secrets = {name: value.get_secret_value() for name, value in job.environment.secrets.items()}
         handle = SSHJobHandle(
             run_id=plan.run_id,
@@ -246,7 +253,7 @@ class SSHLauncher(Launcher):
             python=python,
             run_dir=run_dir,
             job_dir=hosts[0].absolute(job_dir),
-            launch_id=uuid.uuid4().hex,
+            launch_id=launch_id,
             redactor=Redactor(secrets.values()),
             hosts={h.label: h for h in hosts},
             replicas_on={h.label: _replicas_on(plan, h) for h in hosts},
@@ -273,6 +280,12 @@ class SSHLauncher(Launcher):
         now = time.monotonic()
         handle.last_answer = {label: now for label in handle.hosts}
         return handle
+
+    @staticmethod
+    def _grant_peer_access(hosts: list[RemoteHost], python: str, job_dir: str, launch_id: str) -> None:
+        line = ssh_peers.grant(hosts, job_dir, launch_id)
+        authorize = lambda h: _agent(h, python, job_dir, "authorize", line, h.spec.authorized_keys)  # noqa: E731
+        raise_first(on_each(hosts, authorize))
 
     def _connect(self, plan: JobPlan) -> list[RemoteHost]:
         used = {r.host for r in plan.replicas} | set(plan.hosts)
@@ -469,6 +482,12 @@ class SSHLauncher(Launcher):
     def collect_outputs(self, handle: SSHJobHandle) -> Path:
         """Fetch the primary process's outputs and logs and every replica's console log; then remove the
         job's folders from the hosts (unless ``keep_remote_files``): this is the last step of a run."""
+        try:
+            return self._fetch_outputs(handle)
+        finally:
+            self._clean_up(handle)
+
+    def _fetch_outputs(self, handle: SSHJobHandle) -> Path:
         label, primary = self._primary(handle)
         host = handle.hosts[label]
         packed = handle.agent(host, "outputs", primary)["path"]
@@ -485,13 +504,19 @@ class SSHLauncher(Launcher):
                 with contextlib.suppress(HostUnreachable, OSError):  # an unreachable host's is lost
                     (replica_logs / f"{name}.log").write_bytes(handle.hosts[label].get(path))
         handle.redactor.redact_tree(artifacts / "logs")
+        return artifacts
+
+    def _clean_up(self, handle: SSHJobHandle) -> None:
+        """Revoke the run's own key and, unless ``keep_remote_files``, remove the job's folder."""
+        if len(handle.plan.hosts) > 1:
+            marker = ssh_peers.key_marker(handle.launch_id)
+            handle.on_hosts(lambda h: handle.agent(h, "revoke", marker, h.spec.authorized_keys))
         if not self.keep_remote_files:
             handle.on_hosts(lambda h: h.run(["rm", "-rf", "--", handle.job_dir], _COMMAND_TIMEOUT_SECONDS))
         if handle.relay is not None:
             handle.relay.close()
         for host in handle.hosts.values():
             host.close()
-        return artifacts
 
     @staticmethod
     def _primary(handle: SSHJobHandle) -> tuple[str, str]:

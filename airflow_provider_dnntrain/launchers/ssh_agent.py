@@ -16,6 +16,8 @@ share a file system (an NFS home) do not collide.
   runs) and what its logs gained since ``OFFSETS``, whole lines only;
 - ``stop JOB_DIR HOST GRACE [--no-wait]``: stop every replica (SIGTERM, SIGKILL after the grace) and
   sweep the launch's processes; print any pid that would not die;
+- ``authorize JOB_DIR HOST LINE FILE`` / ``revoke JOB_DIR HOST MARKER FILE``: add the run's key to the
+  authorized_keys ``FILE`` (relative to home) and write the ``ssh`` wrapper the runners use; remove it;
 - ``marks JOB_DIR HOST``: when each replica here marked itself the primary process;
 - ``outputs JOB_DIR HOST REPLICA``: pack that replica's ``outputs`` and ``logs`` into ``collected.tar``.
 
@@ -25,9 +27,12 @@ Standard library only: the host needs nothing but the job's Python. Linux only, 
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import os
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -141,6 +146,8 @@ def _make_workdir(paths: Paths, replica: dict) -> None:
 def _start_replica(paths: Paths, replica: dict, spec: dict) -> int:
     name = replica["name"]
     env = {**os.environ, **replica["env"]}
+    if (paths.job / "dnntrain" / "bin").is_dir():  # the runners' ssh to the other hosts
+        env["PATH"] = os.pathsep.join([str(paths.job / "dnntrain" / "bin"), env.get("PATH", os.defpath)])
     site = str(paths.job / "dnntrain" / "replica_site")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [site, env.get("PYTHONPATH")]))
     command = [sys.executable, "-I", "-S", str(REAPER), "--grace", str(spec["grace"]), "--detached"]
@@ -250,6 +257,50 @@ def stop(paths: Paths, grace: str, *options: str) -> dict:
     return {"stuck": sorted(set(stuck))}
 
 
+def authorize(paths: Paths, line: str, keys_file: str) -> dict:
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        raise SystemExit("no ssh client on this host: mpirun and horovodrun need one to reach the others")
+    ssh_dir = paths.job / "ssh"
+    options = ["-F", ssh_dir / "config", "-o", "StrictHostKeyChecking=yes"]
+    options += ["-o", f"UserKnownHostsFile={ssh_dir / 'known_hosts'}", "-i", ssh_dir / "id_ed25519"]
+    options += ["-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes"]
+    wrapper = paths.job / "dnntrain" / "bin" / "ssh"
+    wrapper.parent.mkdir(exist_ok=True)
+    # Ahead of the runner's own options: for ssh, the first value given for an option wins.
+    _write(wrapper, f'#!/bin/sh\nexec {shlex.join(map(str, [ssh, *options]))} "$@"\n')
+    wrapper.chmod(0o700)
+    with _locked(_home_path(keys_file)) as keys:
+        if line not in keys.read().splitlines():
+            keys.seek(0, os.SEEK_END)
+            keys.write(line + "\n")
+    return {"wrapper": str(wrapper)}
+
+
+def revoke(paths: Paths, marker: str, keys_file: str) -> dict:
+    with _locked(_home_path(keys_file)) as keys:
+        lines = keys.read().splitlines(keepends=True)
+        kept = [line for line in lines if not line.rstrip("\n").endswith(" " + marker)]
+        keys.seek(0)
+        keys.truncate()
+        keys.write("".join(kept))
+    return {"removed": len(lines) - len(kept)}
+
+
+def _home_path(path: str) -> Path:
+    return Path(path if os.path.isabs(path) else os.path.join(os.path.expanduser("~"), path))
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """The file opened for update under an exclusive lock: hosts sharing a home edit it one at a time."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    with open(fd, "r+") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        yield file
+
+
 def marks(paths: Paths) -> dict:
     """When each replica started here marked itself the primary process (global rank 0), if it did."""
     found = {}
@@ -275,6 +326,8 @@ COMMANDS = {
     "poll": poll,
     "stop": stop,
     "marks": marks,
+    "authorize": authorize,
+    "revoke": revoke,
     "outputs": outputs,
 }
 

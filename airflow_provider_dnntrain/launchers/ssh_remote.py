@@ -48,6 +48,8 @@ class HostSpec:
     port: int | None = None
     address: str | None = None  # how the other hosts reach it; defaults to ``host``
     host_key: str | None = None  # pinned key for an entry of a host list
+    peer_port: int | None = None  # the sshd port the other hosts use, when not the connection's
+    authorized_keys: str = ".ssh/authorized_keys"  # where a run's own key is authorized, for its peers
 
     @property
     def peer_address(self) -> str:
@@ -60,7 +62,9 @@ class HostSpec:
 def hosts_from_connections(conn_ids: Sequence[str]) -> list[HostSpec]:
     """One host per connection, or several when a connection's extra has ``hosts``: a list of
     ``"name[:port]"`` or ``{"host": ..., "port": ..., "address": ..., "host_key": ...}``.
-    A connection's extra ``address`` names the host as its peers reach it (a private network)."""
+    A connection's extra ``address`` names the host as its peers reach it (a private network),
+    ``peer_port`` the sshd port they use, ``authorized_keys_file`` where a run's key for its peers is
+    authorized (default ``.ssh/authorized_keys``)."""
     from airflow.sdk import BaseHook
 
     hosts = []
@@ -68,15 +72,19 @@ def hosts_from_connections(conn_ids: Sequence[str]) -> list[HostSpec]:
         conn = BaseHook.get_connection(conn_id)
         extra = conn.extra_dejson
         listed = extra.get("hosts")
+        shared = {
+            "peer_port": extra.get("peer_port"),
+            "authorized_keys": extra.get("authorized_keys_file", ".ssh/authorized_keys"),
+        }
         if not listed:
-            hosts.append(HostSpec(conn_id, conn.host, conn.port, extra.get("address")))
+            hosts.append(HostSpec(conn_id, conn.host, conn.port, extra.get("address"), **shared))
             continue
         for entry in listed:
             if isinstance(entry, str):
                 name, _, port = entry.partition(":")
                 entry = {"host": name, "port": int(port) if port else None}
             port, address, key = entry.get("port"), entry.get("address"), entry.get("host_key")
-            hosts.append(HostSpec(conn_id, entry["host"], port, address, key))
+            hosts.append(HostSpec(conn_id, entry["host"], port, address, key, **shared))
     return hosts
 
 

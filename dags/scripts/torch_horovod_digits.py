@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import horovod.torch as hvd
 import torch
 from digits import (
@@ -27,7 +29,7 @@ def main() -> None:
     probe = hvd.allreduce(torch.tensor([float(rank + 1)]), op=hvd.Sum, name="probe")
     print(
         f"rank={rank} size={size} local_rank={hvd.local_rank()} launcher_rank={launcher_rank()} "
-        f"allreduce_sum={probe.item()}"
+        f"allreduce_sum={probe.item()} host={socket.gethostname()}"
     )
 
     (x_train, y_train), (x_test, y_test) = load_digits_split()

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 from ssh_hosts import SSHHosts
 
+from airflow_provider_dnntrain.launchers import ssh_peers
 from airflow_provider_dnntrain.launchers.base import wait_for_job
 from airflow_provider_dnntrain.launchers.ssh import SSHLauncher
-from airflow_provider_dnntrain.spec import TorchDistributed, TrainingJob
+from airflow_provider_dnntrain.spec import Horovod, TorchDistributed, TrainingJob
 
 EXAMPLE_SCRIPTS = Path(__file__).resolve().parents[2] / "dags" / "scripts"
 TEST_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -55,5 +56,43 @@ def test_torchrun_two_nodes_on_two_hosts(tmp_path, conn_ids, hosts, rendezvous):
     facts = json.loads((launcher.collect_outputs(handle) / "outputs" / "summary.json").read_text())
     assert facts["allreduce_sum"] == 3.0
     assert {r.host for r in handle.plan.replicas} == {hosts.hosts[0].address, hosts.hosts[1].address}
+    for host in hosts.hosts:
+        assert host.job_processes() == {}, host.name
+
+
+def rank_lines(lines, rank: int) -> list[str]:
+    """A rank's lines, whichever way the runner labels them (per-rank files or horovodrun's prefix)."""
+    by_file = [line.text for line in lines if line.replica.endswith(f"/rank.{rank}")]
+    by_prefix = [line.text.split(":", 1)[1] for line in lines if line.text.startswith(f"[{rank}]<stdout>:")]
+    return by_file + by_prefix
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "dist",
+    [{"runner": "mpirun", "controller": "mpi"}, {"controller": "mpi"}, {"controller": "gloo"}],
+    ids=["mpirun", "horovodrun-mpi", "horovodrun-gloo"],
+)
+def test_horovod_two_nodes_on_two_hosts_allreduce(tmp_path, conn_ids, hosts, dist):
+    job = TrainingJob(
+        framework="pytorch",
+        source_directory=str(EXAMPLE_SCRIPTS),
+        entry_script="torch_horovod_digits.py",
+        arguments=["--epochs", "2"],
+        distribution=Horovod(node_count=2, process_count_per_node=1, network_interface="eth0", **dist),
+    )
+    launcher = SSHLauncher(ssh_conn_ids=conn_ids, work_root=str(tmp_path), stop_grace_seconds=3)
+    handle = launcher.submit(job, launcher.plan(job, "ssh-hvd"), extra_env={})
+    lines = []
+    wait_for_job(launcher, handle, lines.append, timeout=300)
+    print("\n".join(map(str, lines)))
+    for rank, host in zip((0, 1), hosts.hosts[:2], strict=True):  # mpirun fills the first host first
+        mine = "\n".join(rank_lines(lines, rank))
+        assert f"rank={rank} size=2" in mine and "allreduce_sum=3.0" in mine
+        assert f"host={host.name}" in mine
+    facts = json.loads((launcher.collect_outputs(handle) / "outputs" / "summary.json").read_text())
+    assert facts["size"] == 2 and facts["allreduce_sum"] == 3.0
+    assert handle.plan.hosts == [h.address for h in hosts.hosts[:2]]
+    assert ssh_peers.key_marker(handle.launch_id) not in (hosts.root / "authorized_keys").read_text()
     for host in hosts.hosts:
         assert host.job_processes() == {}, host.name

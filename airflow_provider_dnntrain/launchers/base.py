@@ -179,6 +179,29 @@ class Launcher(ABC):
     def tail(self, handle: JobHandle, replica: str) -> list[str]:
         """The last lines a replica wrote."""
 
+    # -- surviving the task process (backends whose replicas can outlive it) ----------------------
+
+    def state(self, handle: JobHandle) -> dict | None:
+        """What another process needs to take the job over (JSON, no secrets), or None when the job
+        cannot outlive this process (the local launcher's replicas end with it, by design)."""
+        return None
+
+    def reattach(self, state: dict, job: TrainingJob, extra_env: Mapping[str, str]) -> JobHandle:
+        """Take over the job ``state`` describes (a retry after a worker restart, a resumed deferral)."""
+        raise NotImplementedError(f"the {self.name} launcher cannot take over a job")
+
+    def check_deferrable(self, extra_env: Mapping[str, str]) -> None:
+        """Raise ``ValueError`` saying why a job given ``extra_env`` could not wait on the triggerer."""
+        if type(self).trigger is Launcher.trigger:
+            raise ValueError(
+                f"deferrable: the {self.name} launcher cannot wait on the triggerer (its replicas end "
+                "with the task process); use a multi-host launcher"
+            )
+
+    def trigger(self, handle: JobHandle, job: TrainingJob, timeout: float | None):
+        """A trigger that waits for the job on the triggerer, or None if this backend has none."""
+        return None
+
     @abstractmethod
     def collect_outputs(self, handle: JobHandle) -> Path:
         """Copy the primary process's (global rank 0's, or the chief's) ``./outputs`` and ``./logs`` into
@@ -216,11 +239,26 @@ def wait_for_job(
         if on_finished is not None:
             on_finished(status)
     finally:
-        launcher.stop(handle, grace_seconds=launcher.stop_grace_seconds)
-        for line in launcher.stream_logs(handle, timeout=0):
-            on_log(line)
+        _stop_and_drain(launcher, handle, on_log)
+    return _settle(launcher, handle, status)
+
+
+def end_job(launcher: Launcher, handle: JobHandle, status: JobStatus, on_log: Callable[[LogLine], None]):
+    """The end of :func:`wait_for_job` for a job whose outcome was learnt elsewhere (a trigger): stop
+    what is left, pass on the last lines, raise :class:`JobFailed` unless it succeeded."""
+    _stop_and_drain(launcher, handle, on_log)
+    return _settle(launcher, handle, status)
+
+
+def _stop_and_drain(launcher: Launcher, handle: JobHandle, on_log: Callable[[LogLine], None]) -> None:
+    launcher.stop(handle, grace_seconds=launcher.stop_grace_seconds)
+    for line in launcher.stream_logs(handle, timeout=0):
+        on_log(line)
+
+
+def _settle(launcher: Launcher, handle: JobHandle, status: JobStatus) -> JobStatus:
     if status.state is not JobState.SUCCEEDED:
-        if status.failed_replica:
+        if status.failed_replica and not status.last_lines:
             status = replace(status, last_lines=launcher.tail(handle, status.failed_replica))
         raise JobFailed(status)
     return status

@@ -9,7 +9,6 @@ for ``orphan_timeout`` seconds: a host cut off from Airflow cleans up after itse
 
 from __future__ import annotations
 
-import base64
 import collections
 import contextlib
 import io
@@ -23,7 +22,6 @@ import threading
 import time
 import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -36,15 +34,16 @@ from airflow_provider_dnntrain.launchers.base import (
     PRIMARY_REPLICA_VAR,
     REAPER,
     REPLICA_SITE,
-    JobHandle,
     JobState,
     JobStatus,
     Launcher,
     LogLine,
-    aggregate_status,
     default_work_root,
 )
-from airflow_provider_dnntrain.launchers.local_logs import LineSplitter, Redactor
+from airflow_provider_dnntrain.launchers.local_logs import Redactor
+from airflow_provider_dnntrain.launchers.ssh_job import COMMAND_TIMEOUT_SECONDS as _COMMAND_TIMEOUT_SECONDS
+from airflow_provider_dnntrain.launchers.ssh_job import SSHJobHandle
+from airflow_provider_dnntrain.launchers.ssh_job import run_agent as _agent
 from airflow_provider_dnntrain.launchers.ssh_remote import (
     HostSpec,
     HostUnreachable,
@@ -61,8 +60,6 @@ from airflow_provider_dnntrain.topology import Endpoint, JobPlan, Replica, rende
 
 log = logging.getLogger(__name__)
 AGENT = Path(ssh_agent.__file__)
-_COMMAND_TIMEOUT_SECONDS = 30
-_TAIL_LINES = 30
 
 
 class HostPlacement:
@@ -88,45 +85,6 @@ class HostPlacement:
     def ports_needed(self) -> dict[str, int]:
         counts = collections.Counter(e.host for e in self._assigned.values())
         return {host: counts.get(host, 0) for host in self.hosts}
-
-
-@dataclass
-class SSHJobHandle(JobHandle):
-    run_id: str
-    plan: JobPlan
-    python: str  # the job's interpreter on the hosts; runs the agent too
-    run_dir: Path  # on this worker: bundle, plan, fetched logs and artifacts
-    job_dir: str  # on every host
-    launch_id: str
-    redactor: Redactor
-    hosts: dict[str, RemoteHost]  # by label, the hosts this job uses
-    replicas_on: dict[str, list[str]]  # label -> names of the replicas started there
-    provided: dict[str, str] = field(default_factory=dict)  # the pending file's content
-    undelivered: set[str] = field(default_factory=set)  # hosts that have not got it yet
-    lost: set[str] = field(default_factory=set)  # hosts that stopped answering: not waited for again
-    offsets: dict[str, dict[str, int]] = field(default_factory=dict)  # label -> log key -> bytes read
-    exits: dict[str, int | None] = field(default_factory=dict)
-    lines: list[LogLine] = field(default_factory=list)
-    tails: dict[str, collections.deque] = field(default_factory=dict)
-    last_answer: dict[str, float] = field(default_factory=dict)  # label -> monotonic time
-    last_fetch: float = 0.0
-    status: JobStatus = field(default_factory=lambda: JobStatus(JobState.RUNNING))
-    cancelled: bool = False
-    stopped: bool = False
-    relay: TrackingRelay | None = None
-    _splitters: dict[str, LineSplitter] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def host_of(self, replica: str) -> str:
-        return next(label for label, names in self.replicas_on.items() if replica in names)
-
-    def agent(self, host: RemoteHost, command: str, *args: str, timeout: float = 0) -> dict:
-        return _agent(host, self.python, self.job_dir, command, *args, timeout=timeout)
-
-    def on_hosts(self, action):
-        """``action`` on every host of the job not given up for lost, at once: each one's result, or
-        what it raised, by label."""
-        return on_each([h for label, h in self.hosts.items() if label not in self.lost], action)
 
 
 class SSHLauncher(Launcher):
@@ -354,6 +312,46 @@ class SSHLauncher(Launcher):
             elif not isinstance(result, HostUnreachable):
                 raise result
 
+    # -- surviving the task process -------------------------------------------------------------
+
+    def state(self, handle: SSHJobHandle) -> dict:
+        return handle.to_state()
+
+    def reattach(self, state: dict, job: TrainingJob, extra_env: Mapping[str, str]) -> SSHJobHandle:
+        """Take over a job another process started: its replicas run on, detached; the relay to the
+        tracking store, if it had one, is rebuilt on the port they already use."""
+        handle = SSHJobHandle.from_state(state, _secret_values(job))
+        raise_first(handle.on_hosts(RemoteHost.connect))
+        # The pending file keeps the secrets when more values are delivered.
+        handle.provided = {name: value.get_secret_value() for name, value in job.environment.secrets.items()}
+        tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
+        if state.get("relay_port") and tracking_uri and needs_relay(tracking_uri):
+            handle.relay = TrackingRelay(tracking_uri, handle.run_dir.with_suffix(".tracking-server.log"))
+            handle.relay.forward(handle.reachable(), state["relay_port"])
+            handle.relay.start_server()  # the run exists: its id reached the replicas before
+        return handle
+
+    def check_deferrable(self, extra_env: Mapping[str, str]) -> None:
+        tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
+        if tracking_uri and needs_relay(tracking_uri):
+            raise ValueError(
+                "deferrable: the job's tracking store is reached through this worker (the embedded "
+                "store, or a server on its loopback), which a deferred task leaves; give the hosts a "
+                "tracking server they reach themselves (tracking_uri=http://...), or deferrable=False"
+            )
+
+    def trigger(self, handle: SSHJobHandle, job: TrainingJob, timeout: float | None):
+        from airflow_provider_dnntrain.triggers.ssh import SSHJobTrigger
+
+        return SSHJobTrigger(
+            state=handle.to_state(),
+            secrets=_secret_values(job),
+            poll_interval=self.poll_interval,
+            unreachable_timeout=self.unreachable_timeout,
+            timeout=timeout,
+            grace_seconds=self.stop_grace_seconds,
+        )
+
     # -- observe --------------------------------------------------------------------------------
 
     def poll(self, handle: SSHJobHandle) -> JobStatus:
@@ -361,74 +359,23 @@ class SSHLauncher(Launcher):
             return JobStatus(JobState.CANCELLED, f"job {handle.run_id} was cancelled")
         if time.monotonic() - handle.last_fetch >= self.poll_interval:
             self._fetch(handle)
-            handle.status = self._status(handle)
+            handle.status = handle.evaluate(self.unreachable_timeout)
         return handle.status
 
     def _fetch(self, handle: SSHJobHandle) -> None:
         """One command per host: renew the lease, read exit codes and every new log line."""
         with handle._lock:
             handle.last_fetch = time.monotonic()
-            answers = handle.on_hosts(lambda h: self._poll_host(handle, h))
-            now = time.monotonic()
+            answers = handle.on_hosts(lambda h: handle.poll_host(h, self.unreachable_timeout))
             for label, answer in answers.items():
-                if isinstance(answer, BaseException):
-                    if not isinstance(answer, HostUnreachable):
-                        raise answer
-                    handle.hosts[label].last_error = str(answer)
-                    continue
-                handle.last_answer[label] = now
-                handle.exits.update(answer["exits"])
-                if label in handle.undelivered:
+                handle.take_answer(label, answer)
+                if label in handle.undelivered and not isinstance(answer, BaseException):
                     self._deliver(handle)
-                self._take_logs(handle, label, answer["logs"])
-
-    def _poll_host(self, handle: SSHJobHandle, host: RemoteHost) -> dict:
-        offsets = json.dumps(handle.offsets.get(host.label, {}))
-        return handle.agent(host, "poll", offsets, timeout=self.unreachable_timeout)
-
-    def _take_logs(self, handle: SSHJobHandle, label: str, logs: dict[str, list]) -> None:
-        offsets = handle.offsets.setdefault(label, {})
-        for key in sorted(logs):
-            offset, encoded = logs[key]
-            if offset != offsets.get(key, 0):
-                continue  # an answer to an older question: that part was taken already
-            chunk = base64.b64decode(encoded)
-            offsets[key] = offset + len(chunk)
-            splitter = handle._splitters.setdefault(f"{label}:{key}", LineSplitter(handle.redactor))
-            self._publish(handle, key, splitter.feed(chunk))
-
-    def _publish(self, handle: SSHJobHandle, key: str, texts: list[str]) -> None:
-        replica, _, rank = key.partition("/")
-        rank = rank.rpartition("/")[0]  # "rank.N/stdout" -> "rank.N"
-        label = f"{replica}/{rank}" if rank else replica
-        tail = handle.tails.setdefault(replica, collections.deque(maxlen=_TAIL_LINES))
-        tail.extend(f"[{rank}] {t}" if rank else t for t in texts)
-        handle.lines.extend(LogLine(label, text) for text in texts)
-
-    def _status(self, handle: SSHJobHandle) -> JobStatus:
-        status = aggregate_status(handle.plan, handle.exits)
-        if status.state.finished:
-            return status
-        now = time.monotonic()
-        for label, answered in handle.last_answer.items():
-            if now - answered > self.unreachable_timeout:
-                handle.lost.add(label)
-                host = handle.hosts[label]
-                names = handle.replicas_on[label]
-                return JobStatus(
-                    JobState.FAILED,
-                    f"host {host.spec} has not answered for {now - answered:.0f} s "
-                    f"(replicas {', '.join(names) or 'none'}): {host.last_error}",
-                    failed_replica=names[0] if names else None,
-                )
-        return status
 
     def stream_logs(self, handle: SSHJobHandle, timeout: float) -> Iterable[LogLine]:
         if not handle.lines and timeout > 0:
             time.sleep(min(timeout, max(0.0, handle.last_fetch + self.poll_interval - time.monotonic())))
-        with handle._lock:
-            lines, handle.lines = handle.lines, []
-        return lines
+        return handle.take_lines()
 
     def tail(self, handle: SSHJobHandle, replica: str) -> list[str]:
         return list(handle.tails.get(replica, []))
@@ -460,7 +407,7 @@ class SSHLauncher(Launcher):
                 stuck.append(f"{handle.hosts[label].spec}: pids {result['stuck']}")
         handle.stopped = True
         self._fetch(handle)  # what the replicas wrote while stopping, and any line left unfinished
-        self._flush(handle)
+        handle.flush()
         for label in sorted(handle.lost):
             log.warning(
                 "Could not stop run %s on host %s (%s); its replicas stop themselves once nobody has "
@@ -472,10 +419,6 @@ class SSHLauncher(Launcher):
             )
         if stuck:
             raise RuntimeError(f"run {handle.run_id}: processes could not be stopped on {'; '.join(stuck)}")
-
-    def _flush(self, handle: SSHJobHandle) -> None:
-        for key, splitter in handle._splitters.items():
-            self._publish(handle, key.partition(":")[2], splitter.flush())
 
     # -- outputs --------------------------------------------------------------------------------
 
@@ -536,10 +479,8 @@ class SSHLauncher(Launcher):
         return handle.host_of(chief), chief
 
 
-def _agent(host: RemoteHost, python: str, job_dir: str, command: str, *args: str, timeout: float = 0) -> dict:
-    agent = posixpath.join(job_dir, "dnntrain", "ssh_agent.py")
-    argv = [python, "-I", "-S", agent, command, job_dir, host.label, *args]
-    return host.run_json(argv, timeout=timeout or _COMMAND_TIMEOUT_SECONDS)
+def _secret_values(job: TrainingJob) -> list[str]:
+    return [value.get_secret_value() for value in job.environment.secrets.values()]
 
 
 def _replicas_on(plan: JobPlan, host: RemoteHost) -> list[str]:

@@ -84,24 +84,29 @@ class TrackingRelay:
     def replica_uri(self) -> str:
         return f"http://127.0.0.1:{self.remote_port}"
 
-    def forward(self, hosts: list[RemoteHost]) -> str:
-        """Forward one port, the same on every host, to the store; return the URI replicas use."""
-        for _ in range(50):
-            port = random.randrange(10000, 32000)
-            forwarded = []
-            try:
-                for host in hosts:
-                    transport = host.connect().client.get_transport()
-                    transport.request_port_forward("127.0.0.1", port, handler=self._relay)
-                    forwarded.append(host)
-            except Exception:  # taken on one of them: give the others back, try another port
-                for host in forwarded:
-                    with contextlib.suppress(Exception):
-                        host.client.get_transport().cancel_port_forward("127.0.0.1", port)
-                continue
-            self._hosts, self.remote_port = forwarded, port
-            return self.replica_uri
-        raise RuntimeError("could not forward a port for the tracking store on every host")
+    def forward(self, hosts: list[RemoteHost], port: int | None = None) -> str:
+        """Forward one port, the same on every host, to the store; return the URI replicas use.
+        ``port``: the one a resumed job's replicas already use (their forward ended with the worker)."""
+        candidates = [port] if port else [random.randrange(10000, 32000) for _ in range(50)]
+        for candidate in candidates:
+            if self._forward_on_all(hosts, candidate):
+                self._hosts, self.remote_port = list(hosts), candidate
+                return self.replica_uri
+        raise RuntimeError("could not forward a port to the tracking store on every host")
+
+    def _forward_on_all(self, hosts: list[RemoteHost], port: int) -> bool:
+        forwarded = []
+        try:
+            for host in hosts:
+                transport = host.connect().client.get_transport()
+                transport.request_port_forward("127.0.0.1", port, handler=self._relay)
+                forwarded.append(host)
+            return True
+        except Exception:  # taken on one of them: give the others back
+            for host in forwarded:
+                with contextlib.suppress(Exception):
+                    host.client.get_transport().cancel_port_forward("127.0.0.1", port)
+            return False
 
     def _relay(self, channel, origin, server) -> None:
         threading.Thread(target=self._serve, args=(channel,), daemon=True).start()

@@ -107,6 +107,17 @@ class TrackingSession:
         self._log.info("Tracking run %s at %s", run.mlflow_run_id, run.tracking_uri)
         self._log_job_description(launcher, job, handle.plan)
 
+    def deliver_now(self, launcher: Launcher, job: TrainingJob, handle: JobHandle) -> None:
+        """Wait for the run to exist and give the replicas its id (before the task defers)."""
+        self._starting.join()
+        self.deliver(launcher, job, handle)
+
+    def suspend(self) -> None:
+        """The task defers: what runs in the background ends in this process; the run stays open."""
+        if self._describing is not None:
+            self._describing.join(timeout=30)
+        self._cleanup.close()
+
     def _log_job_description(self, launcher: Launcher, job: TrainingJob, plan: JobPlan) -> None:
         """Tags and parameters nobody waits for, logged while the job runs."""
         run = self.run

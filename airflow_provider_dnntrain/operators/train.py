@@ -6,12 +6,21 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import TaskDeferred
 from pydantic import ValidationError
 
-from airflow_provider_dnntrain.launchers.base import JobFailed, JobHandle, JobState, Launcher, wait_for_job
+from airflow_provider_dnntrain.launchers.base import (
+    JobFailed,
+    JobHandle,
+    JobState,
+    JobStatus,
+    Launcher,
+    end_job,
+    wait_for_job,
+)
 from airflow_provider_dnntrain.operators.tracking_session import TrackingSession
 from airflow_provider_dnntrain.run_id import make_run_id
 from airflow_provider_dnntrain.source import check_source
@@ -24,6 +33,8 @@ from airflow_provider_dnntrain.spec import (
     TrainingJob,
 )
 
+# Where a launcher's job that can outlive the task process is kept for the next try.
+_JOB_STATE_KEY = "dnntrain_job"
 _JOB_FIELDS = ("source_directory", "entry_script", "arguments", "environment_variables", "secret_variables")
 
 
@@ -92,6 +103,7 @@ class DnnTrainOperator(BaseOperator):
         tracking_conn_id: str | None = "dnntrain_mlflow",
         experiment_name: str | None = None,
         job_timeout: float | None = None,
+        deferrable: bool = False,
         **kwargs: Any,
     ) -> None:
         # BaseOperator has its own `resources` (executor hints); ours is taken when it is ours.
@@ -114,6 +126,7 @@ class DnnTrainOperator(BaseOperator):
         self.tracking_conn_id = tracking_conn_id
         self.experiment_name = experiment_name
         self.job_timeout = job_timeout
+        self.deferrable = deferrable
         self._handle: JobHandle | None = None
         self._kill_requested = False
         self._validate_at_parse_time()
@@ -163,6 +176,8 @@ class DnnTrainOperator(BaseOperator):
     def _validate_at_parse_time(self) -> None:
         job = self.build_job(validate_only=True)
         try:
+            if self.deferrable:
+                self._launcher().check_deferrable({})
             self._launcher().validate(job)
         except ValueError as error:
             raise InvalidTrainingJob(f"task {self.task_id!r}: invalid training job: {error}") from None
@@ -207,31 +222,42 @@ class DnnTrainOperator(BaseOperator):
     def execute(self, context) -> dict[str, Any]:
         began = time.monotonic()
         ti = context["ti"]
-        run_id = make_run_id(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number)
         job = self.build_job()
         self._check_source(job)
         launcher = self._launcher()
+        saved = self._saved_job(context)
+        run_id = saved["run_id"] if saved else _new_run_id(ti)
         session = TrackingSession.start(self, context, job, run_id) if self.tracking else None
         handle = None
         try:
             if session is not None:
                 job = session.with_credentials(job)
-            plan = launcher.plan(job, run_id)
-            self._raise_if_killed("before it started")
-            # The tracking run is still being created: the replicas start now and are given its id
-            # as soon as it exists (the script's processes wait for it, runners do not).
-            handle = self._handle = launcher.submit(
-                job,
-                plan,
-                extra_env=session.replica_env() if session else {},
-                pending_env=session.pending_variables if session else (),
-            )
+            replica_env = session.replica_env() if session else {}
+            if self.deferrable:
+                launcher.check_deferrable(replica_env)
+            if saved:  # an earlier try's replicas still run (its worker died): take them over
+                handle = self._handle = launcher.reattach(saved, job, replica_env)
+                self.log.info("Run %s: took over the replicas an earlier try started", run_id)
+            else:
+                plan = launcher.plan(job, run_id)
+                self._raise_if_killed("before it started")
+                # The tracking run is still being created: the replicas start now and are given its id
+                # as soon as it exists (the script's processes wait for it, runners do not).
+                handle = self._handle = launcher.submit(
+                    job,
+                    plan,
+                    extra_env=replica_env,
+                    pending_env=session.pending_variables if session else (),
+                )
+                self._remember(context, launcher, handle)
             launched = time.monotonic()
             self.log.info(
                 "Run %s on the %s launcher, plan:\n%s", run_id, launcher.name, handle.plan.to_json()
             )
             if self._kill_requested:  # on_kill came while replicas were being started
                 launcher.cancel(handle)
+            if self.deferrable:
+                self._defer_the_wait(launcher, job, handle, session)
             wait_for_job(
                 launcher,
                 handle,
@@ -241,17 +267,14 @@ class DnnTrainOperator(BaseOperator):
                 on_finished=session.on_finished if session else None,
             )
             ended = time.monotonic()
-        except BaseException as error:
-            outcome, reason = self._outcome_of(error)
-            if handle is not None:
-                launcher.stop(handle, launcher.stop_grace_seconds)  # no-op if already stopped
-            self._finish(session, launcher, handle, outcome, reason, failing=True)
-            if isinstance(error, JobFailed):
-                raise TrainingRunFailed(f"training run {run_id} failed: {error}") from None
+        except TaskDeferred:
             raise
+        except BaseException as error:
+            self._fail(context, error, run_id, session, launcher, handle)
         finally:
             self._handle = None
         artifacts, metrics = self._finish(session, launcher, handle, "FINISHED", "succeeded", failing=False)
+        self._forget(context)
         self.log.info(
             "Run %s: replicas started %.2f s into execute (tracking run ready at %.2f s), ran %.2f s; "
             "outputs collected and tracking closed in %.2f s",
@@ -262,6 +285,73 @@ class DnnTrainOperator(BaseOperator):
             time.monotonic() - ended,
         )
         return self._result(run_id, artifacts, session, metrics)
+
+    def _defer_the_wait(self, launcher: Launcher, job: TrainingJob, handle: JobHandle, session) -> None:
+        """Hand the wait to the triggerer: once the replicas have the tracking run's id."""
+        trigger = launcher.trigger(handle, job, self.job_timeout)
+        if session is not None:
+            session.deliver_now(launcher, job, handle)
+            session.suspend()
+        self.log.info("Run %s: waiting on the triggerer", handle.run_id)
+        self.defer(trigger=trigger, method_name="execute_complete")
+
+    def execute_complete(self, context, event: dict[str, Any]) -> dict[str, Any]:
+        """The trigger saw the job end: stop what is left, collect the outputs, close the tracking run."""
+        job = self.build_job()
+        launcher = self._launcher()
+        state = event["state"]
+        run_id = state["run_id"]
+        session = TrackingSession.start(self, context, job, run_id) if self.tracking else None
+        handle = None
+        try:
+            if session is not None:
+                job = session.with_credentials(job)
+            handle = launcher.reattach(state, job, {})
+            failed = event.get("failed_replica")
+            status = JobStatus(
+                JobState(event["status"]),
+                event["message"],
+                failed_replica=failed,
+                exit_code=event.get("exit_code"),
+                last_lines=event.get("tails", {}).get(failed or "", []),
+            )
+            end_job(launcher, handle, status, on_log=lambda line: self.log.info("%s", line))
+        except BaseException as error:
+            self._fail(context, error, run_id, session, launcher, handle)
+        artifacts, metrics = self._finish(session, launcher, handle, "FINISHED", "succeeded", failing=False)
+        self._forget(context)
+        return self._result(run_id, artifacts, session, metrics)
+
+    def _fail(self, context, error: BaseException, run_id: str, session, launcher, handle) -> NoReturn:
+        outcome, reason = self._outcome_of(error)
+        if handle is not None:
+            launcher.stop(handle, launcher.stop_grace_seconds)  # no-op if already stopped
+        self._finish(session, launcher, handle, outcome, reason, failing=True)
+        self._forget(context)
+        if isinstance(error, JobFailed):
+            raise TrainingRunFailed(f"training run {run_id} failed: {error}") from None
+        raise error
+
+    # -- a job that outlives the task process ----------------------------------------------------
+
+    def _saved_job(self, context) -> dict | None:
+        """The job an earlier try of this task instance left running, for a launcher that can take it
+        over (``task_state_store``, as ``ResumableJobMixin`` keeps its external job ids)."""
+        store = context.get("task_state_store")
+        if store is None or self._launcher().state.__func__ is Launcher.state:
+            return None
+        return store.get(_JOB_STATE_KEY) or None
+
+    def _remember(self, context, launcher: Launcher, handle: JobHandle) -> None:
+        store = context.get("task_state_store")
+        state = launcher.state(handle)
+        if store is not None and state is not None:
+            store.set(_JOB_STATE_KEY, state)
+
+    def _forget(self, context) -> None:
+        store = context.get("task_state_store")
+        if store is not None and self._launcher().state.__func__ is not Launcher.state:
+            store.delete(_JOB_STATE_KEY)
 
     def _outcome_of(self, error: BaseException) -> tuple[str, str]:
         if self._kill_requested:
@@ -320,6 +410,10 @@ class DnnTrainOperator(BaseOperator):
             "tracking_run_id": run.mlflow_run_id if run else None,
             "metrics": metrics,
         }
+
+
+def _new_run_id(ti) -> str:
+    return make_run_id(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, ti.try_number)
 
 
 def _environment_dict(environment: Environment | Mapping[str, Any] | None) -> dict[str, Any]:

@@ -110,6 +110,15 @@ class JobPlan:
             replica["env"].update({name: "***" for name in self.secret_names})
         return data
 
+    @classmethod
+    def from_dict(cls, data: dict) -> JobPlan:
+        """The plan :meth:`to_dict` gave (secrets stay masked: they never travel in a plan)."""
+        fields = {**data}
+        fields["replicas"] = [
+            Replica(**{k: v for k, v in replica.items() if k != "name"}) for replica in data["replicas"]
+        ]
+        return cls(**fields)
+
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 

@@ -424,3 +424,10 @@ def test_a_missing_source_directory_or_script_fails_when_the_dag_is_parsed(tmp_p
     # a relative source_directory is relative to the DAG file
     assert f"source_directory: '{tmp_path / 'missing'}' is not a directory" in errors["no_dir"]
     assert f"entry_script: 't.py' is not a file in {tmp_path / 'src'}" in errors["no_script"]
+
+
+def test_deferrable_needs_a_launcher_whose_replicas_outlive_the_task():
+    with pytest.raises(InvalidTrainingJob, match="local launcher cannot wait on the triggerer"):
+        TensorFlowTrainOperator(
+            task_id="train", source_directory=str(SCRIPTS), entry_script="replica.py", deferrable=True
+        )

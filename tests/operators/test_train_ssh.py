@@ -161,3 +161,24 @@ def test_a_host_lost_mid_run_fails_the_job_naming_it_and_nothing_is_left(tmp_pat
         assert ended - cut_at[0] < 45, "failed within 30 s, then stopped the rest"
         assert f"host {lost.address}" in logged and "has not answered" in logged
         assert_nothing_left_within(own, timeout=30)
+
+
+@pytest.mark.slow
+def test_a_deferred_wait_streams_every_line_once_and_finishes_the_run(hosts, capfd):
+    dag_run = load_dag(SSH_DAGS, "dnntrain_ssh_deferrable").test()
+    logged = "".join(capfd.readouterr())
+    assert task_instance(dag_run, "train").state == "success", logged[-3000:]
+    assert "waiting on the triggerer" in logged
+    for node, rank in (("node-0", 0), ("node-1", 1)):  # from the trigger, once each
+        assert logged.count(f"[{node}] [default0]:rank={rank} world_size=2") == 1
+        assert logged.count(f"[{node}] [default0]:epoch=1 loss=") == 1
+    result = xcom(dag_run, "train")
+    assert json.loads((Path(result["outputs"]) / "summary.json").read_text())["allreduce_sum"] == 3.0
+    assert_nothing_left(hosts)
+
+
+def test_deferring_with_the_embedded_store_is_refused_clearly(hosts, capfd):
+    dag_run = load_dag(SSH_DAGS, "dnntrain_ssh_deferrable_embedded_store").test()
+    assert task_instance(dag_run, "train").state == "failed"
+    assert "give the hosts a tracking server they reach themselves" in "".join(capfd.readouterr())
+    assert_nothing_left(hosts)

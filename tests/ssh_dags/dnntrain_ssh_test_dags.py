@@ -86,3 +86,25 @@ with DAG("dnntrain_ssh_unknown_host_key", schedule=None, start_date=START):
         launcher=SSHLauncher(ssh_conn_ids=["ssh_unpinned"]),
         tracking=False,
     )
+
+with DAG("dnntrain_ssh_deferrable", schedule=None, start_date=START):
+    PyTorchTrainOperator(
+        task_id="train",
+        source_directory=EXAMPLE_SCRIPTS,
+        entry_script="torch_ddp_digits.py",
+        arguments=["--epochs", "2"],
+        distribution=TorchDistributed(node_count=2, process_count_per_node=1),
+        launcher=ssh_launcher(),
+        deferrable=True,
+        tracking=False,  # the embedded store is reached through the worker, which a deferred task leaves
+    )
+
+with DAG("dnntrain_ssh_deferrable_embedded_store", schedule=None, start_date=START):
+    PyTorchTrainOperator(
+        task_id="train",
+        source_directory=EXAMPLE_SCRIPTS,
+        entry_script="torch_ddp_digits.py",
+        distribution=TorchDistributed(node_count=2, process_count_per_node=1),
+        launcher=ssh_launcher(),
+        deferrable=True,
+    )

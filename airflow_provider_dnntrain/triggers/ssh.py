@@ -1,0 +1,99 @@
+"""The SSH launcher's deferrable wait: on the triggerer, one agent command per host per interval (which
+also renews the replicas' lease), every new line into the task log, and an event once the job has
+finished by gang semantics, failed, or gone silent on a host."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from airflow_provider_dnntrain.launchers.base import JobState
+from airflow_provider_dnntrain.launchers.ssh_job import SSHJobHandle
+
+
+class SSHJobTrigger(BaseTrigger):
+    """Polls an SSH job's hosts. The SSH calls run in worker threads (the ssh provider's ``SSHHook``,
+    the same bounded, host-key-checked path as the launcher), never on the triggerer's event loop."""
+
+    def __init__(
+        self,
+        *,
+        state: dict[str, Any],
+        secrets: list[str],
+        poll_interval: float,
+        unreachable_timeout: float,
+        timeout: float | None = None,
+        deadline: float | None = None,
+        grace_seconds: float = 10.0,
+    ) -> None:
+        super().__init__()
+        self.grace_seconds = grace_seconds
+        self.state = state
+        self.secrets = secrets
+        self.poll_interval = poll_interval
+        self.unreachable_timeout = unreachable_timeout
+        self.timeout = timeout
+        # Wall clock, so that a trigger re-created on another triggerer keeps the job's deadline.
+        self.deadline = deadline if deadline is not None else (time.time() + timeout if timeout else None)
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "state": self.state,
+                "secrets": self.secrets,
+                "poll_interval": self.poll_interval,
+                "unreachable_timeout": self.unreachable_timeout,
+                "timeout": self.timeout,
+                "deadline": self.deadline,
+                "grace_seconds": self.grace_seconds,
+            },
+        )
+
+    async def on_kill(self) -> None:
+        """The task was marked failed or success, or cleared, while deferred: stop every replica."""
+        handle = SSHJobHandle.from_state(self.state, self.secrets)
+
+        def stop(host) -> dict:
+            try:
+                return handle.agent(host, "stop", str(self.grace_seconds), timeout=self.grace_seconds + 30)
+            finally:
+                host.close()
+
+        await asyncio.to_thread(handle.on_hosts, stop)
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        handle = SSHJobHandle.from_state(self.state, self.secrets)
+        try:
+            while True:
+                answers = await asyncio.to_thread(
+                    handle.on_hosts, lambda h: handle.poll_host(h, self.unreachable_timeout)
+                )
+                for label, answer in answers.items():
+                    handle.take_answer(label, answer)
+                for line in handle.take_lines():
+                    self.log.info("%s", line)
+                status = handle.evaluate(self.unreachable_timeout)
+                if not status.state.finished and self.deadline and time.time() > self.deadline:
+                    message = f"job {handle.run_id} timed out after {self.timeout:.0f}s"
+                    status = type(status)(JobState.FAILED, message)
+                if status.state.finished:
+                    yield TriggerEvent(
+                        {
+                            "state": handle.to_state(),
+                            "status": status.state.value,
+                            "message": status.message,
+                            "failed_replica": status.failed_replica,
+                            "exit_code": status.exit_code,
+                            "tails": {name: list(tail) for name, tail in handle.tails.items()},
+                        }
+                    )
+                    return
+                await asyncio.sleep(self.poll_interval)
+        finally:
+            for host in handle.hosts.values():
+                host.close()

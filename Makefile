@@ -11,6 +11,8 @@ DEBIAN_PACKAGES := openmpi-bin libopenmpi-dev cmake g++ make openssh-server open
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt scripts/*.sh | sha256sum | cut -c1-12)
 DEMO_HOME := $(CURDIR)/.demo/airflow
 DEMO_DAG ?= dnntrain_tf_multi_worker
+# DAGs on the SSH launcher run against three sshd hosts started on this machine for the demo.
+DEMO_HOSTS = $(if $(findstring _ssh_,$(DEMO_DAG)),$(BIN)/python scripts/with_ssh_hosts.py --)
 AIRFLOW_ENV := AIRFLOW_HOME=$(DEMO_HOME) AIRFLOW__CORE__LOAD_EXAMPLES=False \
 	AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags TF_CPP_MIN_LOG_LEVEL=2
 
@@ -34,7 +36,7 @@ demo: $(STAMP)
 	mkdir -p $(DEMO_HOME)
 	$(AIRFLOW_ENV) $(BIN)/airflow db migrate > $(DEMO_HOME)/../db-migrate.log 2>&1
 	@echo "Running $(DEMO_DAG) with 'airflow dags test' (log: .demo/$(DEMO_DAG).log) ..."
-	@$(AIRFLOW_ENV) PATH=$(CURDIR)/$(BIN):$$PATH $(BIN)/airflow dags test $(DEMO_DAG) \
+	@$(AIRFLOW_ENV) PATH=$(CURDIR)/$(BIN):$$PATH $(DEMO_HOSTS) $(BIN)/airflow dags test $(DEMO_DAG) \
 		> .demo/$(DEMO_DAG).log 2>&1 || { tail -n 60 .demo/$(DEMO_DAG).log; exit 1; }
 	@grep -o '\[[a-z0-9./-]*\] \(\[[a-z0-9]*\]:\|\[[0-9]\]<stdout>:\)\?epoch=[0-9]* loss=[0-9.]* accuracy=[0-9.]*' \
 		.demo/$(DEMO_DAG).log || true

@@ -36,6 +36,7 @@ class AirflowServices:
     home: Path
     dags_folder: Path
     port: int = field(default_factory=free_port)
+    extra_env: dict[str, str] = field(default_factory=dict)  # for every component (connections...)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _token: str | None = None
 
@@ -60,6 +61,7 @@ class AirflowServices:
                 "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
                 "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                 "TF_CPP_MIN_LOG_LEVEL": "2",
+                **self.extra_env,
             }
         )
         return env

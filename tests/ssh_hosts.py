@@ -178,6 +178,19 @@ class SSHHosts:
         uri = {"conn_type": "ssh", "host": "127.0.0.1", "port": host.port, "login": self.user, "extra": extra}
         return json.dumps(uri)
 
+    def host_list_connection(self) -> str:
+        """One Airflow SSH connection naming every host (extra ``hosts``), as JSON."""
+        entries = [
+            {"host": "127.0.0.1", "port": h.port, "address": h.address, "host_key": h.host_key}
+            for h in self.hosts
+        ]
+        extra = {
+            "key_file": str(self.client_key),
+            "hosts": entries,
+            "authorized_keys_file": str(self.root / "authorized_keys"),
+        }
+        return json.dumps({"conn_type": "ssh", "login": self.user, "extra": extra})
+
     def cut_off(self, host: SSHHost) -> None:
         """The host drops off the network: its link goes down (its peers lose it) and the connections
         from this machine stall (so does the launcher)."""

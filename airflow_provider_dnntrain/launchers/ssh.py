@@ -10,8 +10,6 @@ for ``orphan_timeout`` seconds: a host cut off from Airflow cleans up after itse
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
 import json
 import logging
 import posixpath
@@ -426,28 +424,9 @@ class SSHLauncher(Launcher):
         """Fetch the primary process's outputs and logs and every replica's console log; then remove the
         job's folders from the hosts (unless ``keep_remote_files``): this is the last step of a run."""
         try:
-            return self._fetch_outputs(handle)
+            return handle.fetch_outputs()
         finally:
             self._clean_up(handle)
-
-    def _fetch_outputs(self, handle: SSHJobHandle) -> Path:
-        label, primary = self._primary(handle)
-        host = handle.hosts[label]
-        packed = handle.agent(host, "outputs", primary)["path"]
-        artifacts = handle.run_dir / "artifacts"
-        shutil.rmtree(artifacts, ignore_errors=True)
-        artifacts.mkdir()
-        with tarfile.open(fileobj=io.BytesIO(host.get(packed))) as tar:
-            tar.extractall(artifacts, filter="data")
-        replica_logs = artifacts / "logs" / "replicas"
-        replica_logs.mkdir(parents=True, exist_ok=True)
-        for label, names in handle.replicas_on.items():
-            for name in names:
-                path = posixpath.join(handle.job_dir, "hosts", label, "logs", f"{name}.log")
-                with contextlib.suppress(HostUnreachable, OSError):  # an unreachable host's is lost
-                    (replica_logs / f"{name}.log").write_bytes(handle.hosts[label].get(path))
-        handle.redactor.redact_tree(artifacts / "logs")
-        return artifacts
 
     def _clean_up(self, handle: SSHJobHandle) -> None:
         """Revoke the run's own key and, unless ``keep_remote_files``, remove the job's folder."""
@@ -460,23 +439,6 @@ class SSHLauncher(Launcher):
             handle.relay.close()
         for host in handle.hosts.values():
             host.close()
-
-    @staticmethod
-    def _primary(handle: SSHJobHandle) -> tuple[str, str]:
-        """(host label, replica) of global rank 0: the newest mark (elastic restarts), else the chief."""
-        marks = handle.on_hosts(lambda h: handle.agent(h, "marks")["marks"])
-        for label, found in marks.items():
-            if isinstance(found, HostUnreachable):
-                log.warning("Not collecting from host %s: %s", handle.hosts[label].spec, found)
-            elif isinstance(found, BaseException):
-                raise found
-        reached = {label: found for label, found in marks.items() if isinstance(found, dict)}
-        marked = [(when, label, name) for label, found in reached.items() for name, when in found.items()]
-        if marked:
-            _, label, name = max(marked)
-            return label, name
-        chief = handle.plan.chief.name
-        return handle.host_of(chief), chief
 
 
 def _secret_values(job: TrainingJob) -> list[str]:

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
+import io
 import json
+import logging
 import posixpath
+import shutil
+import tarfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +24,7 @@ from airflow_provider_dnntrain.launchers.local_logs import LineSplitter, Redacto
 from airflow_provider_dnntrain.launchers.ssh_remote import HostSpec, HostUnreachable, RemoteHost, on_each
 from airflow_provider_dnntrain.topology import JobPlan
 
+log = logging.getLogger(__name__)
 COMMAND_TIMEOUT_SECONDS = 30
 _TAIL_LINES = 30
 
@@ -133,6 +139,45 @@ class SSHJobHandle(JobHandle):
                     failed_replica=names[0] if names else None,
                 )
         return status
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def fetch_outputs(self) -> Path:
+        """The primary process's outputs and logs, and every replica's console log, into the run's
+        artifacts on this worker (redacted)."""
+        label, primary = self.primary()
+        host = self.hosts[label]
+        packed = self.agent(host, "outputs", primary)["path"]
+        artifacts = self.run_dir / "artifacts"
+        shutil.rmtree(artifacts, ignore_errors=True)
+        artifacts.mkdir(parents=True)  # a worker taking a job over may not have its run folder yet
+        with tarfile.open(fileobj=io.BytesIO(host.get(packed))) as tar:
+            tar.extractall(artifacts, filter="data")
+        replica_logs = artifacts / "logs" / "replicas"
+        replica_logs.mkdir(parents=True, exist_ok=True)
+        for label, names in self.replicas_on.items():
+            for name in names:
+                path = posixpath.join(self.job_dir, "hosts", label, "logs", f"{name}.log")
+                with contextlib.suppress(HostUnreachable, OSError):  # an unreachable host's is lost
+                    (replica_logs / f"{name}.log").write_bytes(self.hosts[label].get(path))
+        self.redactor.redact_tree(artifacts / "logs")
+        return artifacts
+
+    def primary(self) -> tuple[str, str]:
+        """(host label, replica) of global rank 0: the newest mark (elastic restarts), else the chief."""
+        marks = self.on_hosts(lambda h: self.agent(h, "marks")["marks"])
+        for label, found in marks.items():
+            if isinstance(found, HostUnreachable):
+                log.warning("Not collecting from host %s: %s", self.hosts[label].spec, found)
+            elif isinstance(found, BaseException):
+                raise found
+        reached = {label: found for label, found in marks.items() if isinstance(found, dict)}
+        marked = [(when, label, name) for label, found in reached.items() for name, when in found.items()]
+        if marked:
+            _, label, name = max(marked)
+            return label, name
+        chief = self.plan.chief.name
+        return self.host_of(chief), chief
 
     # -- surviving a deferral or a restart -------------------------------------------------------
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from airflow_helpers import load_dag, task_instance, xcom
+from airflow_helpers import EXAMPLE_DAGS, load_dag, task_instance, xcom
 from hostile import HOSTILE_ARGUMENTS, PWNED
 from ssh_hosts import SSHHosts
 
@@ -181,4 +181,16 @@ def test_deferring_with_the_embedded_store_is_refused_clearly(hosts, capfd):
     dag_run = load_dag(SSH_DAGS, "dnntrain_ssh_deferrable_embedded_store").test()
     assert task_instance(dag_run, "train").state == "failed"
     assert "give the hosts a tracking server they reach themselves" in "".join(capfd.readouterr())
+    assert_nothing_left(hosts)
+
+
+@pytest.mark.slow
+def test_the_example_dag_trains_on_hosts_listed_in_one_connection(hosts, monkeypatch, capfd):
+    monkeypatch.setenv("AIRFLOW_CONN_DNNTRAIN_SSH_HOSTS", hosts.host_list_connection())
+    dag_run = load_dag(EXAMPLE_DAGS, "dnntrain_ssh_pytorch_ddp").test(run_conf={"epochs": 2})
+    logged = "".join(capfd.readouterr())
+    assert task_instance(dag_run, "register").state == "success", logged[-3000:]
+    result = xcom(dag_run, "train")
+    assert set(result["metrics"]) == {"loss", "accuracy"}  # rank 0 logged them from its host
+    assert f'"host": "{hosts.hosts[0].address}"' in logged and f'"host": "{hosts.hosts[1].address}"' in logged
     assert_nothing_left(hosts)

@@ -27,6 +27,7 @@ NUMBER = int(RANK) if RANK.isdigit() else int(os.environ.get("DNNTRAIN_REPLICA_I
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--log-metrics", type=int, default=0, help="log 'loss' for this many steps")
+    parser.add_argument("--late", action="store_true", help="log the metrics after the sleep, not before")
     parser.add_argument("--spawn", action="store_true", help="start a child that sleeps")
     parser.add_argument("--sleep", type=float, default=0.0)
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM, as TensorFlow does")
@@ -46,10 +47,12 @@ def main() -> None:
         print(f"rank {RANK} {name}={os.environ.get(name)}", flush=True)
     for name in args.write_env:
         (outputs / f"env-{RANK}-{name}.txt").write_text(os.environ.get(name, ""))
-    if args.log_metrics:
+    if args.log_metrics and not args.late:
         log_metrics(args.log_metrics)
     print(f"rank {RANK} ready", flush=True)
     time.sleep(args.sleep)
+    if args.log_metrics and args.late:
+        log_metrics(args.log_metrics)
 
 
 def log_metrics(steps: int) -> None:

@@ -1,0 +1,126 @@
+"""The SSH launcher under real Airflow components (scheduler with LocalExecutor, triggerer, api-server,
+dag-processor) and real SSH hosts: a worker that dies mid-run is taken over by the next try, and a
+deferred wait ends on the triggerer. Afterwards no host holds a process of the job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from airflow_services import AirflowServices
+from ssh_hosts import SSHHosts
+
+from airflow_provider_dnntrain import tracking
+
+SERVICE_DAGS = Path(__file__).resolve().parent / "service_dags"
+RESUMED, DEFERRED = "dnntrain_service_ssh_resumed", "dnntrain_service_ssh_deferred"
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory):
+    with SSHHosts(tmp_path_factory.mktemp("ssh") / "hosts") as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory, hosts):
+    root = tmp_path_factory.mktemp("airflow-services-ssh")
+    dags = root / "dags"
+    dags.mkdir()
+    (dags / "dnntrain_service_ssh_dags.py").symlink_to(SERVICE_DAGS / "dnntrain_service_ssh_dags.py")
+    connections = {f"AIRFLOW_CONN_SSH_H{i}": hosts.airflow_connection(h) for i, h in enumerate(hosts.hosts)}
+    # A dead worker's task is noticed (and retried) after 10 s without a heartbeat.
+    timeouts = {
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": "10",
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "2",
+    }
+    airflow = AirflowServices(home=root / "home", dags_folder=dags, extra_env={**connections, **timeouts})
+    airflow.start()
+    try:
+        yield airflow
+    finally:
+        airflow.stop()
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+    return result
+
+
+def rank_pids(hosts: SSHHosts) -> dict[int, str]:
+    """The ranks themselves (torchrun starts its workers as ``python -u script``) on every host."""
+    found = {}
+    for host in hosts.hosts:
+        found.update({p: c for p, c in host.job_processes().items() if "-u ranks.py" in c})
+    return found
+
+
+def ranks_running(hosts: SSHHosts) -> bool:
+    return len(rank_pids(hosts)) == 2
+
+
+def try_running(services: AirflowServices, run_id: str, try_number: int) -> bool:
+    task = services.task(RESUMED, run_id, "train")
+    return task["try_number"] == try_number and task["state"] == "running"
+
+
+def task_process(hosts: SSHHosts) -> psutil.Process | None:
+    """The Airflow task process running the launcher: the one connected to a host's sshd."""
+    ports = {h.port for h in hosts.hosts}
+    for process in psutil.process_iter():
+        try:
+            connections = process.net_connections(kind="tcp")
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if any(c.raddr and c.raddr.port in ports for c in connections):
+            return process
+    return None
+
+
+def assert_hosts_clean(hosts: SSHHosts, timeout: float) -> None:
+    wait_for(lambda: all(not h.job_processes() for h in hosts.hosts), timeout, "every host to be clean")
+
+
+def test_a_dead_worker_is_taken_over_by_the_next_try_without_a_second_job(services, hosts):
+    services.wait_for_dag(RESUMED)
+    run_id = services.trigger(RESUMED)
+    wait_for(lambda: ranks_running(hosts), 120, "the ranks to run")
+    ranks = rank_pids(hosts)
+    worker = task_process(hosts)
+    assert worker is not None
+    supervisor = worker.parent()
+    for process in (worker, supervisor):  # the worker dies: task process and its supervisor
+        os.kill(process.pid, signal.SIGKILL)
+    wait_for(lambda: try_running(services, run_id, 2), 120, "the next try to run")
+    wait_for(lambda: task_process(hosts) is not None, 60, "the next try to connect")
+    assert rank_pids(hosts) == ranks  # taken over: the same ranks, no second job
+    state = services.wait_for_run(RESUMED, run_id, timeout=240)
+    task = services.task(RESUMED, run_id, "train")
+    assert state == "success" and task["try_number"] == 2, services.log("scheduler")[-3000:]
+    result = services.xcom(RESUMED, run_id, "train")
+    assert "-t1-" in result["run_id"]  # the first try's job, finished under the second try
+    # Rank 0 logged its metrics after the takeover, through the relay the second try rebuilt.
+    client = tracking.client(f"sqlite:///{services.home / 'dnntrain' / 'mlflow.db'}")
+    history = client.get_metric_history(result["tracking_run_id"], "loss")
+    assert sorted(m.value for m in history) == [0.0, 1.0, 2.0]
+    assert_hosts_clean(hosts, timeout=30)
+
+
+def test_marking_a_deferred_task_failed_stops_every_replica(services, hosts):
+    services.wait_for_dag(DEFERRED)
+    run_id = services.trigger(DEFERRED)
+    wait_for(lambda: ranks_running(hosts), 120, "the ranks to run")
+    services.wait_for_task(DEFERRED, run_id, "train", {"deferred"}, timeout=60)
+    wait_for(lambda: task_process(hosts) is None, 30, "the worker to let the task go")
+    assert ranks_running(hosts)  # training goes on while the triggerer waits
+    services.api("PATCH", f"/dags/{DEFERRED}/dagRuns/{run_id}/taskInstances/train", {"new_state": "failed"})
+    assert_hosts_clean(hosts, timeout=30)

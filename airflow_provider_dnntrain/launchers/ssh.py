@@ -186,7 +186,6 @@ class SSHLauncher(Launcher):
         bundle = _bundle(source, run_dir / "bundle.tar")
         hosts = self._connect(plan)
         job_dir = posixpath.join(self.remote_root, plan.run_id)
-        raise_first(on_each(hosts, lambda h: self._end_previous_launch(h, python, job_dir)))
         counting = self.placement(plan.run_id)
         render_plan(job, plan.run_id, counting, python)
         needed = counting.ports_needed()
@@ -249,15 +248,9 @@ class SSHLauncher(Launcher):
         raise_first(on_each(hosts, RemoteHost.connect))
         return hosts
 
-    def _end_previous_launch(self, host: RemoteHost, python: str, job_dir: str) -> None:
-        """A resubmitted run id first ends what its previous launch left on the host, then starts clean."""
-        folder = host.absolute(job_dir)
-        previous = posixpath.join(folder, "hosts", host.label, "host.json")
-        if host.run(["sh", "-c", 'test -f "$1" && echo yes || true', "sh", previous], 30).strip():
-            _agent(host, python, folder, "stop", "0")
-        host.run(["rm", "-rf", "--", folder], _COMMAND_TIMEOUT_SECONDS)
-
     def _prepare(self, host: RemoteHost, python: str, job_dir: str, bundle: Path, ports: dict) -> dict:
+        """Ship the agent, the reaper, the replica site and the source; the agent ends what a previous
+        launch of the same run id left on the host, and answers with free ports."""
         folder = host.absolute(job_dir)
         support = posixpath.join(folder, "dnntrain")
         host.makedirs(posixpath.join(support, "replica_site"))

@@ -7,8 +7,8 @@ site), the pending-variables file, and ``hosts/<HOST>/`` with what belongs to th
 source snapshot, the replicas to start, their logs, pids, exit codes and the lease), so hosts that
 share a file system (an NFS home) do not collide.
 
-- ``prepare JOB_DIR HOST N``: unpack the uploaded bundle and print ``N`` ports free on this host, and
-  whether replicas run as root here;
+- ``prepare JOB_DIR HOST N``: end what a previous launch of the same run left on this host, unpack
+  the uploaded bundle and print ``N`` ports free on this host, and whether replicas run as root here;
 - ``start JOB_DIR HOST``: start every replica ``host.json`` lists, each detached (own session) under
   the reaper, which keeps its subtree findable, writes its exit code, and stops it when the lease goes
   stale; prepare the working directories other hosts' runners start ranks in (``mirrors``);
@@ -81,7 +81,16 @@ class Paths:
 
 
 def prepare(paths: Paths, port_count: str) -> dict:
+    if (paths.host / "host.json").exists():  # a resubmitted run id: end what its last launch left
+        stop(paths, "0")
     bundle = paths.host / "bundle.tar"
+    for stale in [paths.job / "replicas", *paths.host.iterdir()]:
+        if stale == bundle:
+            continue
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink(missing_ok=True)
     with tarfile.open(bundle) as tar:
         tar.extractall(paths.host, filter="data")
     bundle.unlink()

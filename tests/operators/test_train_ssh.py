@@ -6,6 +6,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +18,9 @@ from hostile import HOSTILE_ARGUMENTS, PWNED
 from ssh_hosts import SSHHosts
 
 from airflow_provider_dnntrain import tracking
+from airflow_provider_dnntrain.launchers.ssh import SSHLauncher
+from airflow_provider_dnntrain.operators import PyTorchTrainOperator
+from airflow_provider_dnntrain.spec import TorchDistributed
 
 SSH_DAGS = Path(__file__).resolve().parents[1] / "ssh_dags"
 
@@ -194,3 +199,50 @@ def test_the_example_dag_trains_on_hosts_listed_in_one_connection(hosts, monkeyp
     assert set(result["metrics"]) == {"loss", "accuracy"}  # rank 0 logged them from its host
     assert f'"host": "{hosts.hosts[0].address}"' in logged and f'"host": "{hosts.hosts[1].address}"' in logged
     assert_nothing_left(hosts)
+
+
+def test_dry_run_shows_the_real_hosts(hosts, capsys):
+    op = PyTorchTrainOperator(
+        task_id="train",
+        source_directory=str(EXAMPLE_DAGS / "scripts"),
+        entry_script="torch_ddp_digits.py",
+        distribution=TorchDistributed(node_count=3, process_count_per_node=2),
+        launcher=SSHLauncher(ssh_conn_ids=["ssh_h0", "ssh_h1", "ssh_h2"]),
+    )
+    plan = op.dry_run()
+    assert json.loads(capsys.readouterr().out) == plan
+    assert [r["host"] for r in plan["replicas"]] == [h.address for h in hosts.hosts]
+    assert {r["env"]["MASTER_ADDR"] for r in plan["replicas"]} == {hosts.hosts[0].address}
+    too_many = op.distribution.model_copy(update={"node_count": 4})
+    with pytest.raises(ValueError, match="distribution.node_count: 4 nodes, but the SSH launcher has 3"):
+        PyTorchTrainOperator(
+            task_id="train4",
+            source_directory=str(EXAMPLE_DAGS / "scripts"),
+            entry_script="torch_ddp_digits.py",
+            distribution=too_many,
+            launcher=SSHLauncher(ssh_conn_ids=["ssh_h0", "ssh_h1", "ssh_h2"]),
+        ).dry_run()
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_airflow_task_stops_the_replicas_on_every_host(hosts):
+    """`airflow dags test` as a user runs it; SIGTERM makes Airflow call on_kill."""
+    airflow = Path(sys.executable).with_name("airflow")
+    proc = subprocess.Popen(
+        [str(airflow), "dags", "test", "dnntrain_ssh_serving"],
+        env={**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(SSH_DAGS)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: all(running_scripts(h) for h in hosts.hosts), 120, "every replica to run")
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "Stopping every replica of run dnntrain-ssh-serving" in output
+    # cancel() only asks (it runs in Airflow's signal handler); the reapers finish within their grace.
+    assert_nothing_left_within(hosts, timeout=15)

@@ -93,8 +93,8 @@ class SSHLauncher(Launcher):
     Host keys are verified (``~/.ssh/known_hosts``, or the key pinned in the connection's extra
     ``host_key``); an unknown key is refused unless the connection says ``no_host_key_check``.
     ``python``: the job's interpreter, the same absolute path on every host (default: the job's
-    environment's, else this worker's own). ``remote_root``: per-run folders on the hosts, relative
-    to the login's home unless absolute.
+    environment's, else this worker's own). ``remote_root``: per-run folders on the hosts, at the same
+    path on each (runners start ranks there); a relative one is relative to the first host's home.
     """
 
     name = "ssh"
@@ -178,48 +178,16 @@ class SSHLauncher(Launcher):
             raise
 
     def _submit(self, job, plan, source, extra_env, pending_env, relay) -> SSHJobHandle:
-        python = self.interpreter(job)
-        run_dir = self.run_dir(plan.run_id)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        run_dir.mkdir(parents=True)
-        run_dir.chmod(0o700)
-        bundle = _bundle(source, run_dir / "bundle.tar")
-        hosts = self._connect(plan)
-        job_dir = posixpath.join(self.remote_root, plan.run_id)
-        counting = self.placement(plan.run_id)
-        render_plan(job, plan.run_id, counting, python)
-        needed = counting.ports_needed()
-        prepared = raise_first(on_each(hosts, lambda h: self._prepare(h, python, job_dir, bundle, needed)))
-        ports = {h.spec.peer_address: prepared[h.label]["ports"] for h in hosts}
-        as_root = all(answer["root"] for answer in prepared.values())
-        plan = render_plan(job, plan.run_id, self.placement(plan.run_id, ports, as_root), python)
-        (run_dir / "plan.json").write_text(plan.to_json())
-        launch_id = uuid.uuid4().hex
-        if len(plan.hosts) > 1:  # a runner starts ranks on the other hosts over SSH
-            folder = hosts[0].absolute(job_dir)
-            line = ssh_peers.grant(hosts, folder, launch_id)
-            raise_first(
-                on_each(hosts, lambda h: _agent(h, python, folder, "authorize", line, h.spec.authorized_keys))
-            )
+        handle = self._ship(job, plan, source)
+        handle.relay = relay
         secrets = {name: value.get_secret_value() for name, value in job.environment.secrets.items()}
-        handle = SSHJobHandle(
-            run_id=plan.run_id,
-            plan=plan,
-            python=python,
-            run_dir=run_dir,
-            job_dir=hosts[0].absolute(job_dir),
-            launch_id=launch_id,
-            redactor=Redactor(secrets.values()),
-            hosts={h.label: h for h in hosts},
-            replicas_on={h.label: _replicas_on(plan, h) for h in hosts},
-            relay=relay,
-        )
+        hosts = list(handle.hosts.values())
         launch_env = {
             **extra_env,
             "PYTHONUNBUFFERED": "1",
             LAUNCH_ID_VAR: handle.launch_id,
             ENTRY_SCRIPT_VAR: job.entry_script,
-            PRIMARY_REPLICA_VAR: plan.chief.name,
+            PRIMARY_REPLICA_VAR: handle.plan.chief.name,
         }
         if relay is not None:
             launch_env["MLFLOW_TRACKING_URI"] = relay.forward(hosts)
@@ -236,11 +204,40 @@ class SSHLauncher(Launcher):
         handle.last_answer = {label: now for label in handle.hosts}
         return handle
 
-    @staticmethod
-    def _grant_peer_access(hosts: list[RemoteHost], python: str, job_dir: str, launch_id: str) -> None:
-        line = ssh_peers.grant(hosts, job_dir, launch_id)
-        authorize = lambda h: _agent(h, python, job_dir, "authorize", line, h.spec.authorized_keys)  # noqa: E731
-        raise_first(on_each(hosts, authorize))
+    def _ship(self, job: TrainingJob, plan: JobPlan, source: Path) -> SSHJobHandle:
+        """Connect, ship the source once per host, plan with the ports the hosts found free, and let
+        the hosts reach each other when a runner needs to; nothing runs yet."""
+        python = self.interpreter(job)
+        run_dir = self.run_dir(plan.run_id)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        run_dir.chmod(0o700)
+        bundle = _bundle(source, run_dir / "bundle.tar")
+        hosts = self._connect(plan)
+        job_dir = hosts[0].absolute(posixpath.join(self.remote_root, plan.run_id))
+        counting = self.placement(plan.run_id)
+        render_plan(job, plan.run_id, counting, python)
+        needed = counting.ports_needed()
+        prepared = raise_first(on_each(hosts, lambda h: self._prepare(h, python, job_dir, bundle, needed)))
+        ports = {h.spec.peer_address: prepared[h.label]["ports"] for h in hosts}
+        as_root = all(answer["root"] for answer in prepared.values())
+        plan = render_plan(job, plan.run_id, self.placement(plan.run_id, ports, as_root), python)
+        (run_dir / "plan.json").write_text(plan.to_json())
+        handle = SSHJobHandle(
+            run_id=plan.run_id,
+            plan=plan,
+            python=python,
+            run_dir=run_dir,
+            job_dir=job_dir,
+            launch_id=uuid.uuid4().hex,
+            redactor=Redactor(_secret_values(job)),
+            hosts={h.label: h for h in hosts},
+            replicas_on={h.label: _replicas_on(plan, h) for h in hosts},
+        )
+        if len(plan.hosts) > 1:  # a runner starts ranks on the other hosts over SSH
+            line = ssh_peers.grant(hosts, job_dir, handle.launch_id)
+            raise_first(handle.on_hosts(lambda h: handle.agent(h, "authorize", line, h.spec.authorized_keys)))
+        return handle
 
     def _connect(self, plan: JobPlan) -> list[RemoteHost]:
         used = {r.host for r in plan.replicas} | set(plan.hosts)
@@ -248,10 +245,9 @@ class SSHLauncher(Launcher):
         raise_first(on_each(hosts, RemoteHost.connect))
         return hosts
 
-    def _prepare(self, host: RemoteHost, python: str, job_dir: str, bundle: Path, ports: dict) -> dict:
+    def _prepare(self, host: RemoteHost, python: str, folder: str, bundle: Path, ports: dict) -> dict:
         """Ship the agent, the reaper, the replica site and the source; the agent ends what a previous
         launch of the same run id left on the host, and answers with free ports."""
-        folder = host.absolute(job_dir)
         support = posixpath.join(folder, "dnntrain")
         host.makedirs(posixpath.join(support, "replica_site"))
         host.makedirs(posixpath.join(folder, "hosts", host.label))

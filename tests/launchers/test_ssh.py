@@ -44,7 +44,7 @@ def test_torchrun_two_nodes_on_two_hosts(tmp_path, conn_ids, hosts, rendezvous):
         distribution=TorchDistributed(node_count=2, process_count_per_node=1, rendezvous=rendezvous),
     )
     launcher = SSHLauncher(ssh_conn_ids=conn_ids, work_root=str(tmp_path))
-    handle = launcher.submit(job, launcher.plan(job, f"ssh-ddp-{rendezvous}"), extra_env={})
+    handle = launcher.submit(job, launcher.plan(job, f"ssh-ddp-{rendezvous}-{tmp_path.name}"), extra_env={})
     lines = []
     wait_for_job(launcher, handle, lines.append, timeout=240)
     print("\n".join(map(str, lines)))
@@ -82,7 +82,7 @@ def test_horovod_two_nodes_on_two_hosts_allreduce(tmp_path, conn_ids, hosts, dis
         distribution=Horovod(node_count=2, process_count_per_node=1, network_interface="eth0", **dist),
     )
     launcher = SSHLauncher(ssh_conn_ids=conn_ids, work_root=str(tmp_path), stop_grace_seconds=3)
-    handle = launcher.submit(job, launcher.plan(job, "ssh-hvd"), extra_env={})
+    handle = launcher.submit(job, launcher.plan(job, f"ssh-hvd-{tmp_path.name}"), extra_env={})
     lines = []
     wait_for_job(launcher, handle, lines.append, timeout=300)
     print("\n".join(map(str, lines)))

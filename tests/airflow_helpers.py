@@ -75,3 +75,14 @@ def wait_until_gone(run_id_prefix: str, timeout: float) -> list:
     while (left := job_processes(run_id_prefix)) and time.monotonic() < deadline:
         time.sleep(0.2)
     return left
+
+
+def wait_for(condition, timeout: float, what: str):
+    """``condition()``'s first true value, polled; fails naming ``what`` after ``timeout`` seconds."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return result

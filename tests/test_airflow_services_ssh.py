@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 import psutil
 import pytest
+from airflow_helpers import wait_for
 from airflow_services import AirflowServices
 from ssh_hosts import SSHHosts
 
@@ -46,14 +46,6 @@ def services(tmp_path_factory, hosts):
         yield airflow
     finally:
         airflow.stop()
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
-    return result
 
 
 def rank_pids(hosts: SSHHosts) -> dict[int, str]:

@@ -116,12 +116,17 @@ class Launcher(ABC):
 
     name: str = "launcher"
     stop_grace_seconds: float = 10.0
+    work_root: Path | None = None  # where runs' files live on the worker (default_work_root())
 
     @abstractmethod
     def placement(self, run_id: str) -> Placement: ...
 
     def interpreter(self, job: TrainingJob) -> str:
         return job.environment.python or sys.executable
+
+    def run_dir(self, run_id: str) -> Path:
+        """The run's folder on the worker: its plan, logs and artifacts (owner-only)."""
+        return (self.work_root or default_work_root()) / run_id
 
     def validate(self, job: TrainingJob) -> None:
         """Raise ``ValueError`` naming the field if this backend cannot run ``job``."""

@@ -34,7 +34,6 @@ from airflow_provider_dnntrain.launchers.base import (
     Launcher,
     LogLine,
     aggregate_status,
-    default_work_root,
 )
 from airflow_provider_dnntrain.launchers.local_logs import Redactor, follow_rank_files, pump_pipe
 from airflow_provider_dnntrain.launchers.local_ports import FreePortPlacement, port_is_free
@@ -138,9 +137,6 @@ class LocalLauncher(Launcher):
 
     def interpreter(self, job: TrainingJob) -> str:
         return self.python or super().interpreter(job)
-
-    def run_dir(self, run_id: str) -> Path:
-        return (self.work_root or default_work_root()) / run_id
 
     # -- submit ---------------------------------------------------------------------------------
 

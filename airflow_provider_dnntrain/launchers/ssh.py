@@ -36,7 +36,6 @@ from airflow_provider_dnntrain.launchers.base import (
     JobStatus,
     Launcher,
     LogLine,
-    default_work_root,
 )
 from airflow_provider_dnntrain.launchers.local_logs import Redactor
 from airflow_provider_dnntrain.launchers.ssh_job import COMMAND_TIMEOUT_SECONDS as _COMMAND_TIMEOUT_SECONDS
@@ -150,9 +149,6 @@ class SSHLauncher(Launcher):
                 f"distribution.node_count: {dist.node_count} nodes, but the SSH launcher has "
                 f"{len(self.host_specs)} host(s) ({', '.join(map(str, self.host_specs))})"
             )
-
-    def run_dir(self, run_id: str) -> Path:
-        return (self.work_root or default_work_root()) / run_id
 
     # -- submit ---------------------------------------------------------------------------------
 

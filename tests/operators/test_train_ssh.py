@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from airflow_helpers import EXAMPLE_DAGS, load_dag, task_instance, xcom
+from airflow_helpers import EXAMPLE_DAGS, load_dag, task_instance, wait_for, xcom
 from hostile import HOSTILE_ARGUMENTS, PWNED
 from ssh_hosts import SSHHosts
 
@@ -60,14 +60,6 @@ def test_parameter_server_across_three_hosts_trains_logs_metrics_and_registers(h
     assert len(history) == 2
     assert (Path(result["outputs"]) / "model").is_dir()
     assert_nothing_left(hosts)
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return result
 
 
 def running_scripts(host) -> list[str]:

@@ -302,7 +302,8 @@ class SSHLauncher(Launcher):
 
     def reattach(self, state: dict, job: TrainingJob, extra_env: Mapping[str, str]) -> SSHJobHandle:
         """Take over a job another process started: its replicas run on, detached; the relay to the
-        tracking store, if it had one, is rebuilt on the port they already use."""
+        tracking store, if it had one, is rebuilt on the port they already use (it serves the store
+        once the tracking run is delivered again, as at submit)."""
         handle = SSHJobHandle.from_state(state, _secret_values(job))
         raise_first(handle.on_hosts(RemoteHost.connect))
         # The pending file keeps the secrets when more values are delivered.
@@ -311,7 +312,6 @@ class SSHLauncher(Launcher):
         if state.get("relay_port") and tracking_uri and needs_relay(tracking_uri):
             handle.relay = TrackingRelay(tracking_uri, handle.run_dir.with_suffix(".tracking-server.log"))
             handle.relay.forward(handle.reachable(), state["relay_port"])
-            handle.relay.start_server()  # the run exists: its id reached the replicas before
         return handle
 
     def check_deferrable(self, extra_env: Mapping[str, str]) -> None:

@@ -88,7 +88,7 @@ def prepare(paths: Paths, port_count: str) -> dict:
         if stale == bundle:
             continue
         if stale.is_dir() and not stale.is_symlink():
-            shutil.rmtree(stale)
+            shutil.rmtree(stale, ignore_errors=True)  # replicas/ may be going from a host sharing it
         else:
             stale.unlink(missing_ok=True)
     with tarfile.open(bundle) as tar:

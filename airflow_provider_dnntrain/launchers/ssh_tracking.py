@@ -46,6 +46,7 @@ class TrackingRelay:
         self._hosts: list[RemoteHost] = []
         self.remote_port: int | None = None
         self._starting = threading.Lock()
+        self._store_ready = threading.Event()
         parts = urlsplit(uri)
         self.serves_store = parts.scheme != "http"
         if self.serves_store:
@@ -54,11 +55,13 @@ class TrackingRelay:
             self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
 
     def start_server(self) -> None:
-        """``mlflow server`` on the store, under the reaper (it ends when this task process ends). Not
-        before the tracking run exists: both would create a fresh store's tables at once."""
+        """``mlflow server`` on the store, under the reaper (it ends when this task process ends). Only
+        once the tracking run exists (the store is set up): both would create a fresh store's tables at
+        once. Connections that come earlier wait for it."""
         with self._starting:
             if self.serves_store and self._server is None:
                 self._launch_server()
+            self._store_ready.set()
 
     def _launch_server(self) -> None:
         watch_read, self._watch_fd = os.pipe()
@@ -121,9 +124,10 @@ class TrackingRelay:
         _pump(channel, upstream)
 
     def _connect_upstream(self) -> socket.socket:
-        """The server may still be starting (mlflow server takes seconds): wait for it a while."""
-        self.start_server()
+        """The server may not be started yet, or still starting (it takes seconds): wait a while."""
         deadline = time.monotonic() + _SERVER_START_SECONDS
+        if not self._store_ready.wait(_SERVER_START_SECONDS):
+            raise OSError("the tracking run was never created, so its store is not served")
         while True:
             try:
                 return socket.create_connection(self.target, timeout=10)

@@ -11,7 +11,7 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_dnntrain.launchers.base import JobState
+from airflow_provider_dnntrain.launchers.base import JobState, JobStatus
 from airflow_provider_dnntrain.launchers.ssh_job import SSHJobHandle
 
 
@@ -73,14 +73,18 @@ class SSHJobTrigger(BaseTrigger):
                 answers = await asyncio.to_thread(
                     handle.on_hosts, lambda h: handle.poll_host(h, self.unreachable_timeout)
                 )
-                for label, answer in answers.items():
-                    handle.take_answer(label, answer)
+                try:
+                    for label, answer in answers.items():
+                        handle.take_answer(label, answer)
+                    status = handle.evaluate(self.unreachable_timeout)
+                except Exception as error:  # the task still has to stop the job: hand it back
+                    problem = f"{type(error).__name__}: {error}"
+                    status = JobStatus(JobState.FAILED, f"job {handle.run_id}: {problem}")
                 for line in handle.take_lines():
                     self.log.info("%s", line)
-                status = handle.evaluate(self.unreachable_timeout)
                 if not status.state.finished and self.deadline and time.time() > self.deadline:
                     message = f"job {handle.run_id} timed out after {self.timeout:.0f}s"
-                    status = type(status)(JobState.FAILED, message)
+                    status = JobStatus(JobState.FAILED, message)
                 if status.state.finished:
                     yield TriggerEvent(
                         {

@@ -238,3 +238,22 @@ def test_sigterm_to_the_airflow_task_stops_the_replicas_on_every_host(hosts):
     assert "Stopping every replica of run dnntrain-ssh-serving" in output
     # cancel() only asks (it runs in Airflow's signal handler); the reapers finish within their grace.
     assert_nothing_left_within(hosts, timeout=15)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dag_id", ["dnntrain_ssh_torch_c10d", "dnntrain_ssh_horovod_mpirun"])
+def test_ranks_on_two_hosts_train_and_rank_zero_logs_the_metrics(hosts, capfd, dag_id):
+    dag_run = load_dag(SSH_DAGS, dag_id).test()
+    logged = "".join(capfd.readouterr())
+    assert task_instance(dag_run, "train").state == "success", logged[-3000:]
+    result = xcom(dag_run, "train")
+    assert set(result["metrics"]) == {"loss", "accuracy"}
+    history = tracking.client(result["tracking_uri"]).get_metric_history(result["tracking_run_id"], "loss")
+    assert len(history) == 2  # rank 0's, from its host, through the relay
+    summary = json.loads((Path(result["outputs"]) / "summary.json").read_text())
+    assert summary["allreduce_sum"] == 3.0
+    if dag_id.endswith("mpirun"):
+        for rank, host in enumerate(hosts.hosts[:2]):
+            assert f"[launcher-0/rank.{rank}] rank={rank} size=2" in logged
+            assert f"host={host.name}" in logged
+    assert_nothing_left(hosts)

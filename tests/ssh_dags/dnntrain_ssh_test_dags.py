@@ -11,6 +11,7 @@ from airflow.sdk import DAG
 
 from airflow_provider_dnntrain.launchers.ssh import SSHLauncher
 from airflow_provider_dnntrain.operators import (
+    PyTorchHorovodOperator,
     PyTorchTrainOperator,
     RegisterModelOperator,
     TensorFlowTrainOperator,
@@ -39,6 +40,19 @@ with DAG("dnntrain_ssh_parameter_server", schedule=None, start_date=START):
         launcher=ssh_launcher(),
     )
     RegisterModelOperator(task_id="register", run_id=train.output, model_name="ssh-tf-ps", model_path="model")
+
+with DAG("dnntrain_ssh_horovod_mpirun", schedule=None, start_date=START):
+    PyTorchHorovodOperator(
+        task_id="train",
+        source_directory=EXAMPLE_SCRIPTS,
+        entry_script="torch_horovod_digits.py",
+        arguments=["--epochs", "2"],
+        node_count=2,
+        runner="mpirun",
+        controller="mpi",
+        network_interface="eth0",  # the hosts' private network
+        launcher=ssh_launcher(),
+    )
 
 with DAG("dnntrain_ssh_torch_c10d", schedule=None, start_date=START):
     PyTorchTrainOperator(

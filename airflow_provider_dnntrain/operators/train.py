@@ -255,7 +255,7 @@ class DnnTrainOperator(BaseOperator):
                 "Run %s on the %s launcher, plan:\n%s", run_id, launcher.name, handle.plan.to_json()
             )
             if self._kill_requested:  # on_kill came while replicas were being started
-                self.log.info("Stopping every replica of run %s", run_id)
+                self.log.info("The task was stopped while run %s started: stopping every replica", run_id)
                 launcher.cancel(handle)
             if self.deferrable:
                 self._defer_the_wait(launcher, job, handle, session)

@@ -204,7 +204,8 @@ class Launcher(ABC):
             )
 
     def trigger(self, handle: JobHandle, job: TrainingJob, timeout: float | None):
-        """A trigger that waits for the job on the triggerer, or None if this backend has none."""
+        """A trigger that waits for the job on the triggerer (values given to ``provide_env`` have
+        reached the replicas by the time it returns), or None if this backend has none."""
         return None
 
     @abstractmethod

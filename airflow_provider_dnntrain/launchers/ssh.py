@@ -277,23 +277,25 @@ class SSHLauncher(Launcher):
         return [r for r in plan.replicas if r.host != host.spec.peer_address]
 
     def provide_env(self, handle: SSHJobHandle, values: Mapping[str, str]) -> None:
-        """Write the values to every host; a host out of reach gets them once it answers again (the
-        job fails if it does not, within ``unreachable_timeout``)."""
+        """Write the values to every host: at once while submitting; later with each host's next poll
+        (in its own thread, so a host that stalls holds up neither the others nor the wait)."""
         if handle.relay is not None and "MLFLOW_RUN_ID" in values:
             handle.relay.start_server()  # the run, and so the store, exists now
         handle.provided.update(values)
         handle.undelivered = set(handle.hosts)
-        self._deliver(handle)
+        if not handle.last_answer:  # still submitting: every host gets them before anything starts
+            raise_first(handle.on_hosts(lambda h: self._deliver(handle, h)))
+        else:
+            handle.last_fetch = 0.0  # deliver with the next poll, right away
 
-    def _deliver(self, handle: SSHJobHandle) -> None:
-        content = json.dumps(handle.provided).encode()
-        path = posixpath.join(handle.job_dir, "pending-env.json")
-        hosts = [handle.hosts[label] for label in sorted(handle.undelivered - handle.lost)]
-        for label, result in on_each(hosts, lambda h: h.put(content, path)).items():
-            if not isinstance(result, BaseException):
-                handle.undelivered.discard(label)
-            elif not isinstance(result, HostUnreachable):
-                raise result
+    def _deliver(self, handle: SSHJobHandle, host: RemoteHost) -> None:
+        host.put(json.dumps(handle.provided).encode(), posixpath.join(handle.job_dir, "pending-env.json"))
+        handle.undelivered.discard(host.label)
+
+    def _deliver_and_poll(self, handle: SSHJobHandle, host: RemoteHost) -> dict:
+        if host.label in handle.undelivered:
+            self._deliver(handle, host)
+        return handle.poll_host(host, self.unreachable_timeout)
 
     # -- surviving the task process -------------------------------------------------------------
 
@@ -324,6 +326,9 @@ class SSHLauncher(Launcher):
             )
 
     def trigger(self, handle: SSHJobHandle, job: TrainingJob, timeout: float | None):
+        # The trigger only watches: what is still to be delivered goes now.
+        waiting = [h for h in handle.reachable() if h.label in handle.undelivered]
+        raise_first(on_each(waiting, lambda h: self._deliver(handle, h)))
         from airflow_provider_dnntrain.triggers.ssh import SSHJobTrigger
 
         return SSHJobTrigger(
@@ -349,11 +354,9 @@ class SSHLauncher(Launcher):
         """One command per host: renew the lease, read exit codes and every new log line."""
         with handle._lock:
             handle.last_fetch = time.monotonic()
-            answers = handle.on_hosts(lambda h: handle.poll_host(h, self.unreachable_timeout))
+            answers = handle.on_hosts(lambda h: self._deliver_and_poll(handle, h))
             for label, answer in answers.items():
                 handle.take_answer(label, answer)
-                if label in handle.undelivered and not isinstance(answer, BaseException):
-                    self._deliver(handle)
 
     def stream_logs(self, handle: SSHJobHandle, timeout: float) -> Iterable[LogLine]:
         if not handle.lines and timeout > 0:

@@ -24,7 +24,7 @@ CONNECT_TIMEOUT_SECONDS = 10
 KEEPALIVE_SECONDS = 5
 # Transient connection failures (sshd restarting, a busy host) are retried within this long.
 CONNECT_RETRY_SECONDS = 15
-SFTP_TIMEOUT_SECONDS = 60
+SFTP_TIMEOUT_SECONDS = 30  # without a byte either way: a stalled link, not a big file
 
 
 class HostUnreachable(RuntimeError):

@@ -289,10 +289,10 @@ class DnnTrainOperator(BaseOperator):
 
     def _defer_the_wait(self, launcher: Launcher, job: TrainingJob, handle: JobHandle, session) -> None:
         """Hand the wait to the triggerer: once the replicas have the tracking run's id."""
-        trigger = launcher.trigger(handle, job, self.job_timeout)
         if session is not None:
             session.deliver_now(launcher, job, handle)
             session.suspend()
+        trigger = launcher.trigger(handle, job, self.job_timeout)
         self.log.info("Run %s: waiting on the triggerer", handle.run_id)
         self.defer(trigger=trigger, method_name="execute_complete")
 

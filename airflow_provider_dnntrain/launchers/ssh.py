@@ -176,7 +176,7 @@ class SSHLauncher(Launcher):
     def _submit(self, job, plan, source, extra_env, pending_env, relay) -> SSHJobHandle:
         handle = self._ship(job, plan, source)
         handle.relay = relay
-        secrets = {name: value.get_secret_value() for name, value in job.environment.secrets.items()}
+        secrets = _secrets(job)
         hosts = list(handle.hosts.values())
         launch_env = {
             **extra_env,
@@ -226,7 +226,7 @@ class SSHLauncher(Launcher):
             run_dir=run_dir,
             job_dir=job_dir,
             launch_id=uuid.uuid4().hex,
-            redactor=Redactor(_secret_values(job)),
+            redactor=Redactor(list(_secrets(job).values())),
             hosts={h.label: h for h in hosts},
             replicas_on={h.label: _replicas_on(plan, h) for h in hosts},
         )
@@ -306,10 +306,10 @@ class SSHLauncher(Launcher):
         """Take over a job another process started: its replicas run on, detached; the relay to the
         tracking store, if it had one, is rebuilt on the port they already use (it serves the store
         once the tracking run is delivered again, as at submit)."""
-        handle = SSHJobHandle.from_state(state, _secret_values(job))
+        handle = SSHJobHandle.from_state(state, list(_secrets(job).values()))
         raise_first(handle.on_hosts(RemoteHost.connect))
         # The pending file keeps the secrets when more values are delivered.
-        handle.provided = {name: value.get_secret_value() for name, value in job.environment.secrets.items()}
+        handle.provided = _secrets(job)
         tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
         if state.get("relay_port") and tracking_uri and needs_relay(tracking_uri):
             handle.relay = TrackingRelay(tracking_uri, handle.run_dir.with_suffix(".tracking-server.log"))
@@ -333,7 +333,7 @@ class SSHLauncher(Launcher):
 
         return SSHJobTrigger(
             state=handle.to_state(),
-            secrets=_secret_values(job),
+            secrets=list(_secrets(job).values()),
             poll_interval=self.poll_interval,
             unreachable_timeout=self.unreachable_timeout,
             timeout=timeout,
@@ -429,8 +429,8 @@ class SSHLauncher(Launcher):
             host.close()
 
 
-def _secret_values(job: TrainingJob) -> list[str]:
-    return [value.get_secret_value() for value in job.environment.secrets.values()]
+def _secrets(job: TrainingJob) -> dict[str, str]:
+    return {name: value.get_secret_value() for name, value in job.environment.secrets.items()}
 
 
 def _replicas_on(plan: JobPlan, host: RemoteHost) -> list[str]:

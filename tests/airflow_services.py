@@ -79,16 +79,26 @@ class AirflowServices:
         self.home.mkdir(parents=True, exist_ok=True)
         migrated = self.airflow("db", "migrate", timeout=300)
         assert migrated.returncode == 0, migrated.stderr[-3000:]
-        for name, args in COMPONENTS.items():
-            log = open(self.home / f"{name}.log", "wb")  # noqa: SIM115 - the process owns it
-            self.processes[name] = subprocess.Popen(
-                [str(VENV_BIN / "airflow"), *(a.format(port=self.port) for a in args)],
-                env=self.env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # each its own group: stopped with everything it forked
-            )
+        for name in COMPONENTS:
+            self._spawn(name)
         self._wait_until_serving()
+
+    def _spawn(self, name: str) -> None:
+        log = open(self.home / f"{name}.log", "ab")  # noqa: SIM115 - the process owns it
+        self.processes[name] = subprocess.Popen(
+            [str(VENV_BIN / "airflow"), *(a.format(port=self.port) for a in COMPONENTS[name])],
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # each its own group: stopped with everything it forked
+        )
+
+    def restart(self, name: str, timeout: float = 60) -> None:
+        """Stop one component as its service manager would (SIGTERM, then wait) and start it again."""
+        process = self.processes[name]
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=timeout)
+        self._spawn(name)
 
     def _wait_until_serving(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
@@ -116,6 +126,12 @@ class AirflowServices:
 
     def log(self, name: str) -> str:
         return (self.home / f"{name}.log").read_text(errors="replace")
+
+    def task_log(self, dag_id: str, run_id: str, task_id: str, try_number: int = 1) -> str:
+        """A try's log as the components wrote it: the worker's file and the triggerer's beside it."""
+        folder = self.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}" / f"task_id={task_id}"
+        files = sorted(folder.glob(f"attempt={try_number}.log*"))
+        return "".join(path.read_text(errors="replace") for path in files)
 
     # -- REST --------------------------------------------------------------------------------------
 

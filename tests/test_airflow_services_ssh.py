@@ -4,7 +4,9 @@ deferred wait ends on the triggerer. Afterwards no host holds a process of the j
 
 from __future__ import annotations
 
+import collections
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -19,6 +21,9 @@ from airflow_provider_dnntrain import tracking
 
 SERVICE_DAGS = Path(__file__).resolve().parent / "service_dags"
 RESUMED, DEFERRED = "dnntrain_service_ssh_resumed", "dnntrain_service_ssh_deferred"
+TICKING = "dnntrain_service_ssh_ticking"
+# A rank's numbered line as the task log has it: "[node-0] [default0]:rank 0 tick 7 of 90"
+TICK_LINE = re.compile(r"\[node-\d\] \[default\d\]:rank (\d) tick (\d+) of (\d+)")
 REMOTE_RUNS = Path.home() / ".dnntrain" / "runs"  # the hosts share this machine's file system
 
 pytestmark = pytest.mark.slow
@@ -121,4 +126,24 @@ def test_marking_a_deferred_task_failed_stops_every_replica(services, hosts):
     time.sleep(3)
     assert ranks_running(hosts)  # training goes on while the triggerer waits
     services.api("PATCH", f"/dags/{DEFERRED}/dagRuns/{run_id}/taskInstances/train", {"new_state": "failed"})
+    assert_hosts_clean(hosts, timeout=30)
+
+
+def test_a_restarted_triggerer_takes_the_wait_over_and_logs_every_line_once(services, hosts):
+    services.wait_for_dag(TICKING)
+    run_id = services.trigger(TICKING)
+    services.wait_for_task(TICKING, run_id, "train", {"deferred"}, timeout=120)
+
+    def ticks_logged() -> collections.Counter:
+        return collections.Counter(TICK_LINE.findall(services.task_log(TICKING, run_id, "train")))
+
+    wait_for(lambda: len(ticks_logged()) >= 20, 90, "the trigger to log some lines")
+    services.restart("triggerer")
+    state = services.wait_for_run(TICKING, run_id, timeout=240)
+    assert state == "success", services.log("triggerer")[-3000:]
+    total = 90
+    expected = {(str(rank), str(tick), str(total)): 1 for rank in (0, 1) for tick in range(total)}
+    counts = ticks_logged()
+    assert {k: n for k, n in counts.items() if n != 1} == {}, "logged twice"
+    assert set(expected) - set(counts) == set(), "never logged"
     assert_hosts_clean(hosts, timeout=30)

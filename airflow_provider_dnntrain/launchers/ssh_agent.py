@@ -13,7 +13,10 @@ share a file system (an NFS home) do not collide.
   the reaper, which keeps its subtree findable, writes its exit code, and stops it when the lease goes
   stale; prepare the working directories other hosts' runners start ranks in (``mirrors``);
 - ``poll JOB_DIR HOST OFFSETS``: renew the lease; print each replica's exit code (``null`` while it
-  runs) and what its logs gained since ``OFFSETS``, whole lines only;
+  runs) and what its logs gained since ``OFFSETS``, whole lines only. ``OFFSETS`` is how far the caller
+  has logged, kept on the host (``cursor.json``) so that whoever watches the job next (a trigger on
+  another triggerer, the task's next try) starts there and logs no line twice;
+- ``ack JOB_DIR HOST OFFSETS``: only keep ``OFFSETS`` (a watcher leaving);
 - ``stop JOB_DIR HOST GRACE [--no-wait]``: stop every replica (SIGTERM, SIGKILL after the grace) and
   sweep the launch's processes; print any pid that would not die;
 - ``authorize JOB_DIR HOST LINE FILE`` / ``revoke JOB_DIR HOST MARKER FILE``: add the run's key to the
@@ -195,7 +198,7 @@ def _reaper_of(paths: Paths, name: str) -> dict[int, int]:
 
 def poll(paths: Paths, offsets_json: str) -> dict:
     os.utime(paths.lease)  # someone is watching: the replicas live on
-    offsets = json.loads(offsets_json)
+    offsets = _advance_cursor(paths, json.loads(offsets_json))
     spec = paths.spec()
     exits = {replica["name"]: _exit_code(paths, replica["name"]) for replica in spec["replicas"]}
     logs = {}
@@ -206,6 +209,23 @@ def poll(paths: Paths, offsets_json: str) -> dict:
         if chunk:
             logs[key] = [offset, base64.b64encode(chunk).decode()]
     return {"exits": exits, "logs": logs}
+
+
+def ack(paths: Paths, offsets_json: str) -> dict:
+    return {"cursor": _advance_cursor(paths, json.loads(offsets_json))}
+
+
+def _advance_cursor(paths: Paths, offsets: dict[str, int]) -> dict[str, int]:
+    """How far each log has been logged by anyone: the furthest of ``offsets`` and the kept cursor."""
+    cursor_file = paths.host / "state" / "cursor.json"
+    try:
+        kept = json.loads(cursor_file.read_text())
+    except (OSError, ValueError):
+        kept = {}
+    cursor = {key: max(kept.get(key, 0), offsets.get(key, 0)) for key in {*kept, *offsets}}
+    if cursor != kept:
+        _write(cursor_file, json.dumps(cursor))
+    return cursor
 
 
 def _exit_code(paths: Paths, name: str) -> int | None:
@@ -333,6 +353,7 @@ COMMANDS = {
     "prepare": prepare,
     "start": start,
     "poll": poll,
+    "ack": ack,
     "stop": stop,
     "marks": marks,
     "authorize": authorize,

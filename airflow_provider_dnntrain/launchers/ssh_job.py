@@ -80,6 +80,10 @@ class SSHJobHandle(JobHandle):
         """Renew the host's lease; its replicas' exit codes and what their logs gained."""
         return self.agent(host, "poll", json.dumps(self.offsets.get(host.label, {})), timeout=timeout)
 
+    def ack_host(self, host: RemoteHost) -> dict:
+        """Tell the host how far this watcher has logged, without polling: it is leaving."""
+        return self.agent(host, "ack", json.dumps(self.offsets.get(host.label, {})))
+
     def take_answer(self, label: str, answer: dict | BaseException) -> None:
         if isinstance(answer, BaseException):
             if not isinstance(answer, HostUnreachable):
@@ -94,8 +98,9 @@ class SSHJobHandle(JobHandle):
         offsets = self.offsets.setdefault(label, {})
         for key in sorted(logs):
             offset, encoded = logs[key]
-            if offset != offsets.get(key, 0):
+            if offset < offsets.get(key, 0):
                 continue  # an answer to an older question: that part was taken already
+            # Further on than asked: whoever watched the job before logged up to there.
             chunk = base64.b64decode(encoded)
             offsets[key] = offset + len(chunk)
             splitter = self._splitters.setdefault(f"{label}:{key}", LineSplitter(self.redactor))

@@ -5,6 +5,7 @@ finished by gang semantics, failed, or gone silent on a host."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,6 +14,8 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_dnntrain.launchers.base import JobState, JobStatus
 from airflow_provider_dnntrain.launchers.ssh_job import SSHJobHandle
+
+_ACK_SECONDS = 10
 
 
 class SSHJobTrigger(BaseTrigger):
@@ -98,6 +101,12 @@ class SSHJobTrigger(BaseTrigger):
                     )
                     return
                 await asyncio.sleep(self.poll_interval)
+        except asyncio.CancelledError:
+            # The triggerer is stopping (or the task was ended): the hosts keep how far this trigger
+            # logged, so that the one that takes the job over logs no line twice.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.to_thread(handle.on_hosts, handle.ack_host), _ACK_SECONDS)
+            raise
         finally:
             for host in handle.hosts.values():
                 host.close()

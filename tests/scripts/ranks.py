@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--late", action="store_true", help="log the metrics after the sleep, not before")
     parser.add_argument("--spawn", action="store_true", help="start a child that sleeps")
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--ticks", type=int, default=0, help="then print this many numbered lines...")
+    parser.add_argument("--tick-seconds", type=float, default=0.5, help="...this far apart")
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM, as TensorFlow does")
     parser.add_argument("--print-env", action="append", default=[])
     parser.add_argument("--write-env", action="append", default=[], help="write this variable to a file")
@@ -51,6 +53,9 @@ def main() -> None:
         log_metrics(args.log_metrics)
     print(f"rank {RANK} ready", flush=True)
     time.sleep(args.sleep)
+    for tick in range(args.ticks):
+        print(f"rank {RANK} tick {tick} of {args.ticks}", flush=True)
+        time.sleep(args.tick_seconds)
     if args.log_metrics and args.late:
         log_metrics(args.log_metrics)
 

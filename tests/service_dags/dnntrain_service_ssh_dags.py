@@ -17,13 +17,13 @@ SCRIPTS = str(Path(__file__).resolve().parents[1] / "scripts")
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
 
 
-def ssh_dag(dag_id: str, sleep: int, **operator_args) -> DAG:
+def ssh_dag(dag_id: str, sleep: int, *, arguments=("--late", "--log-metrics", "3"), **operator_args) -> DAG:
     with DAG(dag_id, schedule=None, start_date=START) as dag:
         PyTorchTrainOperator(
             task_id="train",
             source_directory=SCRIPTS,
             entry_script="ranks.py",
-            arguments=["--spawn", "--sleep", str(sleep), "--late", "--log-metrics", "3"],
+            arguments=["--spawn", "--sleep", str(sleep), *arguments],
             distribution=TorchDistributed(node_count=2, process_count_per_node=1),
             launcher=SSHLauncher(ssh_conn_ids=["ssh_h0", "ssh_h1"], stop_grace_seconds=3, orphan_timeout=150),
             **operator_args,
@@ -35,3 +35,7 @@ def ssh_dag(dag_id: str, sleep: int, **operator_args) -> DAG:
 resumed = ssh_dag("dnntrain_service_ssh_resumed", 50, retries=1, retry_delay=timedelta(seconds=1))
 # Waits on the triggerer; the test marks it failed while deferred.
 deferred = ssh_dag("dnntrain_service_ssh_deferred", 600, deferrable=True, tracking=False)
+# Numbered lines while the triggerer is restarted: each must reach the task log once.
+ticking = ssh_dag(
+    "dnntrain_service_ssh_ticking", 0, arguments=("--ticks", "90"), deferrable=True, tracking=False
+)

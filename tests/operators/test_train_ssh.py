@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -244,7 +245,15 @@ def test_sigterm_to_the_airflow_task_stops_the_replicas_on_every_host(hosts):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dag_id", ["dnntrain_ssh_torch_c10d", "dnntrain_ssh_horovod_mpirun"])
+@pytest.mark.parametrize(
+    "dag_id",
+    [
+        "dnntrain_ssh_torch_c10d",
+        "dnntrain_ssh_horovod_mpirun",
+        "dnntrain_ssh_horovod_gloo",
+        "dnntrain_ssh_multi_worker",
+    ],
+)
 def test_ranks_on_two_hosts_train_and_rank_zero_logs_the_metrics(hosts, capfd, dag_id):
     dag_run = load_dag(SSH_DAGS, dag_id).test()
     logged = "".join(capfd.readouterr())
@@ -255,8 +264,12 @@ def test_ranks_on_two_hosts_train_and_rank_zero_logs_the_metrics(hosts, capfd, d
     assert len(history) == 2  # rank 0's, from its host, through the relay
     summary = json.loads((Path(result["outputs"]) / "summary.json").read_text())
     assert summary["allreduce_sum"] == 3.0
-    if dag_id.endswith("mpirun"):
+    if "_horovod_" in dag_id:  # each rank on its own host, all-reducing with the other
         for rank, host in enumerate(hosts.hosts[:2]):
-            assert f"[launcher-0/rank.{rank}] rank={rank} size=2" in logged
-            assert f"host={host.name}" in logged
+            said = re.search(rf"rank={rank} size=2 .* allreduce_sum=3.0 host=(\S+)", logged)
+            assert said and said.group(1) == host.name, logged[-3000:]
+    if dag_id.endswith("multi_worker"):
+        for index, host in enumerate(hosts.hosts[:2]):
+            assert f"[worker-{index}] task=worker:{index} world_size=2 allreduce_sum=3.0" in logged
+            assert f'"host": "{host.address}"' in logged
     assert_nothing_left(hosts)

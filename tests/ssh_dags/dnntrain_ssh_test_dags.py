@@ -41,16 +41,31 @@ with DAG("dnntrain_ssh_parameter_server", schedule=None, start_date=START):
     )
     RegisterModelOperator(task_id="register", run_id=train.output, model_name="ssh-tf-ps", model_path="model")
 
-with DAG("dnntrain_ssh_horovod_mpirun", schedule=None, start_date=START):
-    PyTorchHorovodOperator(
+for dag_id, runner, controller in [
+    ("dnntrain_ssh_horovod_mpirun", "mpirun", "mpi"),
+    ("dnntrain_ssh_horovod_gloo", "horovodrun", "gloo"),
+]:
+    with DAG(dag_id, schedule=None, start_date=START):
+        PyTorchHorovodOperator(
+            task_id="train",
+            source_directory=EXAMPLE_SCRIPTS,
+            entry_script="torch_horovod_digits.py",
+            arguments=["--epochs", "2"],
+            node_count=2,
+            runner=runner,
+            controller=controller,
+            network_interface="eth0",  # the hosts' private network
+            launcher=ssh_launcher(),
+        )
+
+with DAG("dnntrain_ssh_multi_worker", schedule=None, start_date=START):
+    TensorFlowTrainOperator(
         task_id="train",
         source_directory=EXAMPLE_SCRIPTS,
-        entry_script="torch_horovod_digits.py",
+        entry_script="tf_multi_worker_digits.py",
         arguments=["--epochs", "2"],
-        node_count=2,
-        runner="mpirun",
-        controller="mpi",
-        network_interface="eth0",  # the hosts' private network
+        distribution=MultiWorkerMirrored(worker_count=2),
+        environment_variables={"TF_CPP_MIN_LOG_LEVEL": "2"},
         launcher=ssh_launcher(),
     )
 

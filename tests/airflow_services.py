@@ -202,6 +202,15 @@ class AirflowServices:
             time.sleep(1)
         raise AssertionError(f"{dag_id} {run_id} still running after {timeout}s")
 
+    def tracking_run(self, job: str):
+        """The embedded store's tracking run of the training run ``job``."""
+        from airflow_provider_dnntrain import tracking
+
+        client = tracking.client(f"sqlite:///{self.home / 'dnntrain' / 'mlflow.db'}")
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        (run,) = client.search_runs(experiments, filter_string=f"tags.`dnntrain.run_id` = '{job}'")
+        return run
+
     def xcom(self, dag_id: str, run_id: str, task_id: str) -> Any:
         path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
         return self.api("GET", path + "?deserialize=true")["value"]

@@ -41,13 +41,6 @@ def services(tmp_path_factory):
         airflow.stop()
 
 
-def tracking_run(services: AirflowServices, job: str):
-    client = tracking.client(f"sqlite:///{services.home / 'dnntrain' / 'mlflow.db'}")
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    (run,) = client.search_runs(experiments, filter_string=f"tags.`dnntrain.run_id` = '{job}'")
-    return run
-
-
 def wait_for_ranks(services: AirflowServices, dag_id: str, airflow_run_id: str, try_number: int = 1) -> str:
     """The training run id once both ranks (and their children) are up."""
     job = make_run_id(dag_id, "train", airflow_run_id, -1, try_number)
@@ -84,7 +77,7 @@ def test_marking_a_running_training_task_stops_every_process(services, dag_id, n
     services.api("PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/train", {"new_state": new_state})
     assert wait_until_gone(job, timeout=STOPPED_WITHIN) == []
     assert services.task(dag_id, run_id, "train")["state"] == new_state
-    run = tracking_run(services, job)
+    run = services.tracking_run(job)
     assert run.info.status == "KILLED"
 
 
@@ -116,6 +109,6 @@ def test_execution_timeout_under_the_scheduler(services):
     job = wait_for_ranks(services, TIMEOUT, run_id)
     services.wait_for_task(TIMEOUT, run_id, "train", {"failed", "up_for_retry"}, timeout=120)
     assert wait_until_gone(job, timeout=STOPPED_WITHIN) == []
-    run = tracking_run(services, job)
+    run = services.tracking_run(job)
     assert run.info.status == "FAILED"
     assert run.data.tags["dnntrain.end_reason"].startswith("AirflowTaskTimeout")

@@ -18,10 +18,13 @@ from airflow_services import AirflowServices
 from ssh_hosts import SSHHosts
 
 from airflow_provider_dnntrain import tracking
+from airflow_provider_dnntrain.run_id import make_run_id
 
 SERVICE_DAGS = Path(__file__).resolve().parent / "service_dags"
 RESUMED, DEFERRED = "dnntrain_service_ssh_resumed", "dnntrain_service_ssh_deferred"
 TICKING = "dnntrain_service_ssh_ticking"
+SERVING, STUBBORN = "dnntrain_service_ssh_serving", "dnntrain_service_ssh_stubborn"
+TIMEOUT = "dnntrain_service_ssh_timeout"
 # A rank's numbered line as the task log has it: "[node-0] [default0]:rank 0 tick 7 of 90"
 TICK_LINE = re.compile(r"\[node-\d\] \[default\d\]:rank (\d) tick (\d+) of (\d+)")
 REMOTE_RUNS = Path.home() / ".dnntrain" / "runs"  # the hosts share this machine's file system
@@ -147,3 +150,25 @@ def test_a_restarted_triggerer_takes_the_wait_over_and_logs_every_line_once(serv
     assert {k: n for k, n in counts.items() if n != 1} == {}, "logged twice"
     assert set(expected) - set(counts) == set(), "never logged"
     assert_hosts_clean(hosts, timeout=30)
+
+
+@pytest.mark.parametrize(
+    ("dag_id", "new_state"),
+    [(SERVING, "failed"), (SERVING, "success"), (STUBBORN, "failed"), (TIMEOUT, None)],
+    ids=["marked-failed", "marked-success", "marked-failed-ranks-ignore-sigterm", "execution-timeout"],
+)
+def test_a_running_task_ended_from_outside_leaves_nothing_on_any_host(services, hosts, dag_id, new_state):
+    services.wait_for_dag(dag_id)
+    run_id = services.trigger(dag_id)
+    wait_for(lambda: ranks_running(hosts), 120, "the ranks to run")
+    if new_state is not None:
+        services.api(
+            "PATCH", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/train", {"new_state": new_state}
+        )
+    else:
+        services.wait_for_task(dag_id, run_id, "train", {"failed"}, timeout=120)
+    # The supervisor notices at its next heartbeat (5 s) and SIGKILLs 5 s after its SIGTERM; the
+    # reapers on the hosts escalate after the launcher's grace (3 s).
+    assert_hosts_clean(hosts, timeout=5 + 5 + 3 + 10)
+    run = services.tracking_run(make_run_id(dag_id, "train", run_id, -1, 1))
+    assert run.info.status == ("FAILED" if new_state is None else "KILLED")

@@ -39,3 +39,8 @@ deferred = ssh_dag("dnntrain_service_ssh_deferred", 600, deferrable=True, tracki
 ticking = ssh_dag(
     "dnntrain_service_ssh_ticking", 0, arguments=("--ticks", "90"), deferrable=True, tracking=False
 )
+# Ended from outside while they run: marked failed or success, timed out; the stubborn ones' ranks
+# ignore SIGTERM (as TensorFlow does), so on_kill cannot finish before the supervisor's SIGKILL.
+serving = ssh_dag("dnntrain_service_ssh_serving", 600, arguments=())
+stubborn = ssh_dag("dnntrain_service_ssh_stubborn", 600, arguments=("--ignore-term",))
+timeout = ssh_dag("dnntrain_service_ssh_timeout", 600, arguments=(), execution_timeout=timedelta(seconds=20))

@@ -10,6 +10,7 @@ for ``orphan_timeout`` seconds: a host cut off from Airflow cleans up after itse
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import posixpath
@@ -91,9 +92,10 @@ class SSHLauncher(Launcher):
     connection's extra ``address`` is how the other hosts reach that host (default: its host).
     Host keys are verified (``~/.ssh/known_hosts``, or the key pinned in the connection's extra
     ``host_key``); an unknown key is refused unless the connection says ``no_host_key_check``.
-    ``python``: the job's interpreter, the same absolute path on every host (default: the job's
-    environment's, else this worker's own). ``remote_root``: per-run folders on the hosts, at the same
-    path on each (runners start ranks there); a relative one is relative to the first host's home.
+    ``python``: the job's interpreter, an absolute path on the hosts (default: the job's
+    environment's, else this worker's own); a connection's extra ``python`` overrides it for its
+    hosts. ``remote_root``: per-run folders on the hosts, at the same path on each (runners start
+    ranks there); a relative one is relative to the first host's home.
     """
 
     name = "ssh"
@@ -137,7 +139,28 @@ class SSHLauncher(Launcher):
 
     def plan(self, job: TrainingJob, run_id: str) -> JobPlan:
         self._check_node_count(job)
-        return super().plan(job, run_id)
+        self.validate(job)
+        return self._render(job, run_id, self.placement(run_id), self.interpreter(job))
+
+    def _render(self, job: TrainingJob, run_id: str, placement: HostPlacement, python: str) -> JobPlan:
+        """The topology, each replica's interpreter being its host's own (a connection's ``python``)."""
+        plan = render_plan(job, run_id, placement, python)
+        own = {s.peer_address: s.python for s in self.host_specs if s.python and s.python != python}
+        if not own:
+            return plan
+        if len({own.get(host, python) for host in plan.hosts}) > 1:
+            raise ValueError(
+                f"python: {job.distribution.kind}'s runner starts every rank with one command line, but "
+                f"its hosts name different interpreters ({', '.join(sorted({*own.values(), python}))}); "
+                "give them the same path"
+            )
+        on_host = [
+            dataclasses.replace(r, argv=[own[r.host] if a == python else a for a in r.argv])
+            if r.host in own
+            else r
+            for r in plan.replicas
+        ]
+        return dataclasses.replace(plan, replicas=on_host)
 
     def preview(self, job: TrainingJob, run_id: str) -> JobPlan:
         return self.plan(job, run_id)
@@ -217,7 +240,7 @@ class SSHLauncher(Launcher):
         prepared = raise_first(on_each(hosts, lambda h: self._prepare(h, python, job_dir, bundle, needed)))
         ports = {h.spec.peer_address: prepared[h.label]["ports"] for h in hosts}
         as_root = all(answer["root"] for answer in prepared.values())
-        plan = render_plan(job, plan.run_id, self.placement(plan.run_id, ports, as_root), python)
+        plan = self._render(job, plan.run_id, self.placement(plan.run_id, ports, as_root), python)
         (run_dir / "plan.json").write_text(plan.to_json())
         handle = SSHJobHandle(
             run_id=plan.run_id,

@@ -29,9 +29,13 @@ COMMAND_TIMEOUT_SECONDS = 30
 _TAIL_LINES = 30
 
 
-def run_agent(host: RemoteHost, python: str, job_dir: str, command: str, *args: str, timeout: float = 0):
+def agent_argv(host: RemoteHost, python: str, job_dir: str, command: str, *args: str) -> list[str]:
     agent = posixpath.join(job_dir, "dnntrain", "ssh_agent.py")
-    argv = [python, "-I", "-S", agent, command, job_dir, host.label, *args]
+    return [host.spec.python or python, "-I", "-S", agent, command, job_dir, host.label, *args]
+
+
+def run_agent(host: RemoteHost, python: str, job_dir: str, command: str, *args: str, timeout: float = 0):
+    argv = agent_argv(host, python, job_dir, command, *args)
     return host.run_json(argv, timeout=timeout or COMMAND_TIMEOUT_SECONDS)
 
 
@@ -39,7 +43,7 @@ def run_agent(host: RemoteHost, python: str, job_dir: str, command: str, *args: 
 class SSHJobHandle(JobHandle):
     run_id: str
     plan: JobPlan
-    python: str  # the job's interpreter on the hosts; runs the agent too
+    python: str  # the job's interpreter on hosts that do not name their own; runs the agent too
     run_dir: Path  # on this worker: bundle, plan, fetched logs and artifacts
     job_dir: str  # on every host
     launch_id: str
@@ -68,6 +72,16 @@ class SSHJobHandle(JobHandle):
     def agent(self, host: RemoteHost, command: str, *args: str, timeout: float = 0) -> dict:
         return run_agent(host, self.python, self.job_dir, command, *args, timeout=timeout)
 
+    def agent_argv(self, label: str, command: str, *args: str) -> list[str]:
+        return agent_argv(self.hosts[label], self.python, self.job_dir, command, *args)
+
+    def poll_argv(self, label: str) -> list[str]:
+        return self.agent_argv(label, "poll", json.dumps(self.offsets.get(label, {})))
+
+    def ack_argv(self, label: str) -> list[str]:
+        """How far this watcher has logged, for the host to keep, without polling: it is leaving."""
+        return self.agent_argv(label, "ack", json.dumps(self.offsets.get(label, {})))
+
     def on_hosts(self, action):
         """``action`` on every host of the job not given up for lost, at once: each one's result, or
         what it raised, by label."""
@@ -78,11 +92,7 @@ class SSHJobHandle(JobHandle):
 
     def poll_host(self, host: RemoteHost, timeout: float) -> dict:
         """Renew the host's lease; its replicas' exit codes and what their logs gained."""
-        return self.agent(host, "poll", json.dumps(self.offsets.get(host.label, {})), timeout=timeout)
-
-    def ack_host(self, host: RemoteHost) -> dict:
-        """Tell the host how far this watcher has logged, without polling: it is leaving."""
-        return self.agent(host, "ack", json.dumps(self.offsets.get(host.label, {})))
+        return host.run_json(self.poll_argv(host.label), timeout=timeout)
 
     def take_answer(self, label: str, answer: dict | BaseException) -> None:
         if isinstance(answer, BaseException):

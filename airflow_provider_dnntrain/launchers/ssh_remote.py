@@ -50,6 +50,7 @@ class HostSpec:
     host_key: str | None = None  # pinned key for an entry of a host list
     peer_port: int | None = None  # the sshd port the other hosts use, when not the connection's
     authorized_keys: str = ".ssh/authorized_keys"  # where a run's own key is authorized, for its peers
+    python: str | None = None  # this host's interpreter for the job, when not the launcher's
 
     @property
     def peer_address(self) -> str:
@@ -64,7 +65,8 @@ def hosts_from_connections(conn_ids: Sequence[str]) -> list[HostSpec]:
     ``"name[:port]"`` or ``{"host": ..., "port": ..., "address": ..., "host_key": ...}``.
     A connection's extra ``address`` names the host as its peers reach it (a private network),
     ``peer_port`` the sshd port they use, ``authorized_keys_file`` where a run's key for its peers is
-    authorized (default ``.ssh/authorized_keys``)."""
+    authorized (default ``.ssh/authorized_keys``), ``python`` the job's interpreter on that host (an
+    entry of a host list may name its own)."""
     from airflow.sdk import BaseHook
 
     hosts = []
@@ -72,19 +74,23 @@ def hosts_from_connections(conn_ids: Sequence[str]) -> list[HostSpec]:
         conn = BaseHook.get_connection(conn_id)
         extra = conn.extra_dejson
         listed = extra.get("hosts")
+        python = extra.get("python")
         shared = {
             "peer_port": extra.get("peer_port"),
             "authorized_keys": extra.get("authorized_keys_file", ".ssh/authorized_keys"),
         }
         if not listed:
-            hosts.append(HostSpec(conn_id, conn.host, conn.port, extra.get("address"), **shared))
+            hosts.append(
+                HostSpec(conn_id, conn.host, conn.port, extra.get("address"), **shared, python=python)
+            )
             continue
         for entry in listed:
             if isinstance(entry, str):
                 name, _, port = entry.partition(":")
                 entry = {"host": name, "port": int(port) if port else None}
             port, address, key = entry.get("port"), entry.get("address"), entry.get("host_key")
-            hosts.append(HostSpec(conn_id, entry["host"], port, address, key, **shared))
+            own_python = entry.get("python", python)
+            hosts.append(HostSpec(conn_id, entry["host"], port, address, key, **shared, python=own_python))
     return hosts
 
 

@@ -7,20 +7,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_dnntrain.launchers.base import JobState, JobStatus
 from airflow_provider_dnntrain.launchers.ssh_job import SSHJobHandle
+from airflow_provider_dnntrain.launchers.ssh_remote_async import AsyncRemoteHost
 
 _ACK_SECONDS = 10
 
 
 class SSHJobTrigger(BaseTrigger):
-    """Polls an SSH job's hosts. The SSH calls run in worker threads (the ssh provider's ``SSHHook``,
-    the same bounded, host-key-checked path as the launcher), never on the triggerer's event loop."""
+    """Polls an SSH job's hosts through the ssh provider's async hook, all hosts at once, on the
+    triggerer's event loop; one connection per host for the whole wait."""
 
     def __init__(
         self,
@@ -60,22 +61,21 @@ class SSHJobTrigger(BaseTrigger):
     async def on_kill(self) -> None:
         """The task was marked failed or success, or cleared, while deferred: stop every replica."""
         handle = SSHJobHandle.from_state(self.state, self.secrets)
-
-        def stop(host) -> dict:
-            try:
-                return handle.agent(host, "stop", str(self.grace_seconds), timeout=self.grace_seconds + 30)
-            finally:
+        hosts = _async_hosts(handle)
+        try:
+            grace = self.grace_seconds
+            stop = lambda label: handle.agent_argv(label, "stop", str(grace))  # noqa: E731
+            await _on_hosts(handle, hosts, stop, grace + 30)
+        finally:
+            for host in hosts.values():
                 host.close()
-
-        await asyncio.to_thread(handle.on_hosts, stop)
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         handle = SSHJobHandle.from_state(self.state, self.secrets)
+        hosts = _async_hosts(handle)
         try:
             while True:
-                answers = await asyncio.to_thread(
-                    handle.on_hosts, lambda h: handle.poll_host(h, self.unreachable_timeout)
-                )
+                answers = await _on_hosts(handle, hosts, handle.poll_argv, self.unreachable_timeout)
                 try:
                     for label, answer in answers.items():
                         handle.take_answer(label, answer)
@@ -105,8 +105,25 @@ class SSHJobTrigger(BaseTrigger):
             # The triggerer is stopping (or the task was ended): the hosts keep how far this trigger
             # logged, so that the one that takes the job over logs no line twice.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.to_thread(handle.on_hosts, handle.ack_host), _ACK_SECONDS)
+                await _on_hosts(handle, hosts, handle.ack_argv, _ACK_SECONDS)
             raise
         finally:
-            for host in handle.hosts.values():
+            for host in hosts.values():
                 host.close()
+
+
+def _async_hosts(handle: SSHJobHandle) -> dict[str, AsyncRemoteHost]:
+    return {label: AsyncRemoteHost(host.spec, label) for label, host in handle.hosts.items()}
+
+
+async def _on_hosts(
+    handle: SSHJobHandle,
+    hosts: dict[str, AsyncRemoteHost],
+    argv_for: Callable[[str], list[str]],
+    timeout: float,
+) -> dict[str, Any]:
+    """The agent command ``argv_for(label)`` on every host not given up for lost, at once: each one's
+    answer, or what it raised, by label."""
+    labels = [label for label in hosts if label not in handle.lost]
+    runs = (hosts[label].run_json(argv_for(label), timeout) for label in labels)
+    return dict(zip(labels, await asyncio.gather(*runs, return_exceptions=True), strict=True))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from ssh_hosts import SSHHosts
 from airflow_provider_dnntrain.launchers import ssh_peers
 from airflow_provider_dnntrain.launchers.base import wait_for_job
 from airflow_provider_dnntrain.launchers.ssh import SSHLauncher
-from airflow_provider_dnntrain.spec import Horovod, TorchDistributed, TrainingJob
+from airflow_provider_dnntrain.spec import Horovod, MultiWorkerMirrored, TorchDistributed, TrainingJob
 
 EXAMPLE_SCRIPTS = Path(__file__).resolve().parents[2] / "dags" / "scripts"
 TEST_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -70,8 +71,8 @@ def rank_lines(lines, rank: int) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "dist",
-    [{"runner": "mpirun", "controller": "mpi"}, {"controller": "mpi"}, {"controller": "gloo"}],
-    ids=["mpirun", "horovodrun-mpi", "horovodrun-gloo"],
+    [{"runner": "mpirun", "controller": "mpi"}, {"controller": "mpi"}],
+    ids=["mpirun", "horovodrun-mpi"],  # horovodrun over Gloo: through dag.test in test_train_ssh.py
 )
 def test_horovod_two_nodes_on_two_hosts_allreduce(tmp_path, conn_ids, hosts, dist):
     job = TrainingJob(
@@ -96,3 +97,37 @@ def test_horovod_two_nodes_on_two_hosts_allreduce(tmp_path, conn_ids, hosts, dis
     assert ssh_peers.key_marker(handle.launch_id) not in (hosts.root / "authorized_keys").read_text()
     for host in hosts.hosts:
         assert host.job_processes() == {}, host.name
+
+
+def test_a_host_runs_the_interpreter_its_connection_names(tmp_path, hosts, monkeypatch):
+    own = tmp_path / "bin" / "python"  # the hosts share this machine's file system
+    own.parent.mkdir()
+    own.write_text(
+        f'#!/bin/sh\nexport STARTED_BY="$(cat /proc/sys/kernel/hostname)"\nexec {sys.executable} "$@"\n'
+    )
+    own.chmod(0o755)
+    for index, host in enumerate(hosts.hosts[:2]):
+        extra = {"python": str(own)} if index == 1 else {}
+        monkeypatch.setenv(f"AIRFLOW_CONN_SSH_H{index}", hosts.airflow_connection(host, **extra))
+    job = TrainingJob(
+        framework="tensorflow",
+        source_directory=str(TEST_SCRIPTS),
+        entry_script="ranks.py",
+        arguments=["--print-env", "STARTED_BY"],
+        distribution=MultiWorkerMirrored(worker_count=2),
+    )
+    launcher = SSHLauncher(ssh_conn_ids=["ssh_h0", "ssh_h1"], work_root=str(tmp_path))
+    handle = launcher.submit(job, launcher.plan(job, f"ssh-python-{tmp_path.name}"), extra_env={})
+    assert [r.argv[0] for r in handle.plan.replicas] == [sys.executable, str(own)]
+    lines = []
+    wait_for_job(launcher, handle, lines.append, timeout=60)
+    launcher.collect_outputs(handle)
+    said = {line.replica: line.text for line in lines if "STARTED_BY=" in line.text}
+    assert said == {
+        "worker-0": "rank worker-0 STARTED_BY=None",
+        "worker-1": f"rank worker-1 STARTED_BY={hosts.hosts[1].name}",
+    }
+    # Horovod's runner starts every rank with its own command line: one interpreter path for all.
+    horovod = job.model_copy(update={"framework": "pytorch", "distribution": Horovod(node_count=2)})
+    with pytest.raises(ValueError, match="python: horovod's runner starts every rank with one command line"):
+        launcher.plan(horovod, "ssh-python-horovod")

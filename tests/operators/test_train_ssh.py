@@ -128,8 +128,17 @@ def test_an_unknown_host_key_is_refused_clearly(hosts, monkeypatch, capfd):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cut", ["sshd killed", "link down"])
-def test_a_host_lost_mid_run_fails_the_job_naming_it_and_nothing_is_left(tmp_path, monkeypatch, capfd, cut):
+@pytest.mark.parametrize(
+    ("cut", "dag_id"),
+    [
+        ("sshd killed", "dnntrain_ssh_serving"),
+        ("link down", "dnntrain_ssh_serving"),
+        ("link down", "dnntrain_ssh_serving_deferred"),  # noticed by the trigger
+    ],
+)
+def test_a_host_lost_mid_run_fails_the_job_naming_it_and_nothing_is_left(
+    tmp_path, monkeypatch, capfd, cut, dag_id
+):
     with SSHHosts(tmp_path / "hosts") as own:  # this test breaks a host: a set of its own
         for index, host in enumerate(own.hosts):
             monkeypatch.setenv(f"AIRFLOW_CONN_SSH_H{index}", own.airflow_connection(host))
@@ -150,7 +159,7 @@ def test_a_host_lost_mid_run_fails_the_job_naming_it_and_nothing_is_left(tmp_pat
 
         cutter = threading.Thread(target=cut_off, daemon=True)
         cutter.start()
-        dag_run = load_dag(SSH_DAGS, "dnntrain_ssh_serving").test()
+        dag_run = load_dag(SSH_DAGS, dag_id).test()
         ended = time.monotonic()
         cutter.join(timeout=5)
         logged = "".join(capfd.readouterr())

@@ -80,9 +80,14 @@ with DAG("dnntrain_ssh_torch_c10d", schedule=None, start_date=START):
     )
 
 # Three workers, one per host, on tests/scripts/replica.py: each replica's behaviour is chosen by flags.
-for dag_id, arguments in [
-    ("dnntrain_ssh_failing_replica", ["--fail", "worker-2:3", "--serve", "worker-0", "--serve", "worker-1"]),
-    ("dnntrain_ssh_serving", ["--spawn"]),  # every worker runs (with children) until stopped
+for dag_id, arguments, deferrable in [
+    (
+        "dnntrain_ssh_failing_replica",
+        ["--fail", "worker-2:3", "--serve", "worker-0", "--serve", "worker-1"],
+        False,
+    ),
+    ("dnntrain_ssh_serving", ["--spawn"], False),  # every worker runs (with children) until stopped
+    ("dnntrain_ssh_serving_deferred", ["--spawn"], True),
 ]:
     with DAG(dag_id, schedule=None, start_date=START):
         TensorFlowTrainOperator(
@@ -93,6 +98,8 @@ for dag_id, arguments in [
             distribution=MultiWorkerMirrored(worker_count=3),
             launcher=ssh_launcher(),
             job_timeout=120,
+            deferrable=deferrable,
+            tracking=not deferrable,  # a deferred task leaves the worker that relays the embedded store
         )
 
 with DAG("dnntrain_ssh_conf_arguments", schedule=None, start_date=START, render_template_as_native_obj=True):

@@ -66,6 +66,15 @@ class SSHHost:
                     found.append(pid)
         return found
 
+    def drop_sessions(self) -> list[int]:
+        """SIGKILL every session the host's sshd serves, the listener kept: each connection to the host
+        drops, and a new one is accepted. The pids killed."""
+        sessions = [pid for pid in self.sshd_pids() if pid != self.sshd.pid]
+        for pid in sessions:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return sessions
+
 
 @dataclass
 class SSHHosts:

@@ -104,6 +104,9 @@ class RemoteHost:
     _sftp: Any = None
     home: str = ""
     last_error: str = ""
+    # Called with the host (its lock held) once a dropped connection is made again: what lived on the
+    # old one, such as a port forward, is to be set up again there.
+    on_reconnect: list[Callable[[RemoteHost], None]] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def connect(self) -> RemoteHost:
@@ -112,11 +115,13 @@ class RemoteHost:
         with self._lock:
             transport = self.client.get_transport() if self.client is not None else None
             if transport is None or not transport.is_active():
-                retry_seconds = 0 if self.home else CONNECT_RETRY_SECONDS
-                self.client = _connect(self.spec, retry_seconds)
+                reconnecting = bool(self.home)
+                self.client = _connect(self.spec, 0 if reconnecting else CONNECT_RETRY_SECONDS)
                 self._sftp = self.client.open_sftp()
                 self._sftp.get_channel().settimeout(SFTP_TIMEOUT_SECONDS)
                 self.home = self._sftp.normalize(".")
+                for set_up_again in self.on_reconnect if reconnecting else ():
+                    set_up_again(self)
         return self
 
     @property

@@ -11,6 +11,7 @@ A tracking server the hosts can reach themselves is passed on as it is.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import socket
@@ -25,6 +26,7 @@ from airflow_provider_dnntrain.launchers.base import REAPER
 from airflow_provider_dnntrain.launchers.local_ports import free_port
 from airflow_provider_dnntrain.launchers.ssh_remote import RemoteHost
 
+log = logging.getLogger(__name__)
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _SERVER_START_SECONDS = 60
 
@@ -94,6 +96,8 @@ class TrackingRelay:
         for candidate in candidates:
             if self._forward_on_all(hosts, candidate):
                 self._hosts, self.remote_port = list(hosts), candidate
+                for host in hosts:
+                    host.on_reconnect.append(self._forward_again)
                 return self.replica_uri
         raise RuntimeError("could not forward a port to the tracking store on every host")
 
@@ -110,6 +114,20 @@ class TrackingRelay:
                 with contextlib.suppress(Exception):
                     host.client.get_transport().cancel_port_forward("127.0.0.1", port)
             return False
+
+    def _forward_again(self, host: RemoteHost) -> None:
+        """The host's connection dropped and was made again: its forward went with the old one."""
+        try:
+            transport = host.client.get_transport()
+            transport.request_port_forward("127.0.0.1", self.remote_port, handler=self._relay)
+        except Exception as error:  # held by the old session still, on the host's side
+            log.warning(
+                "Host %s: the tracking store could not be forwarded to port %s again (%s); rank 0's "
+                "tracking calls there fail until it can",
+                host.spec,
+                self.remote_port,
+                error,
+            )
 
     def _relay(self, channel, origin, server) -> None:
         threading.Thread(target=self._serve, args=(channel,), daemon=True).start()
@@ -138,6 +156,8 @@ class TrackingRelay:
 
     def close(self) -> None:
         for host in self._hosts:
+            with contextlib.suppress(ValueError):
+                host.on_reconnect.remove(self._forward_again)
             with contextlib.suppress(Exception):
                 host.client.get_transport().cancel_port_forward("127.0.0.1", self.remote_port)
         self._hosts = []

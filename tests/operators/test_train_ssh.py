@@ -171,6 +171,33 @@ def test_a_host_lost_mid_run_fails_the_job_naming_it_and_nothing_is_left(
 
 
 @pytest.mark.slow
+def test_connections_dropped_mid_run_are_made_again_and_rank_zero_still_reaches_the_store(hosts, capfd):
+    rank_zero_host = hosts.hosts[0]  # static rendezvous: node 0 holds rank 0
+    dropped = []
+
+    def drop() -> None:
+        try:
+            published = Path.home() / ".dnntrain" / "runs"
+            pattern = "dnntrain-ssh-late-metrics-*/replicas/*/outputs/pids-*.json"
+            wait_for(lambda: len(list(published.glob(pattern))) == 2, 120, "the scripts to run")
+            dropped.extend(rank_zero_host.drop_sessions())
+        except BaseException as error:
+            dropped.append(error)
+
+    dropper = threading.Thread(target=drop, daemon=True)
+    dropper.start()
+    dag_run = load_dag(SSH_DAGS, "dnntrain_ssh_late_metrics").test()
+    dropper.join(timeout=5)
+    logged = "".join(capfd.readouterr())
+    assert dropped and all(isinstance(pid, int) for pid in dropped), dropped
+    assert task_instance(dag_run, "train").state == "success", logged[-3000:]
+    result = xcom(dag_run, "train")
+    history = tracking.client(result["tracking_uri"]).get_metric_history(result["tracking_run_id"], "loss")
+    assert sorted(m.value for m in history) == [0.0, 1.0, 2.0]  # rank 0's, through the forward made again
+    assert_nothing_left(hosts)
+
+
+@pytest.mark.slow
 def test_a_deferred_wait_streams_every_line_once_and_finishes_the_run(hosts, capfd):
     dag_run = load_dag(SSH_DAGS, "dnntrain_ssh_deferrable").test()
     logged = "".join(capfd.readouterr())

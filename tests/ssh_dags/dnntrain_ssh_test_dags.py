@@ -79,6 +79,17 @@ with DAG("dnntrain_ssh_torch_c10d", schedule=None, start_date=START):
         launcher=ssh_launcher(),
     )
 
+# Rank 0 logs its metrics late: after the test has dropped every connection to its host.
+with DAG("dnntrain_ssh_late_metrics", schedule=None, start_date=START):
+    PyTorchTrainOperator(
+        task_id="train",
+        source_directory=TEST_SCRIPTS,
+        entry_script="ranks.py",
+        arguments=["--sleep", "12", "--late", "--log-metrics", "3"],
+        distribution=TorchDistributed(node_count=2, process_count_per_node=1),
+        launcher=ssh_launcher(),
+    )
+
 # Three workers, one per host, on tests/scripts/replica.py: each replica's behaviour is chosen by flags.
 for dag_id, arguments, deferrable in [
     (

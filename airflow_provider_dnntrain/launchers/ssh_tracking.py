@@ -122,8 +122,8 @@ class TrackingRelay:
             transport.request_port_forward("127.0.0.1", self.remote_port, handler=self._relay)
         except Exception as error:  # held by the old session still, on the host's side
             log.warning(
-                "Host %s: the tracking store could not be forwarded to port %s again (%s); rank 0's "
-                "tracking calls there fail until it can",
+                "Host %s: the tracking store could not be forwarded to port %s again (%s); tracking "
+                "calls from that host fail until its connection is made again",
                 host.spec,
                 self.remote_port,
                 error,

@@ -1,6 +1,7 @@
 """The SSH launcher under real Airflow components (scheduler with LocalExecutor, triggerer, api-server,
-dag-processor) and real SSH hosts: a worker that dies mid-run is taken over by the next try, and a
-deferred wait ends on the triggerer. Afterwards no host holds a process of the job."""
+dag-processor) and real SSH hosts: a worker that dies mid-run is taken over by the next try; a deferred
+wait ends on the triggerer, and carries on, no line logged twice, on a restarted one; a running task
+marked failed or success, or timed out, is stopped. Afterwards no host holds a process of the job."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from ssh_hosts import SSHHosts
 from airflow_provider_dnntrain.launchers import ssh_peers
 from airflow_provider_dnntrain.launchers.base import wait_for_job
 from airflow_provider_dnntrain.launchers.ssh import SSHLauncher
-from airflow_provider_dnntrain.spec import Horovod, MultiWorkerMirrored, TorchDistributed, TrainingJob
+from airflow_provider_dnntrain.spec import Horovod, Input, MultiWorkerMirrored, TorchDistributed, TrainingJob
 
 EXAMPLE_SCRIPTS = Path(__file__).resolve().parents[2] / "dags" / "scripts"
 TEST_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -113,20 +113,26 @@ def test_a_host_runs_the_interpreter_its_connection_names(tmp_path, hosts, monke
         framework="tensorflow",
         source_directory=str(TEST_SCRIPTS),
         entry_script="ranks.py",
-        arguments=["--print-env", "STARTED_BY"],
+        arguments=["--print-env", "STARTED_BY", "--print-env", "DNNTRAIN_INPUT_DIGITS"],
         distribution=MultiWorkerMirrored(worker_count=2),
+        inputs=[Input(name="digits", path=str(tmp_path / "shared data"), argument="--data")],
     )
     launcher = SSHLauncher(ssh_conn_ids=["ssh_h0", "ssh_h1"], work_root=str(tmp_path))
     handle = launcher.submit(job, launcher.plan(job, f"ssh-python-{tmp_path.name}"), extra_env={})
     assert [r.argv[0] for r in handle.plan.replicas] == [sys.executable, str(own)]
     lines = []
     wait_for_job(launcher, handle, lines.append, timeout=60)
-    launcher.collect_outputs(handle)
+    artifacts = launcher.collect_outputs(handle)
     said = {line.replica: line.text for line in lines if "STARTED_BY=" in line.text}
     assert said == {
         "worker-0": "rank worker-0 STARTED_BY=None",
         "worker-1": f"rank worker-1 STARTED_BY={hosts.hosts[1].name}",
     }
+    # An input's path reaches every replica as given (a shared file system), by variable and argument.
+    data = str(tmp_path / "shared data")
+    for name in ("worker-0", "worker-1"):
+        assert f"rank {name} DNNTRAIN_INPUT_DIGITS={data}" in [line.text for line in lines]
+    assert json.loads((artifacts / "outputs" / "argv-worker-0.json").read_text())[-2:] == ["--data", data]
     # Horovod's runner starts every rank with its own command line: one interpreter path for all.
     horovod = job.model_copy(update={"framework": "pytorch", "distribution": Horovod(node_count=2)})
     with pytest.raises(ValueError, match="python: horovod's runner starts every rank with one command line"):

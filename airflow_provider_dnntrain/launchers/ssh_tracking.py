@@ -40,7 +40,7 @@ def needs_relay(uri: str) -> bool:
 
 
 class TrackingRelay:
-    def __init__(self, uri: str, log_file: Path) -> None:
+    def __init__(self, uri: str, log_file: Path, listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
         self.uri = uri
         self.log_file = log_file
         self._server: subprocess.Popen | None = None
@@ -52,7 +52,8 @@ class TrackingRelay:
         parts = urlsplit(uri)
         self.serves_store = parts.scheme != "http"
         if self.serves_store:
-            self.target = ("127.0.0.1", free_port("127.0.0.1", taken=set()))
+            host, port = listen
+            self.target = (host, port or free_port(host, taken=set()))
         else:
             self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
 

@@ -1,0 +1,520 @@
+"""Kubernetes: every replica in a pod of its own, behind a per-run headless Service.
+
+The cluster is reached through the cncf-kubernetes provider's ``KubernetesHook`` (its connection:
+in-cluster, a kubeconfig file or inline kubeconfig, a context). A run's objects are owned by its
+ConfigMap (which also carries the source snapshot): deleting it garbage-collects every other one, so
+a stop - or a cancel from a task that is about to be killed - is one request. While the job runs,
+one list call per poll (by the run's label) gives every pod's state; each pod's log is followed by
+one stream of its own. The chief's outputs are copied out of its pod through ``exec`` into a sidecar
+that keeps its working directory, as KubernetesPodOperator's XCom sidecar does.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import logging
+import shutil
+import socket
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Collection, Iterable, Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from airflow_provider_dnntrain.launchers import kubernetes_bootstrap
+from airflow_provider_dnntrain.launchers.base import (
+    ENTRY_SCRIPT_VAR,
+    LAUNCH_ID_VAR,
+    PRIMARY_REPLICA_VAR,
+    REPLICA_SITE,
+    JobState,
+    JobStatus,
+    Launcher,
+    LogLine,
+)
+from airflow_provider_dnntrain.launchers.kubernetes_job import KubernetesJobHandle, main_container_started
+from airflow_provider_dnntrain.launchers.kubernetes_manifests import (
+    BOOTSTRAP,
+    OUTPUTS_CONTAINER,
+    RUN_LABEL,
+    SSH_PORT,
+    Gang,
+    PodPlacement,
+    RunSettings,
+    job_name,
+    masked,
+    pod_name,
+    render_run,
+    secret_data,
+)
+from airflow_provider_dnntrain.launchers.kubernetes_options import GangScheduler, PodOptions
+from airflow_provider_dnntrain.launchers.local_logs import Redactor
+from airflow_provider_dnntrain.launchers.ssh_tracking import TrackingRelay, needs_relay
+from airflow_provider_dnntrain.source import check_source
+from airflow_provider_dnntrain.source import snapshot as copy_snapshot
+from airflow_provider_dnntrain.spec import TrainingJob
+from airflow_provider_dnntrain.topology import JobPlan
+
+log = logging.getLogger(__name__)
+_DELETE_WAIT_SECONDS = 60
+_EXEC_TIMEOUT_SECONDS = 120
+
+
+def default_image(job: TrainingJob) -> str:
+    """The project's training images (``make images``): ``dnntrain-{torch,tensorflow}:{cpu,gpu}``."""
+    framework = "torch" if job.framework == "pytorch" else "tensorflow"
+    return f"dnntrain-{framework}:{'gpu' if job.resources.use_gpu else 'cpu'}"
+
+
+class KubernetesLauncher(Launcher):
+    """Run every replica as a pod on a Kubernetes cluster.
+
+    Connection: ``kubernetes_conn_id`` (the cncf-kubernetes provider's), or ``in_cluster`` /
+    ``config_file`` / ``cluster_context`` as ``KubernetesHook`` takes them. ``namespace``: default the
+    connection's, else ``default``. Pods: ``image`` (default: the job environment's, else the project's
+    training image for the framework and device), and KubernetesPodOperator's knobs by its names
+    (``labels``, ``annotations``, ``node_selector``, ``affinity``, ``tolerations``, ``volumes``,
+    ``volume_mounts``, ``service_account_name``, ``image_pull_secrets``, ``image_pull_policy``,
+    ``security_context``, ``container_security_context``, ``container_resources``,
+    ``priority_class_name``, ``schedulername``, ``init_containers``, ``env_vars``), with
+    ``pod_template_file`` / ``full_pod_spec`` as a base and ``role_options`` per role (``{"ps": {...}}``).
+    ``gang_scheduling``: ``kueue`` (with ``queue_name``), ``volcano`` or ``coscheduling``, so that all
+    pods start together or none does.
+
+    Tracking from pods: a tracking server the pods reach is passed on as it is; the embedded store
+    (or a server on this worker's loopback) is served by the launcher at ``tracking_address``
+    (``host:port`` the pods reach this worker at; default: this worker's address towards the API
+    server, on a free port), listening on ``tracking_bind``.
+    """
+
+    name = "kubernetes"
+
+    def __init__(
+        self,
+        *,
+        kubernetes_conn_id: str | None = "kubernetes_default",
+        namespace: str | None = None,
+        in_cluster: bool | None = None,
+        config_file: str | None = None,
+        cluster_context: str | None = None,
+        python: str = "python",
+        role_options: Mapping[str, PodOptions | Mapping[str, Any]] | None = None,
+        pod_template_file: str | None = None,
+        full_pod_spec: Any = None,
+        gang_scheduling: GangScheduler | None = None,
+        queue_name: str | None = None,
+        startup_timeout_seconds: float = 120.0,
+        poll_interval: float = 1.0,
+        stop_grace_seconds: float = 10.0,
+        work_root: str | None = None,
+        tracking_address: str | None = None,
+        tracking_bind: str = "0.0.0.0",
+        **pod_options: Any,
+    ) -> None:
+        self.kubernetes_conn_id = kubernetes_conn_id
+        self.namespace = namespace
+        self.in_cluster = in_cluster
+        self.config_file = config_file
+        self.cluster_context = cluster_context
+        self.python = python
+        try:
+            self.pod_options = PodOptions(**pod_options)
+            self.role_options = {
+                role: o if isinstance(o, PodOptions) else PodOptions(**o)
+                for role, o in (role_options or {}).items()
+            }
+        except Exception as error:  # pydantic names the field
+            raise ValueError(f"kubernetes launcher: {error}") from None
+        self.pod_template_file = pod_template_file
+        self.full_pod_spec = full_pod_spec
+        self.gang = Gang(gang_scheduling, queue_name) if gang_scheduling else None
+        self.startup_timeout_seconds = startup_timeout_seconds
+        self.poll_interval = poll_interval
+        self.stop_grace_seconds = stop_grace_seconds
+        self.work_root = Path(work_root) if work_root else None
+        self.tracking_address = tracking_address
+        self.tracking_bind = tracking_bind
+
+    # -- the cluster ----------------------------------------------------------------------------
+
+    @cached_property
+    def hook(self):
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+        return KubernetesHook(
+            conn_id=self.kubernetes_conn_id,
+            in_cluster=self.in_cluster,
+            config_file=self.config_file,
+            cluster_context=self.cluster_context,
+        )
+
+    @cached_property
+    def core(self):
+        return self.hook.core_v1_client
+
+    def _namespace(self) -> str:
+        if self.namespace is None:
+            self.namespace = self.hook.get_namespace() or "default"
+        return self.namespace
+
+    # -- plan -----------------------------------------------------------------------------------
+
+    def placement(self, run_id: str) -> PodPlacement:
+        return PodPlacement(run_id)
+
+    def interpreter(self, job: TrainingJob) -> str:
+        return job.environment.python or self.python
+
+    def plan(self, job: TrainingJob, run_id: str) -> JobPlan:
+        self.validate(job)
+        return super().plan(_with_ssh_port(job), run_id)
+
+    def preview(self, job: TrainingJob, run_id: str) -> JobPlan:
+        return self.plan(job, run_id)
+
+    def preview_objects(self, job: TrainingJob, run_id: str) -> list[dict]:
+        """Every object a run would create, secrets masked and the bundle's files shown by size."""
+        plan = self.plan(job, run_id)
+        settings = self._settings(job, plan, self.namespace or "default", {})
+        secrets = {name: "***" for name in job.environment.secrets}
+        objects = render_run(plan, settings, _bundle(check_source(job), plan), secret_data(secrets, {}))
+        return masked(objects)
+
+    def _settings(self, job: TrainingJob, plan: JobPlan, namespace: str, launch_env: Mapping[str, str]):
+        return RunSettings(
+            namespace=namespace,
+            image=job.environment.image or self.pod_options.image or default_image(job),
+            python=self.interpreter(job),
+            options=self.pod_options,
+            role_options=self.role_options,
+            launch_env=dict(launch_env),
+            secret_names=sorted(job.environment.secrets),
+            use_gpu=job.resources.use_gpu,
+            cpu=job.resources.cpu,
+            memory=job.resources.memory,
+            grace_seconds=int(self.stop_grace_seconds),
+            gang=self.gang,
+            pod_template=self._pod_template(),
+        )
+
+    def _pod_template(self) -> dict | None:
+        from airflow_provider_dnntrain.launchers.kubernetes_options import to_api_json
+
+        if self.full_pod_spec is not None:
+            return to_api_json(self.full_pod_spec)
+        if self.pod_template_file:
+            import yaml
+
+            return yaml.safe_load(Path(self.pod_template_file).read_text())
+        return None
+
+    # -- submit ---------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        job: TrainingJob,
+        plan: JobPlan,
+        extra_env: Mapping[str, str],
+        *,
+        pending_env: Collection[str] = (),
+    ) -> KubernetesJobHandle:
+        source = check_source(job)
+        namespace = self._namespace()
+        run_dir = self.run_dir(plan.run_id)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        run_dir.chmod(0o700)
+        (run_dir / "plan.json").write_text(plan.to_json())
+        secrets = {name: value.get_secret_value() for name, value in job.environment.secrets.items()}
+        handle = KubernetesJobHandle(
+            run_id=plan.run_id,
+            plan=plan,
+            job=job_name(plan.run_id),
+            namespace=namespace,
+            run_dir=run_dir,
+            launch_id=uuid.uuid4().hex,
+            redactor=Redactor(list(secrets.values())),
+            awaiting=set(pending_env),
+        )
+        self._remove_run(handle, wait=True)  # what an earlier submit of this run id left
+        launch_env = {
+            **extra_env,
+            "PYTHONUNBUFFERED": "1",
+            LAUNCH_ID_VAR: handle.launch_id,
+            ENTRY_SCRIPT_VAR: job.entry_script,
+            PRIMARY_REPLICA_VAR: plan.chief.name,
+        }
+        tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
+        if tracking_uri and needs_relay(tracking_uri):
+            handle.relay, launch_env["MLFLOW_TRACKING_URI"] = self._serve_tracking(tracking_uri, run_dir)
+            handle.relay_uri = launch_env["MLFLOW_TRACKING_URI"]
+        try:
+            self._create_run(handle, job, plan, source, launch_env, secrets)
+        except BaseException:
+            self.stop(handle, grace_seconds=0)
+            raise
+        return handle
+
+    def _create_run(self, handle, job, plan, source, launch_env, secrets) -> None:
+        ssh_files = _ssh_files(handle.job) if plan.hosts[1:] else {}
+        data = secret_data(secrets, ssh_files)
+        bundle = _bundle(source, plan)
+        settings = self._settings(job, plan, handle.namespace, launch_env)
+        owner = render_run(plan, settings, bundle, data).owner
+        handle.owner_uid = self.core.create_namespaced_config_map(handle.namespace, owner).metadata.uid
+        objects = render_run(plan, settings, bundle, data, owner_uid=handle.owner_uid)
+        self.core.create_namespaced_secret(handle.namespace, objects.secret)
+        self.core.create_namespaced_service(handle.namespace, objects.service)
+        if objects.pod_group is not None:
+            group, version = objects.pod_group["apiVersion"].split("/")
+            self.hook.custom_object_client.create_namespaced_custom_object(
+                group, version, handle.namespace, "podgroups", objects.pod_group
+            )
+        handle.pod_manifests = objects.pods
+        handle.launch_env = launch_env
+        handle.settings = settings
+        if not handle.awaiting:
+            self._create_pods(handle)
+
+    def _create_pods(self, handle: KubernetesJobHandle) -> None:
+        """The pods, with every value they start with: the variables submit was told are pending are
+        part of their environment (a pod's environment cannot change once it runs)."""
+        pods = handle.pod_manifests
+        if handle.provided:
+            settings = dataclasses.replace(
+                handle.settings, launch_env={**handle.launch_env, **handle.provided}
+            )
+            pods = render_run(handle.plan, settings, {}, {}, owner_uid=handle.owner_uid).pods
+        for pod in pods:
+            self.core.create_namespaced_pod(handle.namespace, pod)
+        handle.pods_created_at = time.monotonic()
+
+    def _serve_tracking(self, tracking_uri: str, run_dir: Path) -> tuple[TrackingRelay, str]:
+        """The embedded store, served to the pods by an ``mlflow server`` on this worker."""
+        if urlsplit(tracking_uri).scheme.startswith("http"):
+            raise ValueError(
+                f"tracking_uri: {tracking_uri} listens on this worker's loopback, which pods cannot reach; "
+                "let it listen on an address they reach, and name that one"
+            )
+        address = self.tracking_address or f"{self._address_towards_cluster()}:0"
+        host, _, port = address.rpartition(":")
+        relay = TrackingRelay(
+            tracking_uri, run_dir.with_suffix(".tracking-server.log"), listen=(self.tracking_bind, int(port))
+        )
+        return relay, f"http://{host}:{relay.target[1]}"
+
+    def _address_towards_cluster(self) -> str:
+        """This worker's address on the route to the API server: where pods usually reach it."""
+        server = urlsplit(self.hook.api_client.configuration.host)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((server.hostname, server.port or 443))
+            address = probe.getsockname()[0]
+        if address.startswith("127."):
+            raise ValueError(
+                "tracking: the job's tracking store is on this worker (the embedded store, or a server on "
+                "its loopback) and the cluster's API server is reached over loopback, so no address of "
+                "this worker is known to the pods; give tracking_uri=http://<server the pods reach>, or "
+                "the launcher's tracking_address='<host>:<port>'"
+            )
+        return address
+
+    def provide_env(self, handle: KubernetesJobHandle, values: Mapping[str, str]) -> None:
+        if handle.relay is not None and "MLFLOW_RUN_ID" in values:
+            handle.relay.start_server()
+        if handle.pods_created_at is not None:
+            log.warning("Run %s: its pods already run; %s cannot reach them", handle.run_id, sorted(values))
+            return
+        handle.provided.update(values)
+        handle.awaiting -= set(values)
+        if not handle.awaiting and not handle.cancelled:
+            self._create_pods(handle)
+
+    # -- observe --------------------------------------------------------------------------------
+
+    def poll(self, handle: KubernetesJobHandle) -> JobStatus:
+        if handle.cancelled:
+            return JobStatus(JobState.CANCELLED, f"job {handle.run_id} was cancelled")
+        if handle.pods_created_at is None or handle.status.state.finished:
+            return handle.status
+        if time.monotonic() - handle.last_poll < self.poll_interval:
+            return handle.status
+        handle.last_poll = time.monotonic()
+        pods = self._list_pods(handle)
+        for pod in pods:
+            if main_container_started(pod):
+                handle.follow(self.core, pod.metadata.name)
+        handle.status = handle.evaluate(pods, self.startup_timeout_seconds)
+        return handle.status
+
+    def _list_pods(self, handle: KubernetesJobHandle) -> list:
+        return self.core.list_namespaced_pod(
+            handle.namespace, label_selector=f"{RUN_LABEL}={handle.job}"
+        ).items
+
+    def stream_logs(self, handle: KubernetesJobHandle, timeout: float) -> Iterable[LogLine]:
+        if not handle.has_lines() and timeout > 0:
+            time.sleep(min(timeout, max(0.0, handle.last_poll + self.poll_interval - time.monotonic())))
+        return handle.take_lines()
+
+    def tail(self, handle: KubernetesJobHandle, replica: str) -> list[str]:
+        return list(handle.tails.get(replica, []))
+
+    # -- stop -----------------------------------------------------------------------------------
+
+    def cancel(self, handle: KubernetesJobHandle) -> None:
+        """One request, in the background: the owner goes, and the cluster deletes the rest."""
+        handle.cancelled = True
+        threading.Thread(target=self._remove_run, args=(handle,), daemon=True).start()
+
+    def stop(self, handle: KubernetesJobHandle, grace_seconds: float) -> None:
+        """Save the chief's outputs, then delete every object of the run and wait until its pods are
+        gone (raise naming any still there)."""
+        if handle.stopped:
+            return
+        if handle.pods_created_at is not None and not handle.cancelled:
+            self._save_outputs(handle)
+        handle.stopped = True
+        self.core.delete_collection_namespaced_pod(
+            handle.namespace,
+            label_selector=f"{RUN_LABEL}={handle.job}",
+            grace_period_seconds=int(grace_seconds),
+        )
+        left = self._wait_until_gone(handle, grace_seconds + _DELETE_WAIT_SECONDS)
+        handle.finish_reading(timeout=5)
+        self._remove_run(handle, wait=False)
+        if handle.relay is not None:
+            handle.relay.close()
+        if left:
+            raise RuntimeError(f"run {handle.run_id}: pods still there after deletion: {', '.join(left)}")
+
+    def _wait_until_gone(self, handle: KubernetesJobHandle, timeout: float) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while left := [p.metadata.name for p in self._list_pods(handle)]:
+            if time.monotonic() > deadline:
+                return left
+            time.sleep(0.25)
+        return []
+
+    def _remove_run(self, handle: KubernetesJobHandle, wait: bool = False) -> None:
+        """Delete the run's owner: the cluster's garbage collector deletes everything it owns."""
+        from kubernetes.client import V1DeleteOptions
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            self.core.delete_namespaced_config_map(
+                handle.job, handle.namespace, body=V1DeleteOptions(propagation_policy="Background")
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
+        if wait and self._wait_until_gone(handle, self.stop_grace_seconds + _DELETE_WAIT_SECONDS):
+            raise RuntimeError(f"run {handle.run_id}: the pods of an earlier launch are still there")
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def _save_outputs(self, handle: KubernetesJobHandle) -> None:
+        """The chief's ``./outputs`` and ``./logs``, through ``exec`` into the pod's outputs sidecar."""
+        chief = pod_name(handle.plan.chief.host)
+        target = handle.run_dir / "artifacts"
+        try:
+            packed = self._exec(handle, chief, [handle.settings.python, BOOTSTRAP, "pack"])
+            with tarfile.open(fileobj=io.BytesIO(base64.b64decode(packed)), mode="r:gz") as tar:
+                tar.extractall(target, filter="data")
+            handle.outputs_saved = True
+        except Exception as error:
+            log.warning("Run %s: could not copy the outputs out of pod %s: %s", handle.run_id, chief, error)
+
+    def _exec(self, handle: KubernetesJobHandle, pod: str, command: list[str]) -> str:
+        from kubernetes.client import CoreV1Api
+        from kubernetes.stream import stream
+
+        # A client of its own: ``stream`` swaps its client's transport for a websocket while it runs.
+        core = CoreV1Api(self.hook.get_conn())
+        client = stream(
+            core.connect_get_namespaced_pod_exec,
+            pod,
+            handle.namespace,
+            container=OUTPUTS_CONTAINER,
+            command=command,
+            stderr=True,
+            stdin=False,
+            stdout=True,
+            tty=False,
+            _preload_content=False,
+        )
+        try:
+            client.run_forever(timeout=_EXEC_TIMEOUT_SECONDS)
+            if client.returncode not in (0, None):
+                raise RuntimeError(f"{command[-1]} exited {client.returncode}: {client.read_stderr()}")
+            return client.read_stdout()
+        finally:
+            client.close()
+
+    def collect_outputs(self, handle: KubernetesJobHandle) -> Path:
+        artifacts = handle.run_dir / "artifacts"
+        for sub in ("outputs", "logs"):
+            (artifacts / sub).mkdir(parents=True, exist_ok=True)
+        return artifacts
+
+
+def _selector(handle: KubernetesJobHandle) -> str:
+    return f"{RUN_LABEL}={handle.job}"
+
+
+def _with_ssh_port(job: TrainingJob) -> TrainingJob:
+    """Horovod's nodes run sshd on the run's port (unprivileged, so it runs as any user)."""
+    dist = job.distribution
+    if getattr(dist, "kind", "") == "horovod" and dist.ssh_port is None:
+        return job.model_copy(update={"distribution": dist.model_copy(update={"ssh_port": SSH_PORT})})
+    return job
+
+
+def _bundle(source: Path, plan: JobPlan) -> dict[str, bytes]:
+    """The run's files for its ConfigMap: the source snapshot, the pods' bootstrap, the replica site,
+    and each replica's own files (a hostfile)."""
+    buffer = io.BytesIO()
+    with tempfile.TemporaryDirectory() as scratch:
+        snapshot = Path(scratch) / "source"
+        copy_snapshot(source, snapshot)
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            tar.add(snapshot, arcname=".")
+    files = {r.name: r.files for r in plan.replicas if r.files}
+    return {
+        "source.tar.gz": buffer.getvalue(),
+        "bootstrap.py": Path(kubernetes_bootstrap.__file__).read_bytes(),
+        "sitecustomize.py": (REPLICA_SITE / "sitecustomize.py").read_bytes(),
+        "files.json": json.dumps(files).encode(),
+    }
+
+
+def _ssh_files(job: str) -> dict[str, str]:
+    """A key pair and a host key for this run only (deleted with its Secret)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    def pair() -> tuple[str, str]:
+        key = Ed25519PrivateKey.generate()
+        private = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        )
+        public = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+        return private.decode(), public.decode()
+
+    client_key, client_public = pair()
+    host_key, host_public = pair()
+    return {
+        "id": client_key,
+        "authorized_keys": f"{client_public} dnntrain-{job}\n",
+        "host_key": host_key,
+        "known_hosts": f"*.{job},{job}-* {host_public}\n",
+    }

@@ -31,6 +31,8 @@ def unpack() -> None:
     workdir = os.getcwd()
     with tarfile.open(os.path.join(BUNDLE, "source.tar.gz")) as tar:
         tar.extractall(workdir, filter="data")
+    for folder in ("outputs", "logs"):  # every launcher gives the script both
+        os.makedirs(os.path.join(workdir, folder), exist_ok=True)
     replica = os.environ.get("DNNTRAIN_POD_REPLICA", "")
     with open(os.path.join(BUNDLE, "files.json")) as listing:
         files = json.load(listing).get(replica, {})

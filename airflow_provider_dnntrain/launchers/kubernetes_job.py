@@ -152,7 +152,7 @@ class KubernetesJobHandle(JobHandle):
                 self._responses[pod] = response
                 self._consume(response, cursor, replica)
             except Exception as error:  # the pod went away, or the connection dropped: decided below
-                log.debug("log stream of pod %s ended: %s", pod, error)
+                log.debug("log stream of pod %s ended: %r", pod, error)
             if self.exit_codes.get(replica) is not None or self.stopped:
                 return
             self._closing.wait(0.5)
@@ -171,7 +171,7 @@ class KubernetesJobHandle(JobHandle):
         for line in raw:
             stamp, _, text = line.decode(errors="replace").partition(" ")
             if cursor.accepts(stamp):
-                taken.append(LogLine(replica, self.redactor.redact(text.rstrip("\r"))))
+                taken.append(LogLine(replica, self.redactor.line(text.rstrip("\r"))))
         with self._lock:
             self._lines.extend(taken)
             tail = self.tails.setdefault(replica, collections.deque(maxlen=_TAIL_LINES))

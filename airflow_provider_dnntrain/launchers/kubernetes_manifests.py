@@ -250,8 +250,8 @@ def _main_container(
     container: dict[str, Any] = {
         "name": MAIN_CONTAINER,
         "image": options.image or settings.image,
-        "command": command,
-        "args": ["--", *replica.argv] if replica else [],
+        "command": literal(command),
+        "args": literal(["--", *replica.argv]) if replica else [],
         "workingDir": WORKDIR,
         "env": _env(env, options.env_vars, settings.secret_names, job),
         "resources": _resources(plan, settings, options, replica),
@@ -279,15 +279,26 @@ def _outputs_container(settings: RunSettings, options: PodOptions, main: dict) -
     container = {
         "name": OUTPUTS_CONTAINER,
         "image": main["image"],
-        "command": [settings.python, BOOTSTRAP, "hold"],
+        "command": literal([settings.python, BOOTSTRAP, "hold"]),
         "workingDir": WORKDIR,
         "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
-        "volumeMounts": [{"name": "workdir", "mountPath": WORKDIR}],
+        "volumeMounts": [
+            {"name": "bundle", "mountPath": BUNDLE_MOUNT, "readOnly": True},
+            {"name": "workdir", "mountPath": WORKDIR},
+        ],
     }
     for key in ("imagePullPolicy", "securityContext"):
         if key in main:
             container[key] = main[key]
     return container
+
+
+def literal(value):
+    """A string (or strings) Kubernetes passes on as written: it expands ``$(VAR)`` in commands,
+    arguments and variables' values, and ``$$`` is its escape for ``$``."""
+    if isinstance(value, list):
+        return [literal(item) for item in value]
+    return value.replace("$", "$$")
 
 
 def _ssh_volume(plan: JobPlan, job: str) -> list[dict]:
@@ -300,7 +311,7 @@ def _ssh_volume(plan: JobPlan, job: str) -> list[dict]:
 
 def _env(values: Mapping[str, str], extra: Mapping[str, str], secrets: list[str], job: str) -> list[dict]:
     plain = {**values, **extra}
-    env = [{"name": k, "value": str(v)} for k, v in plain.items() if k not in secrets]
+    env = [{"name": k, "value": literal(str(v))} for k, v in plain.items() if k not in secrets]
     refs = [{"name": n, "valueFrom": {"secretKeyRef": {"name": job, "key": _secret_key(n)}}} for n in secrets]
     return env + refs
 

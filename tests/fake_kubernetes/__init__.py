@@ -1,0 +1,154 @@
+"""A fake Kubernetes cluster for the tests: ``apiserver.py`` (an API server and a kubelet in one process)
+started as a subprocess, reached over HTTP through a kubeconfig, as any client reaches a cluster.
+
+Pods run as real processes in network namespaces named ``<prefix>-p<N>``, on a bridge in
+``<prefix>-br``; nothing else on the machine is touched, and everything is stopped by PID and
+namespace name at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+SERVER = Path(__file__).with_name("apiserver.py")
+TOKEN = "fake-cluster-token"
+GATEWAY = "10.215.0.1"  # this machine, as the pods see it
+NAMESPACE = "training"
+IMAGES = ("dnntrain-torch", "dnntrain-tensorflow")
+# Mount points the fake containers bind volumes at (the fake shares this machine's file system).
+MOUNT_ROOTS = ("/dnntrain",)
+_sets = itertools.count()
+
+
+@dataclass
+class FakeCluster:
+    root: Path
+    images: tuple[str, ...] = IMAGES
+    port: int = 0
+    gateway_port: int = 0
+    process: subprocess.Popen | None = None
+    _created_roots: list[Path] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.prefix = f"fk{os.getpid() % 100000}-{next(_sets)}"
+        self.kubeconfig = self.root / "kubeconfig.yaml"
+
+    def start(self) -> FakeCluster:
+        from airflow_provider_dnntrain.launchers.local_ports import free_port
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._created_roots = [Path(p) for p in MOUNT_ROOTS if not Path(p).exists()]
+        self.gateway_port = free_port("127.0.0.1", taken=set())
+        port_file = self.root / "port"
+        with open(self.root / "apiserver.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, str(SERVER), "--root", str(self.root), "--port-file", str(port_file),
+                 "--prefix", self.prefix, "--images", ",".join(self.images),
+                 "--gateway-port", str(self.gateway_port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while not port_file.exists() or not port_file.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the fake API server did not start: {self.log_tail()}")
+            time.sleep(0.05)
+        self.port = int(port_file.read_text())
+        self.kubeconfig.write_text(yaml.safe_dump(self._kubeconfig()))
+        return self
+
+    def _kubeconfig(self) -> dict:
+        return {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": {"server": f"http://127.0.0.1:{self.port}"}}],
+            "users": [{"name": "fake", "user": {"token": TOKEN}}],
+            "contexts": [
+                {"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": NAMESPACE}}
+            ],
+            "current-context": "fake",
+        }
+
+    def airflow_connection(self) -> str:
+        """The cncf-kubernetes connection a user would define for this cluster (JSON)."""
+        extra = {"kube_config_path": str(self.kubeconfig), "namespace": NAMESPACE}
+        return json.dumps({"conn_type": "kubernetes", "extra": extra})
+
+    @property
+    def tracking_address(self) -> str:
+        """Where pods reach a tracking store served on this machine's 127.0.0.1:<gateway_port>."""
+        return f"{GATEWAY}:{self.gateway_port}"
+
+    # -- looking at it -----------------------------------------------------------------------------
+
+    def api(self, path: str, method: str = "GET") -> dict:
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method)
+        request.add_header("Authorization", f"Bearer {TOKEN}")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+
+    def objects(self, plural: str, namespace: str = NAMESPACE) -> list[dict]:
+        return self.api(f"/api/v1/namespaces/{namespace}/{plural}")["items"]
+
+    def requests(self) -> dict[str, int]:
+        return self.api("/fake/requests")
+
+    def evict(self, pod: str, namespace: str = NAMESPACE) -> None:
+        self.api(f"/fake/evict/{namespace}/{pod}", method="POST")
+
+    def pod_processes(self) -> list[int]:
+        """Every process still running in any pod of this cluster."""
+        return [pid for namespace in self._pod_namespaces() for pid in _namespace_pids(namespace)]
+
+    def _pod_namespaces(self) -> list[str]:
+        run = Path("/run/netns")
+        return [p.name for p in run.glob(f"{self.prefix}-p*")] if run.exists() else []
+
+    def log_tail(self, lines: int = 30) -> str:
+        path = self.root / "apiserver.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    # -- stop --------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=30)
+            if self.process.poll() is None:
+                self.process.kill()
+        for namespace in [*self._pod_namespaces(), f"{self.prefix}-br"]:
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                for pid in _namespace_pids(namespace):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=30)
+            shutil.rmtree(Path("/etc/netns") / namespace, ignore_errors=True)
+        for created in self._created_roots:
+            shutil.rmtree(created, ignore_errors=True)  # only empty mount points were made there
+
+    def __enter__(self) -> FakeCluster:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _namespace_pids(namespace: str) -> list[int]:
+    listed = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True, timeout=30)
+    return [int(pid) for pid in listed.stdout.split()]

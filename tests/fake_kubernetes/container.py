@@ -1,0 +1,47 @@
+"""A fake container's first process: run inside the pod's network namespace by the fake kubelet, in a
+UTS and mount namespace of its own. Sets the pod's host name, binds its volumes at their mount paths,
+enters the working directory and becomes the container's command (argv[1]: a JSON spec)."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import sys
+
+MS_BIND = 4096
+MS_REC = 16384
+
+
+def bind(source: str, target: str) -> None:
+    if os.path.isdir(source):
+        os.makedirs(target, exist_ok=True)
+    else:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        if not os.path.exists(target):
+            open(target, "a").close()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(source.encode(), target.encode(), None, MS_BIND | MS_REC, None) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"bind {source} -> {target}: {os.strerror(errno)}")
+
+
+def main() -> None:
+    with open(sys.argv[1]) as handle:
+        spec = json.load(handle)
+    socket.sethostname(spec["hostname"])
+    for source, target in spec["mounts"]:
+        bind(source, target)
+    os.makedirs(spec["workdir"], exist_ok=True)
+    os.chdir(spec["workdir"])
+    env = spec["env"]
+    try:
+        os.execvpe(spec["argv"][0], spec["argv"], env)
+    except OSError as error:
+        print(f"fake container: cannot run {spec['argv'][0]}: {error}", file=sys.stderr)
+        sys.exit(127)
+
+
+if __name__ == "__main__":
+    main()

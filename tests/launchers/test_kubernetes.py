@@ -1,0 +1,98 @@
+"""The Kubernetes launcher against a fake cluster over real HTTP (tests/fake_kubernetes): its pods run
+as real processes in network namespaces of their own, and find each other by the Service's names."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+from fake_kubernetes import FakeCluster
+
+from airflow_provider_dnntrain.launchers.base import JobFailed, wait_for_job
+from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
+from airflow_provider_dnntrain.spec import ParameterServer, TorchDistributed, TrainingJob
+
+EXAMPLE_SCRIPTS = Path(__file__).resolve().parents[2] / "dags" / "scripts"
+TEST_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with FakeCluster(tmp_path_factory.mktemp("kubernetes") / "cluster") as started:
+        yield started
+
+
+@pytest.fixture
+def launcher(cluster, monkeypatch, tmp_path):
+    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_FAKE", cluster.airflow_connection())
+    return KubernetesLauncher(
+        kubernetes_conn_id="kubernetes_fake",
+        work_root=str(tmp_path),
+        poll_interval=0.5,
+        stop_grace_seconds=5,
+        startup_timeout_seconds=20,
+    )
+
+
+def run(launcher: KubernetesLauncher, job: TrainingJob, run_id: str, timeout: float = 240):
+    handle = launcher.submit(job, launcher.plan(job, run_id), extra_env={})
+    lines = []
+    try:
+        wait_for_job(launcher, handle, lines.append, timeout=timeout)
+    finally:
+        print("\n".join(map(str, lines)))
+    return handle, lines
+
+
+def assert_nothing_left(cluster: FakeCluster) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        left = {p: [o["metadata"]["name"] for o in cluster.objects(p)] for p in ("pods", "services", "secrets")}
+        left["configmaps"] = [o["metadata"]["name"] for o in cluster.objects("configmaps")]
+        if not any(left.values()) and not cluster.pod_processes():
+            return
+        assert time.monotonic() < deadline, f"left behind: {left}, processes {cluster.pod_processes()}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_ddp_trains_across_two_pods(cluster, launcher):
+    job = TrainingJob(
+        framework="pytorch",
+        source_directory=str(EXAMPLE_SCRIPTS),
+        entry_script="torch_ddp_digits.py",
+        arguments=["--epochs", "2"],
+        distribution=TorchDistributed(node_count=2, process_count_per_node=1),
+    )
+    handle, lines = run(launcher, job, "k8s-ddp")
+    text = {n: "\n".join(line.text for line in lines if line.replica == n) for n in ("node-0", "node-1")}
+    ranks = {name: re.search(r"rank=(\d) world_size=2", t).group(1) for name, t in text.items()}
+    assert sorted(ranks.values()) == ["0", "1"]
+    checksums = {name: re.search(r"weights_checksum=(\S+)", t).group(1) for name, t in text.items()}
+    assert checksums["node-0"] == checksums["node-1"]
+    facts = json.loads((launcher.collect_outputs(handle) / "outputs" / "summary.json").read_text())
+    assert facts["allreduce_sum"] == 3.0
+    assert_nothing_left(cluster)
+
+
+@pytest.mark.slow
+def test_a_failing_replica_fails_the_job_naming_it(cluster, launcher):
+    job = TrainingJob(
+        framework="tensorflow",
+        source_directory=str(TEST_SCRIPTS),
+        entry_script="replica.py",
+        arguments=["--fail", "worker-1:3", "--serve", "ps-0", "--serve", "chief-0", "--serve", "worker-0"],
+        distribution=ParameterServer(worker_count=2, parameter_server_count=1),
+    )
+    began = time.monotonic()
+    with pytest.raises(JobFailed) as failure:
+        run(launcher, job, "k8s-fail")
+    print(failure.value)
+    assert failure.value.status.failed_replica == "worker-1"
+    assert failure.value.status.exit_code == 3
+    assert "replica worker-1 failed with exit code 3" in str(failure.value)
+    assert time.monotonic() - began < 60
+    assert_nothing_left(cluster)

@@ -50,8 +50,8 @@ def run(launcher: KubernetesLauncher, job: TrainingJob, run_id: str, timeout: fl
 def assert_nothing_left(cluster: FakeCluster) -> None:
     deadline = time.monotonic() + 30
     while True:
-        left = {p: [o["metadata"]["name"] for o in cluster.objects(p)] for p in ("pods", "services", "secrets")}
-        left["configmaps"] = [o["metadata"]["name"] for o in cluster.objects("configmaps")]
+        kinds = ("pods", "services", "secrets", "configmaps")
+        left = {kind: [o["metadata"]["name"] for o in cluster.objects(kind)] for kind in kinds}
         if not any(left.values()) and not cluster.pod_processes():
             return
         assert time.monotonic() < deadline, f"left behind: {left}, processes {cluster.pod_processes()}"

@@ -28,6 +28,13 @@ def load_job(path: Path) -> TrainingJob:
 def render_command(args: argparse.Namespace) -> int:
     job = load_job(Path(args.job_file))
     check_source(job)
+    if args.launcher == "kubernetes":
+        from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
+
+        options = {"image": args.image} if args.image else {}
+        launcher = KubernetesLauncher(namespace=args.namespace, python=args.python, **options)
+        print(yaml.safe_dump_all(launcher.preview_objects(job, args.run_id), sort_keys=False), end="")
+        return 0
     plan = render_plan(job, args.run_id, placeholder_placement(), python=args.python)
     print(plan.to_json())
     return 0
@@ -48,10 +55,17 @@ def models_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dnntrain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    render = commands.add_parser("render", help="print the plan of a job file (YAML or JSON) as JSON")
+    render = commands.add_parser(
+        "render",
+        help="print the plan of a job file (YAML or JSON) as JSON, or with --launcher kubernetes the "
+        "objects a run would create (YAML, secrets masked)",
+    )
     render.add_argument("job_file")
     render.add_argument("--run-id", default="dry-run")
     render.add_argument("--python", default="python", help="interpreter shown in the commands")
+    render.add_argument("--launcher", choices=["local", "kubernetes"], default="local")
+    render.add_argument("--namespace", default="default", help="kubernetes: the run's namespace")
+    render.add_argument("--image", default=None, help="kubernetes: the pods' image")
     render.set_defaults(func=render_command)
     models = commands.add_parser("models", help="list registered models and their latest version")
     models.add_argument("--tracking-uri", default=None)

@@ -64,3 +64,23 @@ def test_render_refuses_a_missing_source_directory_or_script(tmp_path):
     result = subprocess.run([DNNTRAIN, "render", str(job_file)], capture_output=True, text=True)
     assert result.returncode == 2
     assert "entry_script: 'train.py' is not a file in" in result.stderr
+
+
+def test_render_for_kubernetes_prints_every_object_a_run_creates(tmp_path):
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    job_file = tmp_path / "job.yaml"
+    job = {
+        "framework": "pytorch",
+        "source_directory": ".",
+        "entry_script": "train.py",
+        "distribution": {"kind": "torch_distributed", "node_count": 2},
+        "environment": {"secrets": {"TOKEN": "do-not-print"}},
+    }
+    job_file.write_text(yaml.safe_dump(job))
+    command = [DNNTRAIN, "render", str(job_file), "--launcher", "kubernetes", "--namespace", "ml"]
+    out = subprocess.run([*command, "--run-id", "nightly"], capture_output=True, text=True, check=True).stdout
+    objects = list(yaml.safe_load_all(out))
+    assert [o["kind"] for o in objects] == ["ConfigMap", "Secret", "Service", "Pod", "Pod"]
+    assert [o["metadata"]["name"] for o in objects[3:]] == ["nightly-node-0", "nightly-node-1"]
+    assert {o["metadata"]["namespace"] for o in objects[1:]} == {"ml"}
+    assert "do-not-print" not in out

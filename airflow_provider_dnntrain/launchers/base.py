@@ -142,6 +142,11 @@ class Launcher(ABC):
         (placeholder hosts unless the backend knows its hosts)."""
         return render_plan(job, run_id, placeholder_placement(), self.interpreter(job))
 
+    def preview_objects(self, job: TrainingJob, run_id: str) -> list[dict] | None:
+        """What the backend would create for the run beyond processes (Kubernetes objects), secrets
+        masked; None for a backend that creates none."""
+        return None
+
     @abstractmethod
     def submit(
         self,

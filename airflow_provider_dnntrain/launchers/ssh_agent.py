@@ -45,9 +45,11 @@ import tarfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # -I leaves the script's folder out
-
-import reaper  # noqa: E402
+if __package__:  # imported by the launcher (for its path): the path of the importer stays as it is
+    from airflow_provider_dnntrain.launchers import reaper
+else:  # run on a host as a script, beside reaper.py; -I leaves the script's folder off the path
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import reaper
 
 REAPER = Path(reaper.__file__).resolve()
 PRIMARY_MARKER = ".dnntrain-primary"

@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
+import yaml
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import TaskDeferred
 from pydantic import ValidationError
@@ -200,7 +201,8 @@ class DnnTrainOperator(BaseOperator):
     def dry_run(self, *, conf: Mapping[str, Any] | None = None, logical_date: datetime | None = None) -> dict:
         """Print and return the plan a run would have, with templates rendered for a manual run with
         ``conf`` at ``logical_date``: the launcher's hosts where it knows them before a run (else
-        placeholders), default ports (free ones are chosen at submit); secrets shown as ``***``."""
+        placeholders), default ports (free ones are chosen at submit), and the objects a backend such
+        as Kubernetes would create (under ``objects``); secrets shown as ``***``."""
         fields = None
         if self.has_dag():
             from airflow_provider_dnntrain.operators.preview import preview_context
@@ -213,9 +215,15 @@ class DnnTrainOperator(BaseOperator):
             }
         job = self.build_job(fields)
         self._check_source(job)
-        plan = self._launcher().preview(job, f"{self.dag_id}-{self.task_id}-dry-run")
+        run_id = make_run_id(self.dag_id, self.task_id, "dry-run", -1, 1)
+        plan = self._launcher().preview(job, run_id)
         print(plan.to_json())
-        return plan.to_dict()
+        shown = plan.to_dict()
+        objects = self._launcher().preview_objects(job, run_id)
+        if objects is not None:
+            print(yaml.safe_dump_all(objects, sort_keys=False))
+            shown["objects"] = objects
+        return shown
 
     # -- execution ------------------------------------------------------------------------------
 

@@ -264,3 +264,22 @@ def test_a_source_too_large_for_a_config_map_is_refused(tmp_path):
     job = TrainingJob(framework="pytorch", source_directory=str(tmp_path), entry_script="train.py")
     with pytest.raises(ValueError, match="^source_directory: .*ConfigMap"):
         KubernetesLauncher(namespace="ml").preview_objects(job, "big")
+
+
+def test_an_operators_dry_run_shows_the_objects(capsys):
+    from airflow_provider_dnntrain.operators import TensorFlowTrainOperator
+
+    op = TensorFlowTrainOperator(
+        task_id="train",
+        source_directory=str(EXAMPLE_SCRIPTS),
+        entry_script="digits.py",
+        distribution=MultiWorkerMirrored(worker_count=2),
+        secret_variables={"API_TOKEN": SECRET},
+        launcher=KubernetesLauncher(namespace="ml"),
+    )
+    shown = op.dry_run()
+    printed = capsys.readouterr().out
+    assert [o["kind"] for o in shown["objects"]] == ["ConfigMap", "Secret", "Service", "Pod", "Pod"]
+    assert [o["kind"] for o in yaml.safe_load_all(printed[printed.index("apiVersion") :])][-1] == "Pod"
+    assert SECRET not in printed
+    validate_all(shown["objects"])

@@ -171,6 +171,7 @@ class PodRuntime:
         self.hostname = ""
         self.task: asyncio.Task | None = None
         self.terminating = False
+        self.evicted = False
 
 
 class Cluster:
@@ -513,9 +514,15 @@ class Cluster:
         """SIGTERM every process of the pod, SIGKILL after ``grace``; then the pod is gone (or, when
         evicted, Failed and kept)."""
         runtime = self.runtimes.get(key)
-        if runtime is None or runtime.terminating:
+        if runtime is None:
+            self.store.remove(key)
+            return
+        if runtime.terminating:
+            if runtime.evicted and not evict:  # its processes are gone already: the object goes now
+                await self.forget(key)
             return
         runtime.terminating = True
+        runtime.evicted = evict
         if runtime.task is not None and not runtime.containers:
             runtime.task.cancel()
         if runtime.netns:

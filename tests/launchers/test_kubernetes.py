@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from fake_kubernetes import FakeCluster
 
-from airflow_provider_dnntrain.launchers.base import JobFailed, wait_for_job
+from airflow_provider_dnntrain.launchers.base import JobFailed, JobState, wait_for_job
 from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
-from airflow_provider_dnntrain.spec import ParameterServer, TorchDistributed, TrainingJob
+from airflow_provider_dnntrain.spec import MultiWorkerMirrored, ParameterServer, TorchDistributed, TrainingJob
 
 EXAMPLE_SCRIPTS = Path(__file__).resolve().parents[2] / "dags" / "scripts"
 TEST_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -96,3 +97,96 @@ def test_a_failing_replica_fails_the_job_naming_it(cluster, launcher):
     assert "replica worker-1 failed with exit code 3" in str(failure.value)
     assert time.monotonic() - began < 60
     assert_nothing_left(cluster)
+
+
+def serving_job(**fields) -> TrainingJob:
+    """Two workers that print "ready" and run until stopped."""
+    fields.setdefault("distribution", MultiWorkerMirrored(worker_count=2))
+    return TrainingJob(
+        framework="tensorflow",
+        source_directory=str(TEST_SCRIPTS),
+        entry_script="replica.py",
+        arguments=["--serve", "worker-0", "--serve", "worker-1"],
+        **fields,
+    )
+
+
+def wait_in_background(launcher, handle):
+    """wait_for_job in a thread; its lines and its outcome (the status, or the exception)."""
+    lines, outcome = [], {}
+
+    def wait() -> None:
+        try:
+            outcome["status"] = wait_for_job(launcher, handle, lines.append, timeout=120)
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    return thread, lines, outcome
+
+
+def wait_until_ready(lines: list, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(" ready" in line.text for line in list(lines)) < count:
+        assert time.monotonic() < deadline, f"replicas not ready: {[str(line) for line in lines]}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_an_evicted_pod_fails_the_job_fast_with_the_reason(cluster, launcher):
+    job = serving_job()
+    handle = launcher.submit(job, launcher.plan(job, "k8s-evicted"), extra_env={})
+    thread, lines, outcome = wait_in_background(launcher, handle)
+    wait_until_ready(lines, 2)
+    evicted = time.monotonic()
+    cluster.evict("k8s-evicted-worker-1")
+    thread.join(60)
+    error = outcome["error"]
+    assert isinstance(error, JobFailed) and error.status.failed_replica == "worker-1"
+    assert "Evicted: The node was low on resource: memory" in str(error)
+    assert time.monotonic() - evicted < 20
+    assert_nothing_left(cluster)
+
+
+@pytest.mark.slow
+def test_an_image_that_cannot_be_pulled_fails_the_job_naming_it(cluster, launcher):
+    job = serving_job(environment={"image": "registry.invalid/team/missing:1"})
+    began = time.monotonic()
+    with pytest.raises(JobFailed) as failure:
+        run(launcher, job, "k8s-no-image")
+    message = str(failure.value)
+    assert "replica worker-0 (pod k8s-no-image-worker-0) cannot start: ErrImagePull" in message
+    assert "registry.invalid/team/missing:1" in message
+    assert time.monotonic() - began < 30  # not the startup timeout: the image is missing
+    assert_nothing_left(cluster)
+
+
+@pytest.mark.slow
+def test_a_pod_no_node_can_take_fails_after_the_startup_timeout(cluster, launcher):
+    launcher.startup_timeout_seconds = 3
+    job = serving_job(resources={"use_gpu": True})  # the fake node has no GPU
+    with pytest.raises(JobFailed) as failure:
+        run(launcher, job, "k8s-no-gpu")
+    message = str(failure.value)
+    assert "was still pending after 3 s" in message
+    assert "Unschedulable: 0/1 nodes are available: 1 Insufficient nvidia.com/gpu." in message
+    assert_nothing_left(cluster)
+
+
+@pytest.mark.slow
+def test_cancel_deletes_the_run_in_one_request_and_the_cluster_removes_everything(cluster, launcher):
+    job = serving_job(distribution=ParameterServer(worker_count=2, parameter_server_count=1))
+    job = job.model_copy(
+        update={"arguments": ["--serve", "chief-0", "--serve", "ps-0", "--serve", "worker-0"]}
+    )
+    handle = launcher.submit(job, launcher.plan(job, "k8s-cancel"), extra_env={})
+    thread, lines, outcome = wait_in_background(launcher, handle)
+    wait_until_ready(lines, 4)
+    before = cluster.requests().get("DELETE configmaps", 0)
+    launcher.cancel(handle)  # what on_kill does: returns at once
+    assert launcher.poll(handle).state is JobState.CANCELLED
+    assert_nothing_left(cluster)
+    assert cluster.requests()["DELETE configmaps"] >= before + 1
+    thread.join(60)
+    assert isinstance(outcome.get("error"), JobFailed)

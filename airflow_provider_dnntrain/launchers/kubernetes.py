@@ -43,6 +43,7 @@ from airflow_provider_dnntrain.launchers.base import (
 from airflow_provider_dnntrain.launchers.kubernetes_job import KubernetesJobHandle, main_container_started
 from airflow_provider_dnntrain.launchers.kubernetes_manifests import (
     BOOTSTRAP,
+    CURSORS_ANNOTATION,
     OUTPUTS_CONTAINER,
     RUN_LABEL,
     SSH_PORT,
@@ -329,13 +330,76 @@ class KubernetesLauncher(Launcher):
     def provide_env(self, handle: KubernetesJobHandle, values: Mapping[str, str]) -> None:
         if handle.relay is not None and "MLFLOW_RUN_ID" in values:
             handle.relay.start_server()
-        if handle.pods_created_at is not None:
-            log.warning("Run %s: its pods already run; %s cannot reach them", handle.run_id, sorted(values))
+        if handle.pods_created_at is not None:  # a run taken over: its pods had them from the start
             return
         handle.provided.update(values)
         handle.awaiting -= set(values)
         if not handle.awaiting and not handle.cancelled:
             self._create_pods(handle)
+
+    # -- surviving the task process -------------------------------------------------------------
+
+    def state(self, handle: KubernetesJobHandle) -> dict:
+        return handle.to_state()
+
+    def reattach(self, state: dict, job: TrainingJob, extra_env: Mapping[str, str]) -> KubernetesJobHandle:
+        """Take over a run another process started (a retry after its worker died, a deferral's end):
+        its objects are found by name and checked by the owner's uid; pods not created yet are created
+        once the pending values come; an embedded store is served again on the port the pods use."""
+        from kubernetes.client.exceptions import ApiException
+
+        secrets = [value.get_secret_value() for value in job.environment.secrets.values()]
+        handle = KubernetesJobHandle.from_state(state, secrets)
+        handle.settings = self._settings(job, handle.plan, handle.namespace, handle.launch_env)
+        try:
+            owner = self.core.read_namespaced_config_map(handle.job, handle.namespace)
+        except ApiException as error:
+            if error.status == 404:
+                raise RuntimeError(f"run {handle.run_id}: its objects are gone from the cluster") from None
+            raise
+        if owner.metadata.uid != handle.owner_uid:
+            raise RuntimeError(f"run {handle.run_id}: its owner was replaced by another launch")
+        saved = (owner.metadata.annotations or {}).get(CURSORS_ANNOTATION)
+        if saved:
+            handle.take_cursors(json.loads(saved))
+        tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
+        if state.get("relay_port") and tracking_uri and needs_relay(tracking_uri):
+            log_file = handle.run_dir.with_suffix(".tracking-server.log")
+            handle.relay = TrackingRelay(
+                tracking_uri, log_file, listen=(self.tracking_bind, state["relay_port"])
+            )
+        return handle
+
+    def check_deferrable(self, extra_env: Mapping[str, str]) -> None:
+        tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
+        if tracking_uri and needs_relay(tracking_uri):
+            raise ValueError(
+                "deferrable: the job's tracking store is served to the pods by this worker (the embedded "
+                "store), which a deferred task leaves; give a tracking server the pods reach "
+                "(tracking_uri=http://...), or deferrable=False"
+            )
+
+    def trigger(self, handle: KubernetesJobHandle, job: TrainingJob, timeout: float | None):
+        from airflow_provider_dnntrain.triggers.kubernetes import KubernetesJobTrigger
+
+        handle.finish_reading(timeout=0)  # the trigger reads on from the cursors
+        return KubernetesJobTrigger(
+            state=handle.to_state(),
+            secrets=[value.get_secret_value() for value in job.environment.secrets.values()],
+            connection=self._connection(),
+            poll_interval=self.poll_interval,
+            startup_timeout=self.startup_timeout_seconds,
+            timeout=timeout,
+        )
+
+    def _connection(self) -> dict:
+        """How ``KubernetesHook`` / ``AsyncKubernetesHook`` reach the cluster (for the trigger)."""
+        return {
+            "conn_id": self.kubernetes_conn_id,
+            "in_cluster": self.in_cluster,
+            "config_file": self.config_file,
+            "cluster_context": self.cluster_context,
+        }
 
     # -- observe --------------------------------------------------------------------------------
 

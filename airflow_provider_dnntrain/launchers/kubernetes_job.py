@@ -139,8 +139,11 @@ class KubernetesJobHandle(JobHandle):
         self._readers[pod] = reader
         reader.start()
 
+    def cursor_of(self, pod: str) -> LogCursor:
+        return self.cursors.setdefault(pod, LogCursor())
+
     def _read(self, core, pod: str) -> None:
-        cursor = self.cursors.setdefault(pod, LogCursor())
+        cursor = self.cursor_of(pod)
         replica = self.replica_of(pod)
         while not self._closing.is_set():
             cursor.resume()
@@ -162,11 +165,11 @@ class KubernetesJobHandle(JobHandle):
         for chunk in response.stream(amt=65536, decode_content=True):
             partial += chunk
             *complete, partial = partial.split(b"\n")
-            self._take(complete, cursor, replica)
+            self.take_raw(complete, cursor, replica)
         if partial:
-            self._take([partial], cursor, replica)
+            self.take_raw([partial], cursor, replica)
 
-    def _take(self, raw: list[bytes], cursor: LogCursor, replica: str) -> None:
+    def take_raw(self, raw: list[bytes], cursor: LogCursor, replica: str) -> None:
         taken = []
         for line in raw:
             stamp, _, text = line.decode(errors="replace").partition(" ")
@@ -224,9 +227,31 @@ class KubernetesJobHandle(JobHandle):
             "run_dir": str(self.run_dir),
             "launch_id": self.launch_id,
             "owner_uid": self.owner_uid,
-            "cursors": {pod: [c.last, c.at_last] for pod, c in self.cursors.items()},
+            "cursors": self.cursor_state(),
             "relay_port": self.relay.target[1] if self.relay is not None else None,
+            "relay_uri": self.relay_uri,
+            "pods_created": self.pods_created_at is not None,
+            "awaiting": sorted(self.awaiting),
+            "launch_env": self.launch_env,  # no secrets: those are in the run's Secret
         }
+
+    def cursor_state(self) -> dict[str, list]:
+        return {pod: [c.last, c.at_last] for pod, c in self.cursors.items()}
+
+    def take_cursors(self, saved: dict[str, list]) -> None:
+        """Cursors another watcher left (on the run's owner): whichever got further wins."""
+        for pod, (last, at_last) in saved.items():
+            mine = self.cursors.get(pod)
+            if (
+                mine is None
+                or not mine.last
+                or (Timestamp.parse(last), at_last)
+                > (
+                    Timestamp.parse(mine.last),
+                    mine.at_last,
+                )
+            ):
+                self.cursors[pod] = LogCursor(last, at_last)
 
     @classmethod
     def from_state(cls, state: dict, secrets: list[str]) -> KubernetesJobHandle:
@@ -239,8 +264,11 @@ class KubernetesJobHandle(JobHandle):
             launch_id=state["launch_id"],
             redactor=Redactor(secrets),
             owner_uid=state["owner_uid"],
-            pods_created_at=time.monotonic(),
+            pods_created_at=time.monotonic() if state["pods_created"] else None,
             cursors={pod: LogCursor(last, at) for pod, (last, at) in state["cursors"].items()},
+            awaiting=set(state["awaiting"]),
+            launch_env=dict(state["launch_env"]),
+            relay_uri=state["relay_uri"],
         )
 
 

@@ -24,6 +24,8 @@ API_GROUP = "dnntrain"  # label prefix
 RUN_LABEL = f"{API_GROUP}/run"
 REPLICA_LABEL = f"{API_GROUP}/replica"
 ROLE_LABEL = f"{API_GROUP}/role"
+# On the run's owner: how far each pod's log was logged, left by a watcher that was stopped.
+CURSORS_ANNOTATION = f"{API_GROUP}/log-cursors"
 MAIN_CONTAINER = "base"  # KubernetesPodOperator's name, so pod templates written for it apply
 OUTPUTS_CONTAINER = "outputs"
 BUNDLE_MOUNT = "/dnntrain/bundle"

@@ -748,6 +748,13 @@ def routes(cluster: Cluster) -> web.Application:
             if obj is None:
                 return status_error(404, "NotFound", f'{scope[2]} "{key[3]}" not found')
             return web.json_response(obj)
+        if request.method == "PATCH":  # merge patch (a strategic one is the same for these objects)
+            obj = cluster.store.objects.get(key)
+            if obj is None:
+                return status_error(404, "NotFound", f'{scope[2]} "{key[3]}" not found')
+            _merge(obj, await request.json())
+            cluster.store.put(key, obj, "MODIFIED")
+            return web.json_response(obj)
         return status_error(405, "MethodNotAllowed", request.method)
 
     async def pod_log(request: web.Request) -> web.StreamResponse:
@@ -861,6 +868,16 @@ def routes(cluster: Cluster) -> web.Application:
     app.router.add_post("/fake/evict/{namespace}/{name}", evict)
     app.router.add_get("/fake/requests", requests_made)
     return app
+
+
+def _merge(target: dict, patch: dict) -> None:
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
 
 
 async def _body(request: web.Request) -> dict:

@@ -54,3 +54,18 @@ with DAG("dnntrain_kubernetes_pytorch_ddp", schedule=None, start_date=START):
         launcher=kubernetes_launcher(),
     )
     RegisterModelOperator(task_id="register", run_id=train.output, model_name="k8s-ddp", model_path="model")
+
+TEST_SCRIPTS = str(Path(__file__).resolve().parents[1] / "scripts")
+
+with DAG("dnntrain_kubernetes_deferred", schedule=None, start_date=START):
+    # The wait is the triggerer's; the embedded tracking store cannot be served from a deferred task.
+    PyTorchTrainOperator(
+        task_id="train",
+        source_directory=TEST_SCRIPTS,
+        entry_script="ranks.py",
+        arguments=["--ticks", "20", "--tick-seconds", "0.1"],
+        distribution=TorchDistributed(node_count=2, process_count_per_node=1),
+        launcher=kubernetes_launcher(),
+        deferrable=True,
+        tracking=False,
+    )

@@ -57,3 +57,16 @@ def test_a_distributed_job_trains_in_pods_logs_metrics_and_registers(cluster, ca
     ]
     assert "epoch=1 loss=" in logged  # every replica's log reached the task's
     assert_nothing_left(cluster)
+
+
+@pytest.mark.slow
+def test_a_deferred_wait_streams_every_line_once_and_cleans_up(cluster, capfd):
+    dag_run = load_dag(KUBERNETES_DAGS, "dnntrain_kubernetes_deferred").test()
+    logged = "".join(capfd.readouterr())
+    assert task_instance(dag_run, "train").state == "success", logged[-5000:]
+    assert "waiting on the triggerer" in logged
+    for node, rank in (("node-0", 0), ("node-1", 1)):
+        for tick in range(20):
+            line = f"[{node}] [default0]:rank {rank} tick {tick} of 20"
+            assert logged.count(line) == 1, (line, logged.count(line))
+    assert_nothing_left(cluster)

@@ -5,6 +5,8 @@ the replica site (in the bundle) first on ``PYTHONPATH``, wait (bounded) until e
 ``--ssh-peer`` answers SSH, then become the replica's command. ``sshd``: unpack likewise (ranks
 started over SSH run in the same folder), then become an SSH daemon with the run's keys. ``hold``:
 sleep until stopped (keeps the chief's working directory readable after its script ends).
+With ``--rank-logs DIR``, ``run`` and ``sshd`` stay as the parent of the command and print the lines
+that ranks started in this pod write to per-rank files, as ``[rank.N] line``.
 ``pack``: the outputs and logs folders as a base64 tar on stdout.
 """
 
@@ -24,6 +26,7 @@ import time
 
 BUNDLE = os.path.dirname(os.path.abspath(__file__))
 SSH_DIR = "/dnntrain/ssh"
+SSH = "/usr/bin/ssh"
 PEER_WAIT_SECONDS = 600
 
 
@@ -44,53 +47,98 @@ def unpack() -> None:
 
 
 def ssh_client_config(peers: list[str]) -> None:
-    """How the runner reaches the other nodes: the run's key, their shared host key, their port."""
-    home = os.path.join(os.getcwd(), ".dnntrain", "home")
-    os.makedirs(os.path.join(home, ".ssh"), mode=0o700, exist_ok=True)
+    """How the runner reaches the other nodes: the run's key, their shared host key, their port. ssh
+    reads ~/.ssh/config from the password database's home, not $HOME: so an ``ssh`` first on the PATH
+    (for mpirun and horovodrun alike) names the run's configuration."""
+    folder = os.path.join(os.getcwd(), ".dnntrain")
+    os.makedirs(os.path.join(folder, "bin"), exist_ok=True)
     port = os.environ.get("DNNTRAIN_SSH_PORT", "2222")
     domains = sorted({peer.split(".", 1)[1] for peer in peers if "." in peer})
-    patterns = " ".join([*peers, *(f"*.{d}" for d in domains)])
-    with open(os.path.join(home, ".ssh", "config"), "w") as handle:
+    # Open MPI may shorten host names to their first label: those are the peers too.
+    patterns = " ".join([*peers, *(p.split(".", 1)[0] for p in peers), *(f"*.{d}" for d in domains)])
+    config = os.path.join(folder, "ssh_config")
+    with open(config, "w") as handle:
         handle.write(
-            f"Host {patterns}\n  Port {port}\n  IdentityFile {SSH_DIR}/id\n"
+            f"Host {patterns}\n  Port {port}\n  IdentityFile {SSH_DIR}/id\n  IdentitiesOnly yes\n"
             f"  UserKnownHostsFile {SSH_DIR}/known_hosts\n  StrictHostKeyChecking yes\n  BatchMode yes\n"
         )
-    os.environ["HOME"] = home
+    wrapper = os.path.join(folder, "bin", "ssh")
+    with open(wrapper, "w") as handle:
+        handle.write(f'#!/bin/sh\nexec {SSH} -F {config} "$@"\n')
+    os.chmod(wrapper, 0o755)
+    os.environ["PATH"] = os.pathsep.join([os.path.dirname(wrapper), os.environ.get("PATH", "")])
 
 
 def wait_for_peers(peers: list[str]) -> None:
     """The runner starts only once every node's sshd completes a login: no retry storm of its own."""
+    print(f"dnntrain: waiting for SSH on {', '.join(peers)}", flush=True)
     deadline = time.monotonic() + PEER_WAIT_SECONDS
-    waiting = list(peers)
+    waiting, errors = list(peers), {}
     while waiting:
-        waiting = [peer for peer in waiting if not _answers(peer)]
+        waiting = [peer for peer in waiting if not _answers(peer, errors)]
         if not waiting:
             return
         if time.monotonic() > deadline:
-            sys.exit(f"dnntrain: SSH on {', '.join(waiting)} never answered")
+            sys.exit(f"dnntrain: SSH on {', '.join(waiting)} never answered: {errors}")
         time.sleep(0.5)
 
 
-def _answers(peer: str) -> bool:
+def _answers(peer: str, errors: dict[str, str]) -> bool:
     try:
         socket.getaddrinfo(peer, None)
-    except OSError:
+    except OSError as error:
+        errors[peer] = str(error)
         return False
     probe = ["ssh", "-o", "ConnectTimeout=5", peer, "true"]
-    return subprocess.run(probe, stdin=subprocess.DEVNULL, capture_output=True).returncode == 0
+    result = subprocess.run(probe, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    errors[peer] = result.stderr.strip()
+    return result.returncode == 0
 
 
-def run(argv: list[str], peers: list[str]) -> None:
+def run(argv: list[str], peers: list[str], rank_logs: str | None) -> None:
     unpack()
     if peers:
         ssh_client_config(peers)
         wait_for_peers(peers)
     sys.stdout.flush()
+    if rank_logs:
+        supervise(argv, rank_logs)
     os.execvp(argv[0], argv)
 
 
-def sshd(port: int) -> None:
+def supervise(argv: list[str], rank_logs: str) -> None:
+    """Run ``argv`` and print the lines its ranks write to per-rank files (Open MPI's
+    ``--output-filename``) as ``[rank.N] line``: the pod's log is where they are read. Exits as it does."""
+    child = subprocess.Popen(argv)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, _: child.send_signal(number))
+    offsets: dict[str, int] = {}
+    while True:
+        ended = child.poll() is not None  # before reading: what was written before the exit is read
+        _print_rank_lines(rank_logs, offsets, final=ended)
+        if ended:
+            code = child.returncode
+            sys.exit(128 - code if code < 0 else code)
+        time.sleep(0.2)
+
+
+def _print_rank_lines(folder: str, offsets: dict[str, int], final: bool) -> None:
+    for root, _, names in sorted(os.walk(folder)):
+        rank = os.path.basename(root)
+        for name in sorted(n for n in names if n in ("stdout", "stderr") and rank.startswith("rank.")):
+            path = os.path.join(root, name)
+            with open(path, "rb") as stream:
+                stream.seek(offsets.get(path, 0))
+                data = stream.read()
+            whole = data if final else data[: data.rfind(b"\n") + 1]
+            offsets[path] = offsets.get(path, 0) + len(whole)
+            for line in whole.decode(errors="replace").splitlines():
+                print(f"[{rank}] {line}", flush=True)
+
+
+def sshd(port: int, rank_logs: str | None) -> None:
     unpack()
+    os.makedirs(os.path.join(os.getcwd(), ".dnntrain"), exist_ok=True)
     config = os.path.join(os.getcwd(), ".dnntrain", "sshd_config")
     with open(config, "w") as handle:
         handle.write(
@@ -99,8 +147,10 @@ def sshd(port: int) -> None:
             f"PermitRootLogin prohibit-password\nPermitUserEnvironment no\nPidFile {config}.pid\n"
         )
     os.makedirs("/run/sshd", exist_ok=True)
-    daemon = "/usr/sbin/sshd"
-    os.execv(daemon, [daemon, "-D", "-e", "-f", config])
+    daemon = ["/usr/sbin/sshd", "-D", "-e", "-f", config]
+    if rank_logs:  # the runner starts ranks here too, writing their lines to files in this pod
+        supervise(daemon, rank_logs)
+    os.execv(daemon[0], daemon)
 
 
 def hold() -> None:
@@ -124,18 +174,20 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run")
     run_parser.add_argument("--ssh-peer", action="append", default=[])
+    run_parser.add_argument("--rank-logs", default=None)
     run_parser.add_argument("argv", nargs=argparse.REMAINDER)
     sshd_parser = commands.add_parser("sshd")
     sshd_parser.add_argument("--port", type=int, default=2222)
+    sshd_parser.add_argument("--rank-logs", default=None)
     commands.add_parser("hold")
     pack_parser = commands.add_parser("pack")
     pack_parser.add_argument("folders", nargs="*", default=["outputs", "logs"])
     args = parser.parse_args()
     if args.command == "run":
         argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
-        run(argv, args.ssh_peer)
+        run(argv, args.ssh_peer, args.rank_logs)
     elif args.command == "sshd":
-        sshd(args.port)
+        sshd(args.port, args.rank_logs)
     elif args.command == "hold":
         hold()
     else:

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import logging
 import math
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from airflow_provider_dnntrain.topology import JobPlan
 
 log = logging.getLogger(__name__)
 _TAIL_LINES = 20
+_RANK_LINE = re.compile(r"^\[(rank\.\d+)\] (.*)$", re.DOTALL)
 _IMAGE_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 _CONFIG_FAILURES = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError")
 
@@ -127,6 +129,10 @@ class KubernetesJobHandle(JobHandle):
         return [pod_name(host) for host, _ in pod_hosts(self.plan)]
 
     def replica_of(self, pod: str) -> str:
+        """The replica a pod runs, or for a node a runner reaches over SSH, ``node-<i>``."""
+        for host, replica in pod_hosts(self.plan):
+            if pod_name(host) == pod:
+                return replica.name if replica is not None else pod[len(self.job) + 1 :]
         return pod[len(self.job) + 1 :]
 
     # -- logs -----------------------------------------------------------------------------------
@@ -174,11 +180,19 @@ class KubernetesJobHandle(JobHandle):
         for line in raw:
             stamp, _, text = line.decode(errors="replace").partition(" ")
             if cursor.accepts(stamp):
-                taken.append(LogLine(replica, self.redactor.line(text.rstrip("\r"))))
+                taken.append(self._labelled(replica, self.redactor.line(text.rstrip("\r"))))
         with self._lock:
             self._lines.extend(taken)
             tail = self.tails.setdefault(replica, collections.deque(maxlen=_TAIL_LINES))
             tail.extend(line.text for line in taken)
+
+    def _labelled(self, replica: str, text: str) -> LogLine:
+        """A rank's line a pod passed on from its per-rank file (``[rank.N] ...``) is the runner's rank's,
+        whichever pod it ran in, labelled as every launcher labels it."""
+        match = _RANK_LINE.match(text) if self.plan.hosts else None
+        if match:
+            return LogLine(f"{self.plan.replicas[0].name}/{match.group(1)}", match.group(2))
+        return LogLine(replica, text)
 
     def take_lines(self) -> list[LogLine]:
         with self._lock:

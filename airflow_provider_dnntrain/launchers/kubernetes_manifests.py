@@ -241,6 +241,7 @@ def _pod(
 def _main_container(
     plan: JobPlan, settings: RunSettings, options: PodOptions, replica: Replica | None, job: str
 ) -> dict:
+    rank_logs = plan.replicas[0].rank_logs if plan.hosts else None
     if replica is None:
         command = [settings.python, BOOTSTRAP, "sshd", "--port", str(SSH_PORT)]
         env = {**settings.launch_env}
@@ -249,6 +250,8 @@ def _main_container(
         if plan.hosts and replica.host == plan.hosts[0]:
             command += [arg for peer in plan.hosts[1:] for arg in ("--ssh-peer", peer)]
         env = {**replica.env, **settings.launch_env, POD_REPLICA_VAR: replica.name}
+    if rank_logs:
+        command += ["--rank-logs", rank_logs]
     container: dict[str, Any] = {
         "name": MAIN_CONTAINER,
         "image": options.image or settings.image,

@@ -14,7 +14,13 @@ from fake_kubernetes import FakeCluster
 
 from airflow_provider_dnntrain.launchers.base import JobFailed, JobState, wait_for_job
 from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
-from airflow_provider_dnntrain.spec import MultiWorkerMirrored, ParameterServer, TorchDistributed, TrainingJob
+from airflow_provider_dnntrain.spec import (
+    Horovod,
+    MultiWorkerMirrored,
+    ParameterServer,
+    TorchDistributed,
+    TrainingJob,
+)
 
 EXAMPLE_SCRIPTS = Path(__file__).resolve().parents[2] / "dags" / "scripts"
 TEST_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -76,6 +82,25 @@ def test_ddp_trains_across_two_pods(cluster, launcher):
     assert checksums["node-0"] == checksums["node-1"]
     facts = json.loads((launcher.collect_outputs(handle) / "outputs" / "summary.json").read_text())
     assert facts["allreduce_sum"] == 3.0
+    assert_nothing_left(cluster)
+
+
+@pytest.mark.slow
+def test_horovod_over_mpi_reaches_the_other_pods_sshd_and_allreduces(cluster, launcher):
+    job = TrainingJob(
+        framework="pytorch",
+        source_directory=str(EXAMPLE_SCRIPTS),
+        entry_script="torch_horovod_digits.py",
+        arguments=["--epochs", "2"],
+        distribution=Horovod(node_count=2, runner="mpirun", controller="mpi", network_interface="eth0"),
+    )
+    handle, lines = run(launcher, job, "k8s-hvd")
+    for rank, pod in ((0, "k8s-hvd-node-0"), (1, "k8s-hvd-node-1")):  # mpirun fills node 0 first
+        mine = "\n".join(line.text for line in lines if line.replica == f"launcher-0/rank.{rank}")
+        assert f"rank={rank} size=2" in mine and "allreduce_sum=3.0" in mine
+        assert f"host={pod}" in mine
+    facts = json.loads((launcher.collect_outputs(handle) / "outputs" / "summary.json").read_text())
+    assert facts["size"] == 2 and facts["allreduce_sum"] == 3.0
     assert_nothing_left(cluster)
 
 

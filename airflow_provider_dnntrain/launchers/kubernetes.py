@@ -91,9 +91,9 @@ class KubernetesLauncher(Launcher):
     pods start together or none does.
 
     Tracking from pods: a tracking server the pods reach is passed on as it is; the embedded store
-    (or a server on this worker's loopback) is served by the launcher at ``tracking_address``
-    (``host:port`` the pods reach this worker at; default: this worker's address towards the API
-    server, on a free port), listening on ``tracking_bind``.
+    is served to them by an ``mlflow server`` this task runs, listening on ``tracking_bind``, at
+    ``tracking_address`` (``host:port`` where pods reach this worker; default: the connection's extra
+    ``tracking_address``, else this worker's address towards the API server, on a free port).
     """
 
     name = "kubernetes"
@@ -160,6 +160,9 @@ class KubernetesLauncher(Launcher):
     @cached_property
     def core(self):
         return self.hook.core_v1_client
+
+    def _connection_extra(self, name: str):
+        return self.hook.conn_extras.get(name) if self.kubernetes_conn_id else None
 
     def _namespace(self) -> str:
         if self.namespace is None:
@@ -305,7 +308,8 @@ class KubernetesLauncher(Launcher):
                 f"tracking_uri: {tracking_uri} listens on this worker's loopback, which pods cannot reach; "
                 "let it listen on an address they reach, and name that one"
             )
-        address = self.tracking_address or f"{self._address_towards_cluster()}:0"
+        address = self.tracking_address or self._connection_extra("tracking_address")
+        address = address or f"{self._address_towards_cluster()}:0"
         host, _, port = address.rpartition(":")
         relay = TrackingRelay(
             tracking_uri, run_dir.with_suffix(".tracking-server.log"), listen=(self.tracking_bind, int(port))

@@ -85,8 +85,13 @@ class FakeCluster:
         }
 
     def airflow_connection(self) -> str:
-        """The cncf-kubernetes connection a user would define for this cluster (JSON)."""
-        extra = {"kube_config_path": str(self.kubeconfig), "namespace": NAMESPACE}
+        """The cncf-kubernetes connection a user would define for this cluster (JSON), with the extra
+        the Kubernetes launcher reads: where pods reach a tracking store served on this machine."""
+        extra = {
+            "kube_config_path": str(self.kubeconfig),
+            "namespace": NAMESPACE,
+            "tracking_address": self.tracking_address,  # where pods reach this machine's store
+        }
         return json.dumps({"conn_type": "kubernetes", "extra": extra})
 
     @property

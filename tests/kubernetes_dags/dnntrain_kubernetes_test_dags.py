@@ -1,10 +1,9 @@
 """DAGs the Kubernetes launcher's tests run through dag.test() on the fake cluster (connection
-``kubernetes_fake``, defined by the tests as an AIRFLOW_CONN_* variable, as is where the pods reach
-this machine's tracking store). The DAGs are the example DAGs' tasks with only ``launcher=`` changed."""
+``kubernetes_fake``, defined by the tests as an AIRFLOW_CONN_* variable). The DAGs are the example
+DAGs' tasks with only ``launcher=`` changed."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pendulum
@@ -25,8 +24,6 @@ START = pendulum.datetime(2026, 1, 1, tz="UTC")
 def kubernetes_launcher() -> KubernetesLauncher:
     return KubernetesLauncher(
         kubernetes_conn_id="kubernetes_fake",
-        tracking_address=os.environ.get("DNNTRAIN_TEST_TRACKING_ADDRESS"),
-        tracking_bind="127.0.0.1",  # the fake cluster's gateway forwards to this machine's loopback
         stop_grace_seconds=5,
         startup_timeout_seconds=60,
     )

@@ -24,7 +24,6 @@ def cluster(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def connection(airflow_db, cluster, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_FAKE", cluster.airflow_connection())
-    monkeypatch.setenv("DNNTRAIN_TEST_TRACKING_ADDRESS", cluster.tracking_address)
 
 
 def assert_nothing_left(cluster: FakeCluster) -> None:

@@ -215,3 +215,33 @@ def test_cancel_deletes_the_run_in_one_request_and_the_cluster_removes_everythin
     assert cluster.requests()["DELETE configmaps"] >= before + 1
     thread.join(60)
     assert isinstance(outcome.get("error"), JobFailed)
+
+
+@pytest.mark.slow
+def test_a_64_replica_job_costs_one_api_request_per_wait_interval(cluster, launcher):
+    replicas = 64
+    job = TrainingJob(
+        framework="tensorflow",
+        source_directory=str(TEST_SCRIPTS),
+        entry_script="replica.py",
+        arguments=["--sleep", "20"],  # longer than 64 pods take to start here
+        distribution=MultiWorkerMirrored(worker_count=replicas),
+    )
+    submitted = time.monotonic()
+    handle = launcher.submit(job, launcher.plan(job, "k8s-wide"), extra_env={})
+    thread, lines, outcome = wait_in_background(launcher, handle)
+    wait_until_ready(lines, replicas, timeout=180)
+    print(f"{replicas} replicas ready {time.monotonic() - submitted:.1f} s after submit")
+    before, began = cluster.requests(), time.monotonic()
+    time.sleep(3)
+    after, ended = cluster.requests(), time.monotonic()
+    thread.join(120)
+    assert "status" in outcome, outcome
+    made = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    intervals = (ended - began) / launcher.poll_interval
+    print(f"{made} in {intervals:.1f} intervals")
+    assert set(made) == {"GET pods"}  # one list of the run's pods; logs come on streams opened once
+    assert made["GET pods"] <= intervals + 1
+    assert after["GET pods/log"] <= replicas + 8  # one stream per pod (a few opened again at most)
+    assert sorted({line.replica for line in lines}) == sorted(f"worker-{i}" for i in range(replicas))
+    assert_nothing_left(cluster)

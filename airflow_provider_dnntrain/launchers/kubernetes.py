@@ -40,7 +40,11 @@ from airflow_provider_dnntrain.launchers.base import (
     Launcher,
     LogLine,
 )
-from airflow_provider_dnntrain.launchers.kubernetes_job import KubernetesJobHandle, main_container_started
+from airflow_provider_dnntrain.launchers.kubernetes_job import (
+    KubernetesJobHandle,
+    cursors_patch,
+    main_container_started,
+)
 from airflow_provider_dnntrain.launchers.kubernetes_manifests import (
     BOOTSTRAP,
     CURSORS_ANNOTATION,
@@ -366,6 +370,8 @@ class KubernetesLauncher(Launcher):
         saved = (owner.metadata.annotations or {}).get(CURSORS_ANNOTATION)
         if saved:
             handle.take_cursors(json.loads(saved))
+        if handle.pods_created_at is None and self._list_pods(handle):  # created after the state was kept
+            handle.pods_created_at, handle.awaiting = time.monotonic(), set()
         tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
         if state.get("relay_port") and tracking_uri and needs_relay(tracking_uri):
             log_file = handle.run_dir.with_suffix(".tracking-server.log")
@@ -420,7 +426,17 @@ class KubernetesLauncher(Launcher):
             if main_container_started(pod):
                 handle.follow(self.core, pod.metadata.name)
         handle.status = handle.evaluate(pods, self.startup_timeout_seconds)
+        if handle.cursors_due():
+            self._save_cursors(handle)
         return handle.status
+
+    def _save_cursors(self, handle: KubernetesJobHandle) -> None:
+        """How far each pod's log was logged, on the run's owner: a try that takes the run over after
+        this worker died repeats at most the lines of the last few seconds."""
+        try:
+            self.core.patch_namespaced_config_map(handle.job, handle.namespace, cursors_patch(handle))
+        except Exception as error:  # the next save tries again; the job goes on
+            log.debug("Run %s: could not save log cursors: %s", handle.run_id, error)
 
     def _list_pods(self, handle: KubernetesJobHandle) -> list:
         return self.core.list_namespaced_pod(

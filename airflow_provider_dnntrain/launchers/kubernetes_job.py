@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import logging
 import math
 import re
@@ -22,6 +23,7 @@ from typing import Any
 
 from airflow_provider_dnntrain.launchers.base import JobHandle, JobState, JobStatus, LogLine, aggregate_status
 from airflow_provider_dnntrain.launchers.kubernetes_manifests import (
+    CURSORS_ANNOTATION,
     MAIN_CONTAINER,
     REPLICA_LABEL,
     pod_hosts,
@@ -32,6 +34,7 @@ from airflow_provider_dnntrain.topology import JobPlan
 
 log = logging.getLogger(__name__)
 _TAIL_LINES = 20
+CURSOR_SAVE_SECONDS = 10.0
 _RANK_LINE = re.compile(r"^\[(rank\.\d+)\] (.*)$", re.DOTALL)
 _IMAGE_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 _CONFIG_FAILURES = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError")
@@ -121,6 +124,10 @@ class KubernetesJobHandle(JobHandle):
     _lines: list[LogLine] = field(default_factory=list)
     _readers: dict[str, threading.Thread] = field(default_factory=dict)
     _responses: dict[str, Any] = field(default_factory=dict)
+    _queued_up_to: dict[str, list] = field(default_factory=dict)  # cursor as of the last line queued
+    _logged_up_to: dict[str, list] = field(default_factory=dict)  # ... and of the last handed out
+    _cursors_saved_at: float = 0.0
+    _saved_cursors: dict = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _closing: threading.Event = field(default_factory=threading.Event)
 
@@ -176,6 +183,8 @@ class KubernetesJobHandle(JobHandle):
             self.take_raw([partial], cursor, replica)
 
     def take_raw(self, raw: list[bytes], cursor: LogCursor, replica: str) -> None:
+        """New lines of a pod's log (kubelet-stamped), queued for ``take_lines``; what was already
+        logged is skipped by the pod's cursor."""
         taken = []
         for line in raw:
             stamp, _, text = line.decode(errors="replace").partition(" ")
@@ -183,6 +192,7 @@ class KubernetesJobHandle(JobHandle):
                 taken.append(self._labelled(replica, self.redactor.line(text.rstrip("\r"))))
         with self._lock:
             self._lines.extend(taken)
+            self._queued_up_to[self._pod_of(cursor)] = [cursor.last, cursor.at_last]
             tail = self.tails.setdefault(replica, collections.deque(maxlen=_TAIL_LINES))
             tail.extend(line.text for line in taken)
 
@@ -197,6 +207,7 @@ class KubernetesJobHandle(JobHandle):
     def take_lines(self) -> list[LogLine]:
         with self._lock:
             lines, self._lines = self._lines, []
+            self._logged_up_to.update(self._queued_up_to)
         return lines
 
     def has_lines(self) -> bool:
@@ -249,27 +260,34 @@ class KubernetesJobHandle(JobHandle):
             "launch_env": self.launch_env,  # no secrets: those are in the run's Secret
         }
 
+    def cursors_due(self) -> bool:
+        """Whether the cursors moved since they were last saved, at most every few seconds."""
+        now, state = time.monotonic(), self.cursor_state()
+        if now - self._cursors_saved_at < CURSOR_SAVE_SECONDS or state == self._saved_cursors:
+            return False
+        self._cursors_saved_at, self._saved_cursors = now, state
+        return True
+
     def cursor_state(self) -> dict[str, list]:
-        return {pod: [c.last, c.at_last] for pod, c in self.cursors.items()}
+        """How far each pod's log has been handed out by ``take_lines`` (and so logged): lines read but
+        not handed out yet are read again by whoever carries on from here."""
+        with self._lock:
+            return {pod: list(at) for pod, at in self._logged_up_to.items()}
+
+    def _pod_of(self, cursor: LogCursor) -> str:
+        return next(pod for pod, mine in self.cursors.items() if mine is cursor)
 
     def take_cursors(self, saved: dict[str, list]) -> None:
         """Cursors another watcher left (on the run's owner): whichever got further wins."""
         for pod, (last, at_last) in saved.items():
             mine = self.cursors.get(pod)
-            if (
-                mine is None
-                or not mine.last
-                or (Timestamp.parse(last), at_last)
-                > (
-                    Timestamp.parse(mine.last),
-                    mine.at_last,
-                )
-            ):
+            if mine is None or not mine.last or _position(last, at_last) > _position(mine.last, mine.at_last):
                 self.cursors[pod] = LogCursor(last, at_last)
+                self._logged_up_to[pod] = [last, at_last]
 
     @classmethod
     def from_state(cls, state: dict, secrets: list[str]) -> KubernetesJobHandle:
-        return cls(
+        handle = cls(
             run_id=state["run_id"],
             plan=JobPlan.from_dict(state["plan"]),
             job=state["job"],
@@ -279,11 +297,21 @@ class KubernetesJobHandle(JobHandle):
             redactor=Redactor(secrets),
             owner_uid=state["owner_uid"],
             pods_created_at=time.monotonic() if state["pods_created"] else None,
-            cursors={pod: LogCursor(last, at) for pod, (last, at) in state["cursors"].items()},
             awaiting=set(state["awaiting"]),
             launch_env=dict(state["launch_env"]),
             relay_uri=state["relay_uri"],
         )
+        handle.take_cursors(state["cursors"])
+        return handle
+
+
+def _position(last: str, at_last: int) -> tuple[Timestamp, int]:
+    return Timestamp.parse(last), at_last
+
+
+def cursors_patch(handle: KubernetesJobHandle) -> dict:
+    """The patch that leaves the handle's cursors on the run's owner."""
+    return {"metadata": {"annotations": {CURSORS_ANNOTATION: json.dumps(handle.cursor_state())}}}
 
 
 def _main_exit_code(pod) -> int | None:

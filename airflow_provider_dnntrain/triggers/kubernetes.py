@@ -14,7 +14,11 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_dnntrain.launchers.base import JobState, JobStatus
-from airflow_provider_dnntrain.launchers.kubernetes_job import KubernetesJobHandle, main_container_started
+from airflow_provider_dnntrain.launchers.kubernetes_job import (
+    KubernetesJobHandle,
+    cursors_patch,
+    main_container_started,
+)
 from airflow_provider_dnntrain.launchers.kubernetes_manifests import (
     CURSORS_ANNOTATION,
     MAIN_CONTAINER,
@@ -88,6 +92,7 @@ class KubernetesJobTrigger(BaseTrigger):
         readers: dict[str, asyncio.Task] = {}
         async with self._hook().get_conn() as api:
             core = CoreV1Api(api)
+            await _resume_cursors(core, handle)
             try:
                 status = await self._watch(core, handle, readers)
                 await self._drain(readers)
@@ -118,6 +123,9 @@ class KubernetesJobTrigger(BaseTrigger):
                 status = JobStatus(JobState.FAILED, f"job {handle.run_id}: {type(error).__name__}: {error}")
             for line in handle.take_lines():
                 self.log.info("%s", line)
+            if handle.cursors_due():  # a triggerer that dies outright repeats at most a few seconds
+                with contextlib.suppress(Exception):
+                    await _save_cursors(core, handle)
             if not status.state.finished and self.deadline and time.time() > self.deadline:
                 status = JobStatus(
                     JobState.FAILED, f"job {handle.run_id} timed out after {self.timeout:.0f}s"
@@ -142,6 +150,8 @@ class KubernetesJobTrigger(BaseTrigger):
                 async with response:
                     async for raw in response.content:
                         handle.take_raw([raw.rstrip(b"\n")], cursor, replica)
+                        for line in handle.take_lines():  # logged as taken: saved cursors never run ahead
+                            self.log.info("%s", line)
             if handle.exit_codes.get(replica) is not None:
                 return
             await asyncio.sleep(0.5)
@@ -152,9 +162,17 @@ class KubernetesJobTrigger(BaseTrigger):
             await asyncio.wait(list(readers.values()), timeout=_DRAIN_SECONDS)
 
 
+async def _resume_cursors(core, handle: KubernetesJobHandle) -> None:
+    """Start from where an earlier watcher of the run (a trigger on a stopped triggerer) got to."""
+    with contextlib.suppress(Exception):
+        owner = await core.read_namespaced_config_map(handle.job, handle.namespace)
+        saved = (owner.metadata.annotations or {}).get(CURSORS_ANNOTATION)
+        if saved:
+            handle.take_cursors(json.loads(saved))
+
+
 async def _save_cursors(core, handle: KubernetesJobHandle) -> None:
-    patch = {"metadata": {"annotations": {CURSORS_ANNOTATION: json.dumps(handle.cursor_state())}}}
-    await core.patch_namespaced_config_map(handle.job, handle.namespace, patch)
+    await core.patch_namespaced_config_map(handle.job, handle.namespace, cursors_patch(handle))
 
 
 def _event(handle: KubernetesJobHandle, status: JobStatus) -> dict[str, Any]:

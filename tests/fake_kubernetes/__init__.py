@@ -120,6 +120,18 @@ class FakeCluster:
         """Every process still running in any pod of this cluster."""
         return [pid for namespace in self._pod_namespaces() for pid in _namespace_pids(namespace)]
 
+    def pod_commands(self) -> dict[int, str]:
+        """pid -> command line of every process in the cluster's pods."""
+        found = {}
+        for pid in self.pod_processes():
+            with contextlib.suppress(OSError):
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        return found
+
+    def workdirs(self, pod_prefix: str) -> list[Path]:
+        """The working directories (``/dnntrain/run`` inside) of the pods whose names start so."""
+        return list((self.root / "pods").glob(f"{NAMESPACE}-{pod_prefix}*/volumes/workdir"))
+
     def _pod_namespaces(self) -> list[str]:
         run = Path("/run/netns")
         return [p.name for p in run.glob(f"{self.prefix}-p*")] if run.exists() else []

@@ -3,11 +3,16 @@ cluster (tests/fake_kubernetes), reached through a cncf-kubernetes connection's 
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
-from airflow_helpers import load_dag, task_instance, xcom
+from airflow_helpers import EXAMPLE_DAGS, load_dag, task_instance, xcom
 from fake_kubernetes import FakeCluster
 
 from airflow_provider_dnntrain import tracking
@@ -23,7 +28,9 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def connection(airflow_db, cluster, monkeypatch):
-    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_FAKE", cluster.airflow_connection())
+    # The examples use the provider's default connection; the test DAGs name theirs.
+    for name in ("AIRFLOW_CONN_KUBERNETES_DEFAULT", "AIRFLOW_CONN_KUBERNETES_FAKE"):
+        monkeypatch.setenv(name, cluster.airflow_connection())
 
 
 def assert_nothing_left(cluster: FakeCluster) -> None:
@@ -35,26 +42,55 @@ def assert_nothing_left(cluster: FakeCluster) -> None:
     assert cluster.pod_processes() == []
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("dag_id", "model"),
-    [("dnntrain_kubernetes_parameter_server", "k8s-tf-ps"), ("dnntrain_kubernetes_pytorch_ddp", "k8s-ddp")],
-)
-def test_a_distributed_job_trains_in_pods_logs_metrics_and_registers(cluster, capfd, dag_id, model):
-    dag_run = load_dag(KUBERNETES_DAGS, dag_id).test()
-    logged = "".join(capfd.readouterr())
-    assert task_instance(dag_run, "register").state == "success", logged[-5000:]
-    result = xcom(dag_run, "train")
+def assert_trained_and_registered(result: dict, version: int, model: str) -> None:
     # Rank 0 logged its metrics from inside its pod into the embedded store, served to the pods.
     assert set(result["metrics"]) >= {"loss", "accuracy"}, result
     client = tracking.client(result["tracking_uri"])
     assert len(client.get_metric_history(result["tracking_run_id"], "loss")) == 2
     assert (Path(result["outputs"]) / "model").is_dir()
-    versions = client.search_model_versions(f"name = '{model}'")
-    assert [int(v.version) for v in versions if v.run_id == result["tracking_run_id"]] == [
-        xcom(dag_run, "register")
-    ]
-    assert "epoch=1 loss=" in logged  # every replica's log reached the task's
+    registered = client.get_model_version(model, str(version))
+    assert registered.run_id == result["tracking_run_id"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("dag_id", "model", "replica_line"),
+    [
+        ("dnntrain_k8s_tf_parameter_server", "digits-tf-parameter-server-k8s", "[chief-0] epoch=1 loss="),
+        ("dnntrain_k8s_tf_multi_worker", "digits-tf-multi-worker-k8s", "[worker-1] epoch=1 loss="),
+        ("dnntrain_k8s_pytorch_horovod", "digits-pytorch-horovod-k8s", "[launcher-0/rank.1] epoch=1 loss="),
+    ],
+)
+def test_an_example_dag_trains_in_pods_logs_metrics_and_registers(
+    cluster, capfd, dag_id, model, replica_line
+):
+    dag_run = load_dag(EXAMPLE_DAGS, dag_id).test(run_conf={"epochs": 2})
+    logged = "".join(capfd.readouterr())
+    assert task_instance(dag_run, "register").state == "success", logged[-5000:]
+    assert replica_line in logged  # every replica's log reached the task's
+    assert_trained_and_registered(xcom(dag_run, "train"), xcom(dag_run, "register"), model)
+    assert_nothing_left(cluster)
+
+
+@pytest.mark.slow
+def test_the_ddp_example_through_airflow_dags_test_like_a_user(cluster):
+    airflow = Path(sys.executable).with_name("airflow")
+    completed = subprocess.run(
+        [str(airflow), "dags", "test", "dnntrain_k8s_pytorch_ddp", "-c", json.dumps({"epochs": 2})],
+        env={**os.environ, "AIRFLOW__CORE__DAGS_FOLDER": str(EXAMPLE_DAGS)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-5000:]
+    assert "[node-1] [default0]:rank=1 world_size=2" in output
+    version = int(re.search(r"Registered model digits-pytorch-ddp-k8s version (\d+)", output).group(1))
+    run_id = re.search(r"Tracking run (\w+) at", output).group(1)
+    client = tracking.client(tracking.resolve_tracking_uri())
+    assert client.get_model_version("digits-pytorch-ddp-k8s", str(version)).run_id == run_id
+    facts = json.loads(Path(client.download_artifacts(run_id, "outputs/summary.json")).read_text())
+    assert facts["world_size"] == 2 and facts["allreduce_sum"] == 3.0
     assert_nothing_left(cluster)
 
 

@@ -12,6 +12,7 @@ that keeps its working directory, as KubernetesPodOperator's XCom sidecar does.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import io
 import json
@@ -71,6 +72,7 @@ from airflow_provider_dnntrain.topology import JobPlan
 log = logging.getLogger(__name__)
 _DELETE_WAIT_SECONDS = 60
 _EXEC_TIMEOUT_SECONDS = 120
+_CONNECTIONS = 1100  # log streams of the widest runs, and the calls
 
 
 def default_image(job: TrainingJob) -> str:
@@ -163,7 +165,12 @@ class KubernetesLauncher(Launcher):
 
     @cached_property
     def core(self):
-        return self.hook.core_v1_client
+        core = self.hook.core_v1_client
+        # Every pod's log is one long-lived stream: room for them besides the calls (urllib3 would
+        # otherwise warn, into the task log, on every connection past its default ten).
+        with contextlib.suppress(AttributeError):
+            core.api_client.rest_client.pool_manager.connection_pool_kw["maxsize"] = _CONNECTIONS
+        return core
 
     def _connection_extra(self, name: str):
         return self.hook.conn_extras.get(name) if self.kubernetes_conn_id else None

@@ -1,0 +1,425 @@
+"""The fake cluster's kubelet and object lifecycle: pods scheduled on one node, images "pulled", volumes
+prepared, containers run as real processes inside their pod's network namespace (the project's venv
+standing in for the image), statuses reported, graceful deletion, eviction, and garbage collection by
+owner reference."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import kubernetes_validate
+from aiohttp import web
+from fake_network import PodNetwork, namespace_pids
+from fake_store import Store, expand, log_timestamp, now_rfc3339
+
+CONTAINER_SHIM = Path(__file__).with_name("container.py")
+VENV_BIN = Path(sys.executable).parent
+KUBERNETES_VERSION = "1.37.0"
+NODE_LABELS = {"kubernetes.io/hostname": "fake-node", "kubernetes.io/os": "linux"}
+NODE_RESOURCES = {"cpu", "memory", "ephemeral-storage"}
+KINDS = {
+    "pods": "Pod",
+    "configmaps": "ConfigMap",
+    "secrets": "Secret",
+    "services": "Service",
+    "events": "Event",
+}
+
+
+def status_error(code: int, reason: str, message: str) -> web.Response:
+    body = {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure"}
+    body.update({"message": message, "reason": reason, "code": code})
+    return web.json_response(body, status=code)
+
+
+class Container:
+    def __init__(self, name: str, log_path: Path) -> None:
+        self.name = name
+        self.log_path = log_path
+        self.process: asyncio.subprocess.Process | None = None
+        self.exit_code: int | None = None
+        self.done = asyncio.Event()
+
+
+class PodRuntime:
+    def __init__(self, key: tuple, number: int, directory: Path) -> None:
+        self.key = key
+        self.number = number
+        self.directory = directory
+        self.netns: str | None = None
+        self.ip: str | None = None
+        self.containers: dict[str, Container] = {}
+        self.mounts: dict[str, list[tuple[str, str]]] = {}
+        self.env: dict[str, dict[str, str]] = {}
+        self.hostname = ""
+        self.task: asyncio.Task | None = None
+        self.terminating = False
+        self.evicted = False
+
+
+class Cluster(PodNetwork):
+    def __init__(self, root: Path, prefix: str, images: list[str], gateway_port: int | None) -> None:
+        self.root = root
+        self.prefix = prefix
+        self.images = images
+        self.gateway_port = gateway_port
+        self.store = Store()
+        self.runtimes: dict[tuple, PodRuntime] = {}
+        self.pod_numbers = iter(range(2, 60000))
+        self.requests: collections.Counter = collections.Counter()
+        self.bridge = f"{prefix}-br"
+
+    # -- the kubelet ------------------------------------------------------------------------------
+
+    def set_status(self, key: tuple, **changes) -> None:
+        pod = self.store.objects.get(key)
+        if pod is None:
+            return
+        pod.setdefault("status", {}).update(changes)
+        self.store.put(key, pod, "MODIFIED")
+
+    def container_statuses(self, pod: dict, state_of) -> list[dict]:
+        statuses = []
+        for container in pod["spec"]["containers"]:
+            state = state_of(container["name"])
+            statuses.append(
+                {
+                    "name": container["name"],
+                    "image": container.get("image", ""),
+                    "imageID": "",
+                    "ready": "running" in state,
+                    "restartCount": 0,
+                    "started": "running" in state,
+                    "state": state,
+                }
+            )
+        return statuses
+
+    async def run_pod(self, key: tuple) -> None:
+        pod = self.store.objects[key]
+        runtime = self.runtimes[key]
+        waiting = {"waiting": {"reason": "ContainerCreating"}}
+        unschedulable = self.unschedulable(pod)
+        if unschedulable:
+            condition = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable"}
+            self.set_status(key, phase="Pending", conditions=[{**condition, "message": unschedulable}])
+            return
+        scheduled = [{"type": "PodScheduled", "status": "True"}]
+        self.set_status(
+            key, phase="Pending", conditions=scheduled, hostIP="10.215.0.1", startTime=now_rfc3339()
+        )
+        self.set_status(key, containerStatuses=self.container_statuses(pod, lambda _: waiting))
+        missing = [c for c in pod["spec"]["containers"] if not self.image_exists(c.get("image", ""))]
+        if missing:
+            await self.fail_pull(key, pod, missing)
+            return
+        await self.pod_network(runtime)
+        try:
+            self.prepare(pod, runtime)
+        except LookupError as error:
+            failing = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
+            self.set_status(key, containerStatuses=self.container_statuses(pod, lambda _: failing))
+            return
+        started = now_rfc3339()
+        for container in pod["spec"]["containers"]:
+            await self.start_container(runtime, pod, container)
+        running = {"running": {"startedAt": started}}
+        self.set_status(
+            key,
+            phase="Running",
+            podIP=runtime.ip,
+            podIPs=[{"ip": runtime.ip}],
+            conditions=[*scheduled, {"type": "Ready", "status": "True"}],
+            containerStatuses=self.container_statuses(pod, lambda _: running),
+        )
+        await asyncio.gather(
+            *(self.watch_container(runtime, c, started) for c in runtime.containers.values())
+        )
+
+    def unschedulable(self, pod: dict) -> str | None:
+        selector = pod["spec"].get("nodeSelector") or {}
+        if any(NODE_LABELS.get(k) != v for k, v in selector.items()):
+            return "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector."
+        for container in pod["spec"]["containers"]:
+            resources = container.get("resources") or {}
+            for name in {**resources.get("limits", {}), **resources.get("requests", {})}:
+                if name not in NODE_RESOURCES:
+                    return f"0/1 nodes are available: 1 Insufficient {name}."
+        return None
+
+    def image_exists(self, image: str) -> bool:
+        return any(image == known or image.startswith(f"{known}:") for known in self.images)
+
+    async def fail_pull(self, key: tuple, pod: dict, missing: list[dict]) -> None:
+        names = {c["name"] for c in missing}
+        for reason in ("ErrImagePull", "ImagePullBackOff"):
+            message = (
+                f'Back-off pulling image "{missing[0]["image"]}": ErrImagePull: failed to resolve reference'
+            )
+            if reason == "ErrImagePull":
+                message = f'failed to pull and unpack image "{missing[0]["image"]}": not found'
+
+            def state(name: str, reason=reason, message=message) -> dict:
+                if name in names:
+                    return {"waiting": {"reason": reason, "message": message}}
+                return {"waiting": {"reason": "ContainerCreating"}}
+
+            self.set_status(key, containerStatuses=self.container_statuses(pod, state))
+            await asyncio.sleep(1)
+
+    def prepare(self, pod: dict, runtime: PodRuntime) -> None:
+        """Volumes into the pod's folder, and each container's mounts and environment."""
+        namespace = runtime.key[1]
+        volumes = {}
+        for volume in pod["spec"].get("volumes") or []:
+            volumes[volume["name"]] = self.volume(namespace, runtime, volume)
+        runtime.hostname = pod["spec"].get("hostname") or pod["metadata"]["name"]
+        for container in pod["spec"]["containers"]:
+            mounts = []
+            for mount in container.get("volumeMounts") or []:
+                source = volumes[mount["name"]]
+                if mount.get("subPath"):
+                    source = str(Path(source) / mount["subPath"])
+                mounts.append((source, mount["mountPath"]))
+            runtime.mounts[container["name"]] = mounts
+            runtime.env[container["name"]] = self.environment(namespace, runtime, container)
+
+    def volume(self, namespace: str, runtime: PodRuntime, volume: dict) -> str:
+        folder = runtime.directory / "volumes" / volume["name"]
+        folder.mkdir(parents=True, exist_ok=True)
+        if "emptyDir" in volume:
+            return str(folder)
+        if "hostPath" in volume:
+            Path(volume["hostPath"]["path"]).mkdir(parents=True, exist_ok=True)
+            return volume["hostPath"]["path"]
+        if "persistentVolumeClaim" in volume:
+            claim = self.root / "volumes" / namespace / volume["persistentVolumeClaim"]["claimName"]
+            claim.mkdir(parents=True, exist_ok=True)
+            return str(claim)
+        for kind, field, plural in (("configMap", "name", "configmaps"), ("secret", "secretName", "secrets")):
+            if kind in volume:
+                source = volume[kind]
+                obj = self.store.objects.get(("api/v1", namespace, plural, source[field]))
+                if obj is None:
+                    if source.get("optional"):
+                        return str(folder)
+                    raise LookupError(f'{plural[:-1]} "{source[field]}" not found')
+                files = {k: v.encode() for k, v in (obj.get("data") or {}).items()}
+                binary = obj.get("binaryData") or {}
+                if kind == "secret":
+                    files = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+                files.update({k: base64.b64decode(v) for k, v in binary.items()})
+                items = source.get("items")
+                chosen = {i["path"]: files[i["key"]] for i in items} if items else files
+                mode = source.get("defaultMode", 0o644)
+                for path, data in chosen.items():
+                    target = folder / path
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(data)
+                    target.chmod(mode)
+                return str(folder)
+        raise LookupError(f"volume {volume['name']}: this fake kubelet cannot provide it")
+
+    def environment(self, namespace: str, runtime: PodRuntime, container: dict) -> dict[str, str]:
+        env = {
+            "PATH": f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root",
+            "HOSTNAME": runtime.hostname,
+        }
+        for item in container.get("env") or []:
+            if "value" in item:
+                env[item["name"]] = expand(item["value"], env)
+            else:
+                ref = item["valueFrom"]["secretKeyRef"]
+                secret = self.store.objects.get(("api/v1", namespace, "secrets", ref["name"]))
+                if secret is None or ref["key"] not in (secret.get("data") or {}):
+                    if ref.get("optional"):
+                        continue
+                    raise LookupError(f'secret "{ref["name"]}" or its key "{ref["key"]}" not found')
+                env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
+        return env
+
+    def container_spec(self, runtime: PodRuntime, container: dict, argv: list[str]) -> Path:
+        env = runtime.env[container["name"]]
+        spec = {
+            "hostname": runtime.hostname,
+            "mounts": runtime.mounts[container["name"]],
+            "workdir": container.get("workingDir") or "/",
+            "env": env,
+            "argv": [expand(a, env) for a in argv],
+        }
+        path = runtime.directory / f"{container['name']}-{uuid.uuid4().hex[:8]}.json"
+        path.write_text(json.dumps(spec))
+        return path
+
+    def in_pod(self, runtime: PodRuntime, spec: Path) -> list[str]:
+        return [
+            "ip", "netns", "exec", runtime.netns, "unshare", "--uts", "--mount", "--propagation", "private",
+            sys.executable, str(CONTAINER_SHIM), str(spec),
+        ]  # fmt: skip
+
+    async def start_container(self, runtime: PodRuntime, pod: dict, container: dict) -> None:
+        argv = [*container.get("command", []), *container.get("args", [])]
+        spec = self.container_spec(runtime, container, argv)
+        state = Container(container["name"], runtime.directory / f"{container['name']}.log")
+        state.log_path.touch()
+        state.process = await asyncio.create_subprocess_exec(
+            *self.in_pod(runtime, spec),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        runtime.containers[container["name"]] = state
+
+    async def watch_container(self, runtime: PodRuntime, container: Container, started: str) -> None:
+        with open(container.log_path, "ab", buffering=0) as log:
+            partial = b""
+            while chunk := await container.process.stdout.read(65536):
+                partial += chunk
+                *lines, partial = partial.split(b"\n")
+                if lines:
+                    log.write(b"".join(f"{log_timestamp()} ".encode() + line + b"\n" for line in lines))
+            if partial:
+                log.write(f"{log_timestamp()} ".encode() + partial + b"\n")
+        code = await container.process.wait()
+        container.exit_code = 128 - code if code < 0 else code  # killed by signal N: 128 + N
+        container.done.set()
+        self.container_ended(runtime, container, started)
+
+    def container_ended(self, runtime: PodRuntime, container: Container, started: str) -> None:
+        pod = self.store.objects.get(runtime.key)
+        if pod is None:
+            return
+        statuses = pod["status"].get("containerStatuses") or []
+        for status in statuses:
+            if status["name"] == container.name:
+                reason = "Completed" if container.exit_code == 0 else "Error"
+                status["state"] = {
+                    "terminated": {
+                        "exitCode": container.exit_code,
+                        "reason": reason,
+                        "startedAt": started,
+                        "finishedAt": now_rfc3339(),
+                    }
+                }
+                status["ready"] = status["started"] = False
+        codes = [c.exit_code for c in runtime.containers.values()]
+        phase = pod["status"].get("phase")
+        if all(code is not None for code in codes) and phase == "Running":
+            phase = "Succeeded" if all(code == 0 for code in codes) else "Failed"
+        self.set_status(runtime.key, containerStatuses=statuses, phase=phase)
+
+    async def terminate(self, key: tuple, grace: float, evict: bool = False) -> None:
+        """SIGTERM every process of the pod, SIGKILL after ``grace``; then the pod is gone (or, when
+        evicted, Failed and kept)."""
+        runtime = self.runtimes.get(key)
+        if runtime is None:
+            self.store.remove(key)
+            return
+        if runtime.terminating:
+            if runtime.evicted and not evict:  # its processes are gone already: the object goes now
+                await self.forget(key)
+            return
+        runtime.terminating = True
+        runtime.evicted = evict
+        if runtime.task is not None and not runtime.containers:
+            runtime.task.cancel()
+        if runtime.netns:
+            await self.kill_all(runtime, grace)
+        if evict:
+            message = "The node was low on resource: memory. Threshold quantity: 100Mi, available: 20Mi."
+            self.set_status(key, phase="Failed", reason="Evicted", message=message)
+            return
+        await self.forget(key)
+
+    async def kill_all(self, runtime: PodRuntime, grace: float) -> None:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
+            for pid in namespace_pids(runtime.netns):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + wait
+            while namespace_pids(runtime.netns) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+        for container in runtime.containers.values():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(container.done.wait(), 10)
+
+    async def forget(self, key: tuple) -> None:
+        runtime = self.runtimes.pop(key, None)
+        self.store.remove(key)
+        if runtime is not None and runtime.netns:
+            await self.ip("netns", "del", runtime.netns, check=False)
+            with contextlib.suppress(OSError):
+                for leftover in (Path("/etc/netns") / runtime.netns).iterdir():
+                    leftover.unlink()
+                (Path("/etc/netns") / runtime.netns).rmdir()
+        self.publish_names(key[1])
+
+    # -- API ---------------------------------------------------------------------------------------
+
+    def create(self, scope: tuple, obj: dict) -> web.Response:
+        prefix, namespace, plural = scope
+        meta = obj.setdefault("metadata", {})
+        name = meta.get("name")
+        if not name:
+            return status_error(422, "Invalid", f"{plural}: metadata.name: Required value")
+        if prefix == "api/v1":
+            try:
+                kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as error:
+                message = str(error).splitlines()[0]
+                return status_error(
+                    422, "Invalid", f'{KINDS.get(plural, plural)} "{name}" is invalid: {message}'
+                )
+        key = (prefix, namespace, plural, name)
+        if key in self.store.objects:
+            return status_error(409, "AlreadyExists", f'{plural} "{name}" already exists')
+        meta.update(namespace=namespace, uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339())
+        if plural == "pods":
+            obj["status"] = {"phase": "Pending"}
+        self.store.put(key, obj, "ADDED")
+        if plural == "pods":
+            number = next(self.pod_numbers)
+            runtime = PodRuntime(key, number, self.root / "pods" / f"{namespace}-{name}-{number}")
+            runtime.directory.mkdir(parents=True)
+            self.runtimes[key] = runtime
+            runtime.task = asyncio.create_task(self.run_pod(key))
+        if plural == "services":
+            self.publish_names(namespace)
+        return web.json_response(obj, status=201)
+
+    async def delete(self, key: tuple, grace: float | None = None) -> dict | None:
+        obj = self.store.objects.get(key)
+        if obj is None:
+            return None
+        if key[2] == "pods":
+            if grace is None:
+                grace = obj["spec"].get("terminationGracePeriodSeconds", 30)
+            obj["metadata"]["deletionTimestamp"] = now_rfc3339()
+            obj["metadata"]["deletionGracePeriodSeconds"] = int(grace)
+            self.store.put(key, obj, "MODIFIED")
+            asyncio.create_task(self.terminate(key, grace))
+        else:
+            self.store.remove(key)
+        await self.collect_garbage(obj["metadata"]["uid"])
+        return obj
+
+    async def collect_garbage(self, owner_uid: str) -> None:
+        dependents = [
+            key
+            for key, obj in list(self.store.objects.items())
+            if any(ref.get("uid") == owner_uid for ref in obj["metadata"].get("ownerReferences") or [])
+        ]
+        for key in dependents:
+            await self.delete(key)

@@ -20,7 +20,6 @@ import logging
 import shutil
 import socket
 import tarfile
-import tempfile
 import threading
 import time
 import uuid
@@ -30,17 +29,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from airflow_provider_dnntrain.launchers import kubernetes_bootstrap
 from airflow_provider_dnntrain.launchers.base import (
     ENTRY_SCRIPT_VAR,
     LAUNCH_ID_VAR,
     PRIMARY_REPLICA_VAR,
-    REPLICA_SITE,
     JobState,
     JobStatus,
     Launcher,
     LogLine,
 )
+from airflow_provider_dnntrain.launchers.kubernetes_files import default_image, run_bundle, ssh_files
 from airflow_provider_dnntrain.launchers.kubernetes_job import (
     KubernetesJobHandle,
     cursors_patch,
@@ -63,9 +61,12 @@ from airflow_provider_dnntrain.launchers.kubernetes_manifests import (
 )
 from airflow_provider_dnntrain.launchers.kubernetes_options import GangScheduler, PodOptions
 from airflow_provider_dnntrain.launchers.local_logs import Redactor
-from airflow_provider_dnntrain.launchers.ssh_tracking import TrackingRelay, needs_relay
+from airflow_provider_dnntrain.launchers.ssh_tracking import (
+    TrackingRelay,
+    needs_relay,
+    refuse_deferral_through_worker,
+)
 from airflow_provider_dnntrain.source import check_source
-from airflow_provider_dnntrain.source import snapshot as copy_snapshot
 from airflow_provider_dnntrain.spec import TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan
 
@@ -73,12 +74,6 @@ log = logging.getLogger(__name__)
 _DELETE_WAIT_SECONDS = 60
 _EXEC_TIMEOUT_SECONDS = 120
 _CONNECTIONS = 1100  # log streams of the widest runs, and the calls
-
-
-def default_image(job: TrainingJob) -> str:
-    """The project's training images (``make images``): ``dnntrain-{torch,tensorflow}:{cpu,gpu}``."""
-    framework = "torch" if job.framework == "pytorch" else "tensorflow"
-    return f"dnntrain-{framework}:{'gpu' if job.resources.use_gpu else 'cpu'}"
 
 
 class KubernetesLauncher(Launcher):
@@ -200,7 +195,7 @@ class KubernetesLauncher(Launcher):
         plan = self.plan(job, run_id)
         settings = self._settings(job, plan, self.namespace or "default", {})
         secrets = {name: "***" for name in job.environment.secrets}
-        objects = render_run(plan, settings, _bundle(check_source(job), plan), secret_data(secrets, {}))
+        objects = render_run(plan, settings, run_bundle(check_source(job), plan), secret_data(secrets, {}))
         return masked(objects)
 
     def _settings(self, job: TrainingJob, plan: JobPlan, namespace: str, launch_env: Mapping[str, str]):
@@ -279,9 +274,9 @@ class KubernetesLauncher(Launcher):
         return handle
 
     def _create_run(self, handle, job, plan, source, launch_env, secrets) -> None:
-        ssh_files = _ssh_files(handle.job) if plan.hosts[1:] else {}
-        data = secret_data(secrets, ssh_files)
-        bundle = _bundle(source, plan)
+        keys = ssh_files(handle.job) if plan.hosts[1:] else {}
+        data = secret_data(secrets, keys)
+        bundle = run_bundle(source, plan)
         settings = self._settings(job, plan, handle.namespace, launch_env)
         owner = render_run(plan, settings, bundle, data).owner
         handle.owner_uid = self.core.create_namespaced_config_map(handle.namespace, owner).metadata.uid
@@ -388,13 +383,7 @@ class KubernetesLauncher(Launcher):
         return handle
 
     def check_deferrable(self, extra_env: Mapping[str, str]) -> None:
-        tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
-        if tracking_uri and needs_relay(tracking_uri):
-            raise ValueError(
-                "deferrable: the job's tracking store is served to the pods by this worker (the embedded "
-                "store), which a deferred task leaves; give a tracking server the pods reach "
-                "(tracking_uri=http://...), or deferrable=False"
-            )
+        refuse_deferral_through_worker(extra_env, "the pods")
 
     def trigger(self, handle: KubernetesJobHandle, job: TrainingJob, timeout: float | None):
         from airflow_provider_dnntrain.triggers.kubernetes import KubernetesJobTrigger
@@ -566,46 +555,3 @@ def _with_ssh_port(job: TrainingJob) -> TrainingJob:
     if getattr(dist, "kind", "") == "horovod" and dist.ssh_port is None:
         return job.model_copy(update={"distribution": dist.model_copy(update={"ssh_port": SSH_PORT})})
     return job
-
-
-def _bundle(source: Path, plan: JobPlan) -> dict[str, bytes]:
-    """The run's files for its ConfigMap: the source snapshot, the pods' bootstrap, the replica site,
-    and each replica's own files (a hostfile)."""
-    buffer = io.BytesIO()
-    with tempfile.TemporaryDirectory() as scratch:
-        snapshot = Path(scratch) / "source"
-        copy_snapshot(source, snapshot)
-        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-            tar.add(snapshot, arcname=".")
-    files = {r.name: r.files for r in plan.replicas if r.files}
-    return {
-        "source.tar.gz": buffer.getvalue(),
-        "bootstrap.py": Path(kubernetes_bootstrap.__file__).read_bytes(),
-        "sitecustomize.py": (REPLICA_SITE / "sitecustomize.py").read_bytes(),
-        "files.json": json.dumps(files).encode(),
-    }
-
-
-def _ssh_files(job: str) -> dict[str, str]:
-    """A key pair and a host key for this run only (deleted with its Secret)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    def pair() -> tuple[str, str]:
-        key = Ed25519PrivateKey.generate()
-        private = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        )
-        public = key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-        return private.decode(), public.decode()
-
-    client_key, client_public = pair()
-    host_key, host_public = pair()
-    return {
-        "id": client_key,
-        "authorized_keys": f"{client_public} dnntrain-{job}\n",
-        "host_key": host_key,
-        "known_hosts": f"*.{job},{job}-* {host_public}\n",
-    }

@@ -50,7 +50,11 @@ from airflow_provider_dnntrain.launchers.ssh_remote import (
     on_each,
     raise_first,
 )
-from airflow_provider_dnntrain.launchers.ssh_tracking import TrackingRelay, needs_relay
+from airflow_provider_dnntrain.launchers.ssh_tracking import (
+    TrackingRelay,
+    needs_relay,
+    refuse_deferral_through_worker,
+)
 from airflow_provider_dnntrain.source import check_source
 from airflow_provider_dnntrain.source import snapshot as copy_snapshot
 from airflow_provider_dnntrain.spec import Horovod, TorchDistributed, TrainingJob
@@ -340,13 +344,7 @@ class SSHLauncher(Launcher):
         return handle
 
     def check_deferrable(self, extra_env: Mapping[str, str]) -> None:
-        tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
-        if tracking_uri and needs_relay(tracking_uri):
-            raise ValueError(
-                "deferrable: the job's tracking store is reached through this worker (the embedded "
-                "store, or a server on its loopback), which a deferred task leaves; give the hosts a "
-                "tracking server they reach themselves (tracking_uri=http://...), or deferrable=False"
-            )
+        refuse_deferral_through_worker(extra_env, "the hosts")
 
     def trigger(self, handle: SSHJobHandle, job: TrainingJob, timeout: float | None):
         # The trigger only watches: what is still to be delivered goes now.

@@ -39,6 +39,17 @@ def needs_relay(uri: str) -> bool:
     return parts.scheme == "http" and parts.hostname in _LOOPBACK
 
 
+def refuse_deferral_through_worker(extra_env, replicas: str) -> None:
+    """A deferred task leaves the worker: a store reached through it cannot serve ``replicas`` then."""
+    tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
+    if tracking_uri and needs_relay(tracking_uri):
+        raise ValueError(
+            "deferrable: the job's tracking store is reached through this worker (the embedded "
+            f"store, or a server on its loopback), which a deferred task leaves; give {replicas} a "
+            "tracking server they reach themselves (tracking_uri=http://...), or deferrable=False"
+        )
+
+
 class TrackingRelay:
     def __init__(self, uri: str, log_file: Path, listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
         self.uri = uri

@@ -181,10 +181,17 @@ def test_horovod_nodes_run_sshd_and_the_launcher_waits_for_them():
     pods = pods_of(objects)
     assert sorted(pods) == [f"{job}-node-0", f"{job}-node-1"]
     launcher_pod = pods[f"{job}-node-0"]["spec"]["containers"][0]
-    assert launcher_pod["command"][-3:] == ["run", "--ssh-peer", f"{job}-node-1.{job}"]
+    # The runner waits for the other node's sshd; both pods pass on what ranks write to per-rank files.
+    assert launcher_pod["command"][2:] == [
+        "run",
+        "--ssh-peer",
+        f"{job}-node-1.{job}",
+        "--rank-logs",
+        "logs/ranks",
+    ]
     assert "mpirun" in launcher_pod["args"]
     node = pods[f"{job}-node-1"]["spec"]["containers"][0]
-    assert node["command"][2:] == ["sshd", "--port", "2222"]
+    assert node["command"][2:] == ["sshd", "--port", "2222", "--rank-logs", "logs/ranks"]
     assert node["resources"]["limits"]["nvidia.com/gpu"] == "1"
     ssh_volume = next(v for v in pods[f"{job}-node-1"]["spec"]["volumes"] if v["name"] == "ssh")
     assert {i["key"] for i in ssh_volume["secret"]["items"]} == {
@@ -283,3 +290,10 @@ def test_an_operators_dry_run_shows_the_objects(capsys):
     assert [o["kind"] for o in yaml.safe_load_all(printed[printed.index("apiVersion") :])][-1] == "Pod"
     assert SECRET not in printed
     validate_all(shown["objects"])
+
+
+def test_a_deferred_wait_needs_a_tracking_server_the_pods_reach():
+    launcher = KubernetesLauncher(namespace="ml")
+    with pytest.raises(ValueError, match="^deferrable: .* give the pods a tracking server"):
+        launcher.check_deferrable({"MLFLOW_TRACKING_URI": "sqlite:////tmp/mlflow.db"})
+    launcher.check_deferrable({"MLFLOW_TRACKING_URI": "http://mlflow.tracking.svc:5000"})

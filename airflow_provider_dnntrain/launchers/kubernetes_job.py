@@ -342,6 +342,8 @@ def _pod_failure(name: str, pod, handle: KubernetesJobHandle, startup_timeout: f
     status = pod.status
     if status is not None and status.phase == "Failed" and status.reason:  # evicted, preempted, node lost
         return _failed(replica, name, f"was stopped by Kubernetes: {status.reason}: {status.message or ''}")
+    if status is not None and status.phase == "Failed" and _main_exit_code(pod) is None:
+        return _failed(replica, name, _init_failure(status))
     for container in status.container_statuses or [] if status else []:
         waiting = container.state.waiting if container.state else None
         if waiting is not None and waiting.reason in (*_IMAGE_FAILURES, *_CONFIG_FAILURES):
@@ -355,6 +357,14 @@ def _pod_failure(name: str, pod, handle: KubernetesJobHandle, startup_timeout: f
         detail = "; ".join(reasons) or "not scheduled or started"
         return _failed(replica, name, f"was still pending after {startup_timeout:.0f} s ({detail})")
     return None
+
+
+def _init_failure(status) -> str:
+    for container in status.init_container_statuses or []:
+        ended = container.state.terminated if container.state else None
+        if ended is not None and ended.exit_code:
+            return f"failed before it ran: init container {container.name} exited with code {ended.exit_code}"
+    return "failed before its main container ran"
 
 
 def _started_long_ago(handle: KubernetesJobHandle, startup_timeout: float) -> bool:

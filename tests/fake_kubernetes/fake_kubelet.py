@@ -130,6 +130,8 @@ class Cluster(PodNetwork):
             failing = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
             self.set_status(key, containerStatuses=self.container_statuses(pod, lambda _: failing))
             return
+        if not await self.run_init_containers(runtime, pod):
+            return
         started = now_rfc3339()
         for container in pod["spec"]["containers"]:
             await self.start_container(runtime, pod, container)
@@ -184,7 +186,7 @@ class Cluster(PodNetwork):
         for volume in pod["spec"].get("volumes") or []:
             volumes[volume["name"]] = self.volume(namespace, runtime, volume)
         runtime.hostname = pod["spec"].get("hostname") or pod["metadata"]["name"]
-        for container in pod["spec"]["containers"]:
+        for container in [*(pod["spec"].get("initContainers") or []), *pod["spec"]["containers"]]:
             mounts = []
             for mount in container.get("volumeMounts") or []:
                 source = volumes[mount["name"]]
@@ -268,7 +270,24 @@ class Cluster(PodNetwork):
             sys.executable, str(CONTAINER_SHIM), str(spec),
         ]  # fmt: skip
 
+    async def run_init_containers(self, runtime: PodRuntime, pod: dict) -> bool:
+        """Each init container to its end, in order; the first that fails fails the pod."""
+        for container in pod["spec"].get("initContainers") or []:
+            state = await self.start_process(runtime, container)
+            await self.pump_log(state)
+            code = await state.process.wait()
+            if code != 0:
+                terminated = {"terminated": {"exitCode": code, "reason": "Error"}}
+                status = {"name": container["name"], "image": container.get("image", ""), "imageID": ""}
+                status.update({"ready": False, "restartCount": 0, "state": terminated})
+                self.set_status(runtime.key, phase="Failed", initContainerStatuses=[status])
+                return False
+        return True
+
     async def start_container(self, runtime: PodRuntime, pod: dict, container: dict) -> None:
+        runtime.containers[container["name"]] = await self.start_process(runtime, container)
+
+    async def start_process(self, runtime: PodRuntime, container: dict) -> Container:
         argv = [*container.get("command", []), *container.get("args", [])]
         spec = self.container_spec(runtime, container, argv)
         state = Container(container["name"], runtime.directory / f"{container['name']}.log")
@@ -280,9 +299,17 @@ class Cluster(PodNetwork):
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
         )
-        runtime.containers[container["name"]] = state
+        return state
 
     async def watch_container(self, runtime: PodRuntime, container: Container, started: str) -> None:
+        await self.pump_log(container)
+        code = await container.process.wait()
+        container.exit_code = 128 - code if code < 0 else code  # killed by signal N: 128 + N
+        container.done.set()
+        self.container_ended(runtime, container, started)
+
+    async def pump_log(self, container: Container) -> None:
+        """The container's output into its log, each line stamped as kubelet does."""
         with open(container.log_path, "ab", buffering=0) as log:
             partial = b""
             while chunk := await container.process.stdout.read(65536):
@@ -292,10 +319,6 @@ class Cluster(PodNetwork):
                     log.write(b"".join(f"{log_timestamp()} ".encode() + line + b"\n" for line in lines))
             if partial:
                 log.write(f"{log_timestamp()} ".encode() + partial + b"\n")
-        code = await container.process.wait()
-        container.exit_code = 128 - code if code < 0 else code  # killed by signal N: 128 + N
-        container.done.set()
-        self.container_ended(runtime, container, started)
 
     def container_ended(self, runtime: PodRuntime, container: Container, started: str) -> None:
         pod = self.store.objects.get(runtime.key)

@@ -16,6 +16,7 @@ from airflow_provider_dnntrain.launchers.base import JobFailed, JobState, wait_f
 from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
 from airflow_provider_dnntrain.spec import (
     Horovod,
+    Input,
     MultiWorkerMirrored,
     ParameterServer,
     TorchDistributed,
@@ -259,4 +260,59 @@ def test_a_64_replica_job_costs_one_api_request_per_wait_interval(cluster, launc
     streams = after["GET pods/log"] - at_submit.get("GET pods/log", 0)
     assert streams <= replicas + 8  # one stream per pod (a few opened again at most)
     assert sorted({line.replica for line in lines}) == sorted(f"worker-{i}" for i in range(replicas))
+    assert_nothing_left(cluster)
+
+
+def fetching_launcher(launcher: KubernetesLauncher, command: str) -> KubernetesLauncher:
+    """The launcher's settings, plus an init step that runs ``command`` with a volume at /data that
+    every replica mounts too (as a step fetching a data set from object storage would)."""
+    data = {"name": "data", "mountPath": "/data"}
+    return KubernetesLauncher(
+        kubernetes_conn_id=launcher.kubernetes_conn_id,
+        work_root=str(launcher.work_root),
+        poll_interval=launcher.poll_interval,
+        stop_grace_seconds=launcher.stop_grace_seconds,
+        volumes=[{"name": "data", "emptyDir": {}}],
+        volume_mounts=[data],
+        init_containers=[
+            {
+                "name": "fetch",
+                "image": "dnntrain-torch:cpu",
+                "command": ["python", "-c", command],
+                "volumeMounts": [data],
+            }
+        ],
+    )
+
+
+def reading_job(source: Path) -> TrainingJob:
+    (source / "read.py").write_text(
+        "import os, sys\n"
+        "path = sys.argv[sys.argv.index('--data') + 1]\n"
+        "print('read', open(path).read(), 'via', os.environ['DNNTRAIN_INPUT_DIGITS'])\n"
+    )
+    return TrainingJob(
+        framework="pytorch",
+        source_directory=str(source),
+        entry_script="read.py",
+        inputs=[Input(name="digits", path="/data/digits.csv", argument="--data")],
+    )
+
+
+@pytest.mark.slow
+def test_an_init_step_fetches_an_input_into_a_volume_the_replica_reads(cluster, launcher, tmp_path):
+    fetch = "open('/data/digits.csv', 'w').write('0,1,2')"
+    _, lines = run(fetching_launcher(launcher, fetch), reading_job(tmp_path), "k8s-input")
+    assert "read 0,1,2 via /data/digits.csv" in [line.text for line in lines]
+    assert_nothing_left(cluster)
+
+
+@pytest.mark.slow
+def test_a_failing_init_step_fails_the_job_naming_it(cluster, launcher, tmp_path):
+    with pytest.raises(JobFailed) as failure:
+        run(fetching_launcher(launcher, "raise SystemExit(7)"), reading_job(tmp_path), "k8s-no-input")
+    assert "replica worker-0 (pod k8s-no-input-worker-0) failed before it ran: init container fetch" in str(
+        failure.value
+    )
+    assert "exited with code 7" in str(failure.value)
     assert_nothing_left(cluster)

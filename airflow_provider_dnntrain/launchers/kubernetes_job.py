@@ -220,8 +220,11 @@ class KubernetesJobHandle(JobHandle):
             reader.join(max(0.0, deadline - time.monotonic()))
         self._closing.set()
         for response in self._responses.values():
+            # Shut, not released to the pool: a reader may still be in the middle of it.
             with contextlib.suppress(Exception):  # already closed
-                response.release_conn()
+                response.shutdown()
+            with contextlib.suppress(Exception):
+                response.close()
 
     # -- state ----------------------------------------------------------------------------------
 

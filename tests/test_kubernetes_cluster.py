@@ -15,7 +15,6 @@ import pytest
 
 from airflow_provider_dnntrain.launchers.base import wait_for_job
 from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
-from airflow_provider_dnntrain.launchers.kubernetes_manifests import RUN_LABEL
 from airflow_provider_dnntrain.spec import ParameterServer, TorchDistributed, TrainingJob
 
 EXAMPLE_SCRIPTS = Path(__file__).resolve().parents[1] / "dags" / "scripts"
@@ -50,7 +49,7 @@ def train(launcher: KubernetesLauncher, job: TrainingJob, name: str):
     wait_for_job(launcher, handle, lines.append, timeout=900)
     print("\n".join(map(str, lines)))
     outputs = launcher.collect_outputs(handle) / "outputs"
-    left = launcher.core.list_namespaced_pod(handle.namespace, label_selector=f"{RUN_LABEL}={handle.job}")
+    left = launcher.core.list_namespaced_pod(handle.namespace, label_selector=handle.selector)
     assert left.items == []
     return lines, outputs
 

@@ -49,7 +49,6 @@ from airflow_provider_dnntrain.launchers.kubernetes_manifests import (
     BOOTSTRAP,
     CURSORS_ANNOTATION,
     OUTPUTS_CONTAINER,
-    RUN_LABEL,
     SSH_PORT,
     Gang,
     PodPlacement,
@@ -437,9 +436,7 @@ class KubernetesLauncher(Launcher):
             log.debug("Run %s: could not save log cursors: %s", handle.run_id, error)
 
     def _list_pods(self, handle: KubernetesJobHandle) -> list:
-        return self.core.list_namespaced_pod(
-            handle.namespace, label_selector=f"{RUN_LABEL}={handle.job}"
-        ).items
+        return self.core.list_namespaced_pod(handle.namespace, label_selector=handle.selector).items
 
     def stream_logs(self, handle: KubernetesJobHandle, timeout: float) -> Iterable[LogLine]:
         if not handle.has_lines() and timeout > 0:
@@ -466,7 +463,7 @@ class KubernetesLauncher(Launcher):
         handle.stopped = True
         self.core.delete_collection_namespaced_pod(
             handle.namespace,
-            label_selector=f"{RUN_LABEL}={handle.job}",
+            label_selector=handle.selector,
             grace_period_seconds=int(grace_seconds),
         )
         left = self._wait_until_gone(handle, grace_seconds + _DELETE_WAIT_SECONDS)
@@ -510,7 +507,6 @@ class KubernetesLauncher(Launcher):
             packed = self._exec(handle, chief, [handle.settings.python, BOOTSTRAP, "pack"])
             with tarfile.open(fileobj=io.BytesIO(base64.b64decode(packed)), mode="r:gz") as tar:
                 tar.extractall(target, filter="data")
-            handle.outputs_saved = True
         except Exception as error:
             log.warning("Run %s: could not copy the outputs out of pod %s: %s", handle.run_id, chief, error)
 
@@ -545,10 +541,6 @@ class KubernetesLauncher(Launcher):
         for sub in ("outputs", "logs"):
             (artifacts / sub).mkdir(parents=True, exist_ok=True)
         return artifacts
-
-
-def _selector(handle: KubernetesJobHandle) -> str:
-    return f"{RUN_LABEL}={handle.job}"
 
 
 def _with_ssh_port(job: TrainingJob) -> TrainingJob:

@@ -25,7 +25,7 @@ from airflow_provider_dnntrain.launchers.base import JobHandle, JobState, JobSta
 from airflow_provider_dnntrain.launchers.kubernetes_manifests import (
     CURSORS_ANNOTATION,
     MAIN_CONTAINER,
-    REPLICA_LABEL,
+    RUN_LABEL,
     pod_hosts,
     pod_name,
 )
@@ -113,7 +113,6 @@ class KubernetesJobHandle(JobHandle):
     status: JobStatus = field(default_factory=lambda: JobStatus(JobState.RUNNING))
     cancelled: bool = False
     stopped: bool = False
-    outputs_saved: bool = False
     relay: Any = None
     relay_uri: str | None = None
     settings: Any = None  # the RunSettings its pods were rendered with
@@ -130,6 +129,11 @@ class KubernetesJobHandle(JobHandle):
     _saved_cursors: dict = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _closing: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def selector(self) -> str:
+        """The label selector of every pod of the run."""
+        return f"{RUN_LABEL}={self.job}"
 
     @property
     def pod_names(self) -> list[str]:
@@ -372,7 +376,3 @@ def _init_failure(status) -> str:
 
 def _started_long_ago(handle: KubernetesJobHandle, startup_timeout: float) -> bool:
     return handle.pods_created_at is not None and time.monotonic() - handle.pods_created_at > startup_timeout
-
-
-def replica_label(pod) -> str:
-    return pod.metadata.labels.get(REPLICA_LABEL, pod.metadata.name)

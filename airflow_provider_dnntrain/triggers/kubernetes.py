@@ -22,8 +22,8 @@ from airflow_provider_dnntrain.launchers.kubernetes_job import (
 from airflow_provider_dnntrain.launchers.kubernetes_manifests import (
     CURSORS_ANNOTATION,
     MAIN_CONTAINER,
-    RUN_LABEL,
 )
+from airflow_provider_dnntrain.triggers import job_deadline, job_event, past_deadline
 
 _SAVE_CURSORS_SECONDS = 10
 _DRAIN_SECONDS = 10
@@ -50,8 +50,7 @@ class KubernetesJobTrigger(BaseTrigger):
         self.poll_interval = poll_interval
         self.startup_timeout = startup_timeout
         self.timeout = timeout
-        # Wall clock, so that a trigger re-created on another triggerer keeps the job's deadline.
-        self.deadline = deadline if deadline is not None else (time.time() + timeout if timeout else None)
+        self.deadline = job_deadline(timeout, deadline)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -98,7 +97,7 @@ class KubernetesJobTrigger(BaseTrigger):
                 await self._drain(readers)
                 for line in handle.take_lines():
                     self.log.info("%s", line)
-                yield TriggerEvent(_event(handle, status))
+                yield TriggerEvent(job_event(handle, status))
             except asyncio.CancelledError:
                 # The triggerer is stopping (or the task was ended): the run's owner keeps how far
                 # this trigger logged, so that whoever takes the job over logs no line twice.
@@ -110,7 +109,7 @@ class KubernetesJobTrigger(BaseTrigger):
                     reader.cancel()
 
     async def _watch(self, core, handle: KubernetesJobHandle, readers: dict) -> JobStatus:
-        selector = f"{RUN_LABEL}={handle.job}"
+        selector = handle.selector
         while True:
             try:
                 pods = (await core.list_namespaced_pod(handle.namespace, label_selector=selector)).items
@@ -126,10 +125,7 @@ class KubernetesJobTrigger(BaseTrigger):
             if handle.cursors_due():  # a triggerer that dies outright repeats at most a few seconds
                 with contextlib.suppress(Exception):
                     await _save_cursors(core, handle)
-            if not status.state.finished and self.deadline and time.time() > self.deadline:
-                status = JobStatus(
-                    JobState.FAILED, f"job {handle.run_id} timed out after {self.timeout:.0f}s"
-                )
+            status = past_deadline(status, handle.run_id, self.timeout, self.deadline)
             if status.state.finished:
                 return status
             await asyncio.sleep(self.poll_interval)
@@ -173,14 +169,3 @@ async def _resume_cursors(core, handle: KubernetesJobHandle) -> None:
 
 async def _save_cursors(core, handle: KubernetesJobHandle) -> None:
     await core.patch_namespaced_config_map(handle.job, handle.namespace, cursors_patch(handle))
-
-
-def _event(handle: KubernetesJobHandle, status: JobStatus) -> dict[str, Any]:
-    return {
-        "state": handle.to_state(),
-        "status": status.state.value,
-        "message": status.message,
-        "failed_replica": status.failed_replica,
-        "exit_code": status.exit_code,
-        "tails": {name: list(tail) for name, tail in handle.tails.items()},
-    }

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -15,6 +14,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_provider_dnntrain.launchers.base import JobState, JobStatus
 from airflow_provider_dnntrain.launchers.ssh_job import SSHJobHandle
 from airflow_provider_dnntrain.launchers.ssh_remote_async import AsyncRemoteHost
+from airflow_provider_dnntrain.triggers import job_deadline, job_event, past_deadline
 
 _ACK_SECONDS = 10
 
@@ -41,8 +41,7 @@ class SSHJobTrigger(BaseTrigger):
         self.poll_interval = poll_interval
         self.unreachable_timeout = unreachable_timeout
         self.timeout = timeout
-        # Wall clock, so that a trigger re-created on another triggerer keeps the job's deadline.
-        self.deadline = deadline if deadline is not None else (time.time() + timeout if timeout else None)
+        self.deadline = job_deadline(timeout, deadline)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -85,20 +84,9 @@ class SSHJobTrigger(BaseTrigger):
                     status = JobStatus(JobState.FAILED, f"job {handle.run_id}: {problem}")
                 for line in handle.take_lines():
                     self.log.info("%s", line)
-                if not status.state.finished and self.deadline and time.time() > self.deadline:
-                    message = f"job {handle.run_id} timed out after {self.timeout:.0f}s"
-                    status = JobStatus(JobState.FAILED, message)
+                status = past_deadline(status, handle.run_id, self.timeout, self.deadline)
                 if status.state.finished:
-                    yield TriggerEvent(
-                        {
-                            "state": handle.to_state(),
-                            "status": status.state.value,
-                            "message": status.message,
-                            "failed_replica": status.failed_replica,
-                            "exit_code": status.exit_code,
-                            "tails": {name: list(tail) for name, tail in handle.tails.items()},
-                        }
-                    )
+                    yield TriggerEvent(job_event(handle, status))
                     return
                 await asyncio.sleep(self.poll_interval)
         except asyncio.CancelledError:

@@ -30,6 +30,7 @@ $(STAMP):
 	$(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -c constraints.txt -e ".[$(EXTRAS)]"
 	scripts/install-debian-packages.sh $(DEBIAN_PACKAGES)
 	scripts/build-horovod.sh $(BIN)/python
+	scripts/install-kubeflow-models.sh $(BIN)/python $(VENV)/kubeflow-models
 	touch $@
 
 demo: $(STAMP)

@@ -6,6 +6,10 @@
 of the project's training image (``make images``: ``dnntrain-{torch,tensorflow}:{cpu,gpu}``) behind a
 headless Service, all owned by one ConfigMap per run.
 
+``dnntrain_kubeflow_tf_parameter_server`` and ``dnntrain_kubeflow_pytorch_ddp`` are the same jobs in their
+Kubeflow form (``KubernetesLauncher(kubeflow=True)``): a TFJob / PyTorchJob that the Kubeflow training
+operator runs, for clusters that have it.
+
 The cluster comes from the cncf-kubernetes connection ``kubernetes_default`` (in-cluster, a kubeconfig
 path or an inline kubeconfig; ``namespace`` in its extra). The embedded tracking store is served to the
 pods by the task itself: the pods must reach the Airflow worker, at the connection's extra
@@ -103,3 +107,26 @@ with kubernetes_dag("dnntrain_k8s_pytorch_horovod", "pytorch"):
         launcher=KubernetesLauncher(),
     )
     register(train, "digits-pytorch-horovod-k8s")
+
+with kubernetes_dag("dnntrain_kubeflow_tf_parameter_server", "tensorflow"):
+    train = TensorFlowTrainOperator(
+        task_id="train",
+        source_directory=SCRIPTS,
+        entry_script="tf_parameter_server_digits.py",
+        arguments=ARGUMENTS,
+        distribution=ParameterServer(worker_count=1, parameter_server_count=1, chief=True),
+        environment_variables={"TF_CPP_MIN_LOG_LEVEL": "2"},
+        launcher=KubernetesLauncher(kubeflow=True),
+    )
+    register(train, "digits-tf-parameter-server-kubeflow")
+
+with kubernetes_dag("dnntrain_kubeflow_pytorch_ddp", "pytorch"):
+    train = PyTorchTrainOperator(
+        task_id="train",
+        source_directory=SCRIPTS,
+        entry_script="torch_ddp_digits.py",
+        arguments=ARGUMENTS,
+        distribution=TorchDistributed(node_count=2, process_count_per_node=1),
+        launcher=KubernetesLauncher(kubeflow=True),
+    )
+    register(train, "digits-pytorch-ddp-kubeflow")

@@ -45,6 +45,11 @@ from airflow_provider_dnntrain.launchers.kubernetes_job import (
     cursors_patch,
     main_container_started,
 )
+from airflow_provider_dnntrain.launchers.kubernetes_kubeflow import (
+    KubeflowPlacement,
+    kubeflow_kind,
+    render_kubeflow_job,
+)
 from airflow_provider_dnntrain.launchers.kubernetes_manifests import (
     BOOTSTRAP,
     CURSORS_ANNOTATION,
@@ -68,7 +73,7 @@ from airflow_provider_dnntrain.launchers.ssh_tracking import (
 )
 from airflow_provider_dnntrain.source import check_source
 from airflow_provider_dnntrain.spec import TrainingJob
-from airflow_provider_dnntrain.topology import JobPlan
+from airflow_provider_dnntrain.topology import JobPlan, render_plan
 
 log = logging.getLogger(__name__)
 _DELETE_WAIT_SECONDS = 60
@@ -91,6 +96,10 @@ class KubernetesLauncher(Launcher):
     ``pod_template_file`` / ``full_pod_spec`` as a base and ``role_options`` per role (``{"ps": {...}}``).
     ``gang_scheduling``: ``kueue`` (with ``queue_name``), ``volcano`` or ``coscheduling``, so that all
     pods start together or none does.
+
+    ``kubeflow=True``: the job goes to the cluster as a TFJob or PyTorchJob (``kubeflow.org/v1``) that the
+    Kubeflow training operator runs (it makes the pods and their Services); it is waited on, logged and
+    cleaned up the same way, and the operator's verdict fails the run too.
 
     Tracking from pods: a tracking server the pods reach is passed on as it is; the embedded store
     is served to them by an ``mlflow server`` this task runs, listening on ``tracking_bind``, at
@@ -120,6 +129,7 @@ class KubernetesLauncher(Launcher):
         work_root: str | None = None,
         tracking_address: str | None = None,
         tracking_bind: str = "0.0.0.0",
+        kubeflow: bool = False,
         **pod_options: Any,
     ) -> None:
         self.kubernetes_conn_id = kubernetes_conn_id
@@ -145,6 +155,7 @@ class KubernetesLauncher(Launcher):
         self.work_root = Path(work_root) if work_root else None
         self.tracking_address = tracking_address
         self.tracking_bind = tracking_bind
+        self.kubeflow = kubeflow
 
     # -- the cluster ----------------------------------------------------------------------------
 
@@ -184,20 +195,40 @@ class KubernetesLauncher(Launcher):
     def interpreter(self, job: TrainingJob) -> str:
         return job.environment.python or self.python
 
+    def validate(self, job: TrainingJob) -> None:
+        if self.kubeflow:
+            kubeflow_kind(job.framework, job.distribution.kind)
+
     def plan(self, job: TrainingJob, run_id: str) -> JobPlan:
-        self.validate(job)
-        return super().plan(_with_ssh_port(job), run_id)
+        return self._plan(job, run_id, self._namespace())
 
     def preview(self, job: TrainingJob, run_id: str) -> JobPlan:
-        return self.plan(job, run_id)
+        return self._plan(job, run_id, self.namespace or "default")
+
+    def _plan(self, job: TrainingJob, run_id: str, namespace: str) -> JobPlan:
+        self.validate(job)
+        job = _with_ssh_port(job)
+        placement: Any = self.placement(run_id)
+        if self.kubeflow:
+            kind = kubeflow_kind(job.framework, job.distribution.kind)
+            placement = KubeflowPlacement(run_id, namespace, kind)
+        return render_plan(job, run_id, placement, self.interpreter(job))
 
     def preview_objects(self, job: TrainingJob, run_id: str) -> list[dict]:
         """Every object a run would create, secrets masked and the bundle's files shown by size."""
-        plan = self.plan(job, run_id)
+        plan = self.preview(job, run_id)
         settings = self._settings(job, plan, self.namespace or "default", {})
         secrets = {name: "***" for name in job.environment.secrets}
         objects = render_run(plan, settings, run_bundle(check_source(job), plan), secret_data(secrets, {}))
+        if self.kubeflow:
+            workload = self._workload(job, plan, settings, objects.owner_reference)
+            objects = dataclasses.replace(objects, service=None, pods=[], pod_group=None, extra=[workload])
         return masked(objects)
+
+    def _workload(self, job: TrainingJob, plan: JobPlan, settings: RunSettings, owner_ref: dict) -> dict:
+        """The run's Kubeflow job."""
+        kind = kubeflow_kind(job.framework, job.distribution.kind)
+        return render_kubeflow_job(plan, settings, kind, owner_ref)
 
     def _settings(self, job: TrainingJob, plan: JobPlan, namespace: str, launch_env: Mapping[str, str]):
         return RunSettings(
@@ -255,6 +286,10 @@ class KubernetesLauncher(Launcher):
             redactor=Redactor(list(secrets.values())),
             awaiting=set(pending_env),
         )
+        if self.kubeflow:
+            kind = kubeflow_kind(job.framework, job.distribution.kind)
+            handle.container = kind.container
+            handle.workload = {"group": kind.group, "version": kind.version, "plural": kind.plural}
         self._remove_run(handle, wait=True)  # what an earlier submit of this run id left
         launch_env = {
             **extra_env,
@@ -283,6 +318,13 @@ class KubernetesLauncher(Launcher):
         handle.owner_uid = self.core.create_namespaced_config_map(handle.namespace, owner).metadata.uid
         objects = render_run(plan, settings, bundle, data, owner_uid=handle.owner_uid)
         self.core.create_namespaced_secret(handle.namespace, objects.secret)
+        handle.launch_env = launch_env
+        handle.settings = settings
+        if handle.workload is not None:  # the training operator makes the pods and their Services
+            handle.pod_manifests = [self._workload(job, plan, settings, objects.owner_reference)]
+            if not handle.awaiting:
+                self._create_pods(handle)
+            return
         self.core.create_namespaced_service(handle.namespace, objects.service)
         if objects.pod_group is not None:
             group, version = objects.pod_group["apiVersion"].split("/")
@@ -290,8 +332,6 @@ class KubernetesLauncher(Launcher):
                 group, version, handle.namespace, "podgroups", objects.pod_group
             )
         handle.pod_manifests = objects.pods
-        handle.launch_env = launch_env
-        handle.settings = settings
         if not handle.awaiting:
             self._create_pods(handle)
 
@@ -299,13 +339,36 @@ class KubernetesLauncher(Launcher):
         """The pods, with every value they start with: the variables submit was told are pending are
         part of their environment (a pod's environment cannot change once it runs)."""
         pods = handle.pod_manifests
+        settings = dataclasses.replace(handle.settings, launch_env={**handle.launch_env, **handle.provided})
+        if handle.workload is not None:
+            self._create_workload(handle, settings)
+            return
         if handle.provided:
-            settings = dataclasses.replace(
-                handle.settings, launch_env={**handle.launch_env, **handle.provided}
-            )
             pods = render_run(handle.plan, settings, {}, {}, owner_uid=handle.owner_uid).pods
         with ThreadPoolExecutor(max_workers=_CREATING_AT_ONCE) as pool:
             list(pool.map(lambda pod: self.core.create_namespaced_pod(handle.namespace, pod), pods))
+        handle.pods_created_at = time.monotonic()
+
+    def _create_workload(self, handle: KubernetesJobHandle, settings: RunSettings) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        workload = handle.pod_manifests[0]
+        if handle.provided:
+            reference = workload["metadata"]["ownerReferences"][0]
+            kind = kubeflow_kind(handle.plan.framework, handle.plan.distribution)
+            workload = render_kubeflow_job(handle.plan, settings, kind, reference)
+        w = handle.workload
+        try:
+            self.hook.custom_object_client.create_namespaced_custom_object(
+                w["group"], w["version"], handle.namespace, w["plural"], workload
+            )
+        except ApiException as error:
+            if error.status == 404:
+                raise RuntimeError(
+                    f"kubeflow: the cluster serves no {workload['kind']} ({w['group']}/{w['version']} "
+                    f"{w['plural']}): install the Kubeflow training operator, or run with kubeflow=False"
+                ) from None
+            raise
         handle.pods_created_at = time.monotonic()
 
     def _serve_tracking(self, tracking_uri: str, run_dir: Path) -> tuple[TrackingRelay, str]:
@@ -420,9 +483,9 @@ class KubernetesLauncher(Launcher):
         handle.last_poll = time.monotonic()
         pods = self._list_pods(handle)
         for pod in pods:
-            if main_container_started(pod):
+            if main_container_started(pod, handle.container):
                 handle.follow(self.core, pod.metadata.name)
-        handle.status = handle.evaluate(pods, self.startup_timeout_seconds)
+        handle.status = handle.evaluate(pods, self.startup_timeout_seconds, self._read_workload(handle))
         if handle.cursors_due():
             self._save_cursors(handle)
         return handle.status
@@ -434,6 +497,14 @@ class KubernetesLauncher(Launcher):
             self.core.patch_namespaced_config_map(handle.job, handle.namespace, cursors_patch(handle))
         except Exception as error:  # the next save tries again; the job goes on
             log.debug("Run %s: could not save log cursors: %s", handle.run_id, error)
+
+    def _read_workload(self, handle: KubernetesJobHandle) -> dict | None:
+        if handle.workload is None:
+            return None
+        w = handle.workload
+        return self.hook.custom_object_client.get_namespaced_custom_object(
+            w["group"], w["version"], handle.namespace, w["plural"], handle.job
+        )
 
     def _list_pods(self, handle: KubernetesJobHandle) -> list:
         return self.core.list_namespaced_pod(handle.namespace, label_selector=handle.selector).items
@@ -461,6 +532,8 @@ class KubernetesLauncher(Launcher):
         if handle.pods_created_at is not None and not handle.cancelled:
             self._save_outputs(handle)
         handle.stopped = True
+        if handle.workload is not None:  # first, or its operator would make the pods again
+            self._delete_workload(handle)
         self.core.delete_collection_namespaced_pod(
             handle.namespace,
             label_selector=handle.selector,
@@ -473,6 +546,18 @@ class KubernetesLauncher(Launcher):
             handle.relay.close()
         if left:
             raise RuntimeError(f"run {handle.run_id}: pods still there after deletion: {', '.join(left)}")
+
+    def _delete_workload(self, handle: KubernetesJobHandle) -> None:
+        from kubernetes.client.exceptions import ApiException
+
+        w = handle.workload
+        try:
+            self.hook.custom_object_client.delete_namespaced_custom_object(
+                w["group"], w["version"], handle.namespace, w["plural"], handle.job
+            )
+        except ApiException as error:
+            if error.status != 404:
+                raise
 
     def _wait_until_gone(self, handle: KubernetesJobHandle, timeout: float) -> list[str]:
         deadline = time.monotonic() + timeout

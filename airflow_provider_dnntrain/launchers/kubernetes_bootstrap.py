@@ -5,6 +5,9 @@ the replica site (in the bundle) first on ``PYTHONPATH``, wait (bounded) until e
 ``--ssh-peer`` answers SSH, then become the replica's command. ``sshd``: unpack likewise (ranks
 started over SSH run in the same folder), then become an SSH daemon with the run's keys. ``hold``:
 sleep until stopped (keeps the chief's working directory readable after its script ends).
+``run --replica-of-pod``: the replica is the plan's whose host is this pod (``DNNTRAIN_POD_NAME``), run
+with its argv and its variables besides those already set (a pod of a Kubeflow job: one template serves
+every replica of a type, and the training operator's variables are the pod's own).
 With ``--rank-logs DIR``, ``run`` and ``sshd`` stay as the parent of the command and print the lines
 that ranks started in this pod write to per-rank files, as ``[rank.N] line``.
 ``pack``: the outputs and logs folders as a base64 tar on stdout.
@@ -95,6 +98,21 @@ def _answers(peer: str, errors: dict[str, str]) -> bool:
     return result.returncode == 0
 
 
+def replica_of_pod() -> list[str]:
+    """Take on the plan's replica that runs in this pod: its variables (where the pod has none of its
+    own) and its argv."""
+    pod = os.environ["DNNTRAIN_POD_NAME"]
+    with open(os.path.join(BUNDLE, "plan.json")) as listing:
+        replicas = json.load(listing)["replicas"]
+    replica = next((r for r in replicas if r["host"].split(".", 1)[0] == pod), None)
+    if replica is None:
+        sys.exit(f"dnntrain: no replica of the plan runs in pod {pod}")
+    for name, value in replica["env"].items():
+        os.environ.setdefault(name, value)
+    os.environ["DNNTRAIN_POD_REPLICA"] = replica["name"]
+    return replica["argv"]
+
+
 def run(argv: list[str], peers: list[str], rank_logs: str | None) -> None:
     unpack()
     if peers:
@@ -175,6 +193,7 @@ def main() -> None:
     run_parser = commands.add_parser("run")
     run_parser.add_argument("--ssh-peer", action="append", default=[])
     run_parser.add_argument("--rank-logs", default=None)
+    run_parser.add_argument("--replica-of-pod", action="store_true")
     run_parser.add_argument("argv", nargs=argparse.REMAINDER)
     sshd_parser = commands.add_parser("sshd")
     sshd_parser.add_argument("--port", type=int, default=2222)
@@ -185,6 +204,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "run":
         argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if args.replica_of_pod:
+            argv = replica_of_pod()
         run(argv, args.ssh_peer, args.rank_logs)
     elif args.command == "sshd":
         sshd(args.port, args.rank_logs)

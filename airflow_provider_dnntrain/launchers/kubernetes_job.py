@@ -116,6 +116,9 @@ class KubernetesJobHandle(JobHandle):
     relay: Any = None
     relay_uri: str | None = None
     settings: Any = None  # the RunSettings its pods were rendered with
+    container: str = MAIN_CONTAINER  # the replicas' container: its log is the replica's
+    workload: dict | None = None  # the Kubeflow job that makes the pods (group, version, plural, kind)
+    seen: set[str] = field(default_factory=set)  # pods listed at least once
     launch_env: dict[str, str] = field(default_factory=dict)
     last_poll: float = 0.0
     exit_codes: dict[str, int | None] = field(default_factory=dict)
@@ -164,7 +167,7 @@ class KubernetesJobHandle(JobHandle):
         replica = self.replica_of(pod)
         while not self._closing.is_set():
             cursor.resume()
-            kwargs: dict[str, Any] = {"follow": True, "timestamps": True, "container": MAIN_CONTAINER}
+            kwargs: dict[str, Any] = {"follow": True, "timestamps": True, "container": self.container}
             if (since := cursor.since_seconds()) is not None:
                 kwargs["since_seconds"] = since
             try:
@@ -232,23 +235,28 @@ class KubernetesJobHandle(JobHandle):
 
     # -- state ----------------------------------------------------------------------------------
 
-    def evaluate(self, pods: list[Any], startup_timeout: float) -> JobStatus:
-        """Gang semantics over the pods (the API's objects from one list call)."""
+    def evaluate(self, pods: list[Any], startup_timeout: float, workload: dict | None = None) -> JobStatus:
+        """Gang semantics over the pods (the API's objects from one list call) and, for a Kubeflow job,
+        its conditions (``workload``: the job as the API gave it)."""
         if self.pods_created_at is None:
             return JobStatus(JobState.RUNNING)
         by_name = {p.metadata.name: p for p in pods}
+        self.seen.update(by_name)
         for name in self.pod_names:
             pod = by_name.get(name)
             failure = _pod_failure(name, pod, self, startup_timeout)
             if failure is not None:
                 return failure
-            code = _main_exit_code(pod)
+            code = _main_exit_code(pod, self.container)
             replica = self.replica_of(name)
             if replica in {r.name for r in self.plan.replicas}:
                 self.exit_codes[replica] = code
             elif code is not None:  # a node a runner reaches over SSH must run until the end
                 return _failed(replica, name, f"ended (exit code {code}) while the job ran", code)
-        return aggregate_status(self.plan, self.exit_codes)
+        status = aggregate_status(self.plan, self.exit_codes)
+        if status.state is JobState.FAILED:  # the replica's own account, with its name and exit code
+            return status
+        return _workload_failure(self, workload) or status
 
     def to_state(self) -> dict:
         return {
@@ -265,6 +273,8 @@ class KubernetesJobHandle(JobHandle):
             "pods_created": self.pods_created_at is not None,
             "awaiting": sorted(self.awaiting),
             "launch_env": self.launch_env,  # no secrets: those are in the run's Secret
+            "container": self.container,
+            "workload": self.workload,
         }
 
     def cursors_due(self) -> bool:
@@ -307,6 +317,8 @@ class KubernetesJobHandle(JobHandle):
             awaiting=set(state["awaiting"]),
             launch_env=dict(state["launch_env"]),
             relay_uri=state["relay_uri"],
+            container=state.get("container", MAIN_CONTAINER),
+            workload=state.get("workload"),
         )
         handle.take_cursors(state["cursors"])
         return handle
@@ -321,16 +333,16 @@ def cursors_patch(handle: KubernetesJobHandle) -> dict:
     return {"metadata": {"annotations": {CURSORS_ANNOTATION: json.dumps(handle.cursor_state())}}}
 
 
-def _main_exit_code(pod) -> int | None:
+def _main_exit_code(pod, container: str) -> int | None:
     for status in (pod.status.container_statuses or []) if pod is not None and pod.status else []:
-        if status.name == MAIN_CONTAINER and status.state and status.state.terminated:
+        if status.name == container and status.state and status.state.terminated:
             return status.state.terminated.exit_code
     return None
 
 
-def main_container_started(pod) -> bool:
+def main_container_started(pod, container: str) -> bool:
     for status in (pod.status.container_statuses or []) if pod.status else []:
-        if status.name == MAIN_CONTAINER and status.state:
+        if status.name == container and status.state:
             return bool(status.state.running or status.state.terminated)
     return False
 
@@ -344,12 +356,17 @@ def _failed(replica: str, pod: str, what: str, code: int | None = None) -> JobSt
 def _pod_failure(name: str, pod, handle: KubernetesJobHandle, startup_timeout: float) -> JobStatus | None:
     """A reason the job cannot go on because of this pod, if it has one."""
     replica = handle.replica_of(name)
+    if pod is None and handle.workload is not None and name not in handle.seen:  # the operator makes it
+        if not _started_long_ago(handle, startup_timeout):
+            return None
+        what = f"was not created by the training operator within {startup_timeout:.0f} s"
+        return _failed(replica, name, f"{what} (is the Kubeflow training operator running?)")
     if pod is None or pod.metadata.deletion_timestamp is not None:
         return _failed(replica, name, "was deleted while the job ran")
     status = pod.status
     if status is not None and status.phase == "Failed" and status.reason:  # evicted, preempted, node lost
         return _failed(replica, name, f"was stopped by Kubernetes: {status.reason}: {status.message or ''}")
-    if status is not None and status.phase == "Failed" and _main_exit_code(pod) is None:
+    if status is not None and status.phase == "Failed" and _main_exit_code(pod, handle.container) is None:
         return _failed(replica, name, _init_failure(status))
     for container in status.container_statuses or [] if status else []:
         waiting = container.state.waiting if container.state else None
@@ -376,3 +393,14 @@ def _init_failure(status) -> str:
 
 def _started_long_ago(handle: KubernetesJobHandle, startup_timeout: float) -> bool:
     return handle.pods_created_at is not None and time.monotonic() - handle.pods_created_at > startup_timeout
+
+
+def _workload_failure(handle: KubernetesJobHandle, workload: dict | None) -> JobStatus | None:
+    """The training operator's verdict when it failed the job for a reason no pod shows."""
+    conditions = ((workload or {}).get("status") or {}).get("conditions") or []
+    for condition in conditions:
+        if condition.get("type") == "Failed" and condition.get("status") == "True":
+            reason = f"{condition.get('reason', '')}: {condition.get('message', '')}".strip(": ")
+            message = f"job {handle.run_id}: the training operator failed it: {reason}"
+            return JobStatus(JobState.FAILED, message)
+    return None

@@ -76,15 +76,16 @@ class RunObjects:
     """Everything one run creates, in creation order after the owner."""
 
     owner: dict
+    owner_reference: dict  # what every other object carries
     secret: dict
-    service: dict
+    service: dict | None
     pods: list[dict]
     pod_group: dict | None = None
-    extra: list[dict] = field(default_factory=list)
+    extra: list[dict] = field(default_factory=list)  # a Kubeflow job, instead of service and pods
 
     def all(self) -> list[dict]:
-        group = [self.pod_group] if self.pod_group else []
-        return [self.owner, self.secret, self.service, *group, *self.pods]
+        optional = [obj for obj in (self.service, self.pod_group) if obj]
+        return [self.owner, self.secret, *optional, *self.extra, *self.pods]
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ def render_run(
         pods = [_join_gang(pod, settings.gang, job, len(pods)) for pod in pods]
     return RunObjects(
         owner=owner,
+        owner_reference=reference,
         secret=secret,
         service=_service(plan, job, children_meta),
         pods=pods,
@@ -190,17 +192,47 @@ def _pod(
 ) -> dict:
     name = pod_name(host)
     role = replica.role if replica else "node"
-    options = settings.role_options[role].over(settings.options) if role in settings.role_options else None
-    options = options or settings.options
+    options = options_for(settings, role)
     labels = {**options.labels, **meta["labels"], ROLE_LABEL: role, REPLICA_LABEL: name[len(job) + 1 :]}
-    main = _main_container(plan, settings, options, replica, job)
-    containers = [main]
-    if replica is not None and replica.name == plan.chief.name:
-        containers.append(_outputs_container(settings, options, main))
-    spec: dict[str, Any] = {
+    main = main_container(plan, settings, options, replica, job)
+    spec = {
         "hostname": name,
         "subdomain": job,
         "restartPolicy": "Never",
+        **pod_spec(plan, settings, options, job, main, with_outputs=_is_chief(plan, replica)),
+    }
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": meta["namespace"],
+            "labels": labels,
+            "annotations": dict(options.annotations),
+            "ownerReferences": meta["ownerReferences"],
+        },
+        "spec": spec,
+    }
+    return merge_pod_template(settings.pod_template, pod) if settings.pod_template else pod
+
+
+def options_for(settings: RunSettings, role: str) -> PodOptions:
+    """The job's pod options, with the role's own where it has them."""
+    if role in settings.role_options:
+        return settings.role_options[role].over(settings.options)
+    return settings.options
+
+
+def _is_chief(plan: JobPlan, replica: Replica | None) -> bool:
+    return replica is not None and replica.name == plan.chief.name
+
+
+def pod_spec(
+    plan: JobPlan, settings: RunSettings, options: PodOptions, job: str, main: dict, with_outputs: bool
+) -> dict:
+    """A pod's spec around its main container (and the outputs sidecar when it is the chief's)."""
+    containers = [main, _outputs_container(settings, main)] if with_outputs else [main]
+    spec: dict[str, Any] = {
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": settings.grace_seconds,
         "containers": containers,
@@ -223,22 +255,10 @@ def _pod(
         "initContainers": options.init_containers or None,
     }
     spec.update({k: v for k, v in optional.items() if v is not None})
-    pod = {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": meta["namespace"],
-            "labels": labels,
-            "annotations": dict(options.annotations),
-            "ownerReferences": meta["ownerReferences"],
-        },
-        "spec": spec,
-    }
-    return merge_pod_template(settings.pod_template, pod) if settings.pod_template else pod
+    return spec
 
 
-def _main_container(
+def main_container(
     plan: JobPlan, settings: RunSettings, options: PodOptions, replica: Replica | None, job: str
 ) -> dict:
     rank_logs = plan.replicas[0].rank_logs if plan.hosts else None
@@ -258,7 +278,7 @@ def _main_container(
         "command": literal(command),
         "args": literal(["--", *replica.argv]) if replica else [],
         "workingDir": WORKDIR,
-        "env": _env(env, options.env_vars, settings.secret_names, job),
+        "env": env_list(env, options.env_vars, settings.secret_names, job),
         "resources": _resources(plan, settings, options, replica),
         "volumeMounts": [
             {"name": "bundle", "mountPath": BUNDLE_MOUNT, "readOnly": True},
@@ -278,7 +298,7 @@ def _main_container(
     return container
 
 
-def _outputs_container(settings: RunSettings, options: PodOptions, main: dict) -> dict:
+def _outputs_container(settings: RunSettings, main: dict) -> dict:
     """Keeps the chief's working directory readable once its script has ended: the outputs are copied
     out of it through ``exec``, as KubernetesPodOperator's XCom sidecar does."""
     container = {
@@ -314,7 +334,7 @@ def _ssh_volume(plan: JobPlan, job: str) -> list[dict]:
     return [{"name": "ssh", "secret": {"secretName": job, "defaultMode": 0o400, "items": items}}]
 
 
-def _env(values: Mapping[str, str], extra: Mapping[str, str], secrets: list[str], job: str) -> list[dict]:
+def env_list(values: Mapping[str, str], extra: Mapping[str, str], secrets: list[str], job: str) -> list[dict]:
     plain = {**values, **extra}
     env = [{"name": k, "value": literal(str(v))} for k, v in plain.items() if k not in secrets]
     refs = [{"name": n, "valueFrom": {"secretKeyRef": {"name": job, "key": _secret_key(n)}}} for n in secrets]

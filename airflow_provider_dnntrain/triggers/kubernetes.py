@@ -19,10 +19,7 @@ from airflow_provider_dnntrain.launchers.kubernetes_job import (
     cursors_patch,
     main_container_started,
 )
-from airflow_provider_dnntrain.launchers.kubernetes_manifests import (
-    CURSORS_ANNOTATION,
-    MAIN_CONTAINER,
-)
+from airflow_provider_dnntrain.launchers.kubernetes_manifests import CURSORS_ANNOTATION
 from airflow_provider_dnntrain.triggers import job_deadline, job_event, past_deadline
 
 _SAVE_CURSORS_SECONDS = 10
@@ -115,9 +112,10 @@ class KubernetesJobTrigger(BaseTrigger):
                 pods = (await core.list_namespaced_pod(handle.namespace, label_selector=selector)).items
                 for pod in pods:
                     name = pod.metadata.name
-                    if name not in readers and main_container_started(pod):
+                    if name not in readers and main_container_started(pod, handle.container):
                         readers[name] = asyncio.create_task(self._follow(core, handle, name))
-                status = handle.evaluate(pods, self.startup_timeout)
+                workload = await _read_workload(core.api_client, handle)
+                status = handle.evaluate(pods, self.startup_timeout, workload)
             except Exception as error:  # the task still has to stop the job: hand it back
                 status = JobStatus(JobState.FAILED, f"job {handle.run_id}: {type(error).__name__}: {error}")
             for line in handle.take_lines():
@@ -136,7 +134,7 @@ class KubernetesJobTrigger(BaseTrigger):
         replica = handle.replica_of(pod)
         while True:
             cursor.resume()
-            kwargs: dict[str, Any] = {"follow": True, "timestamps": True, "container": MAIN_CONTAINER}
+            kwargs: dict[str, Any] = {"follow": True, "timestamps": True, "container": handle.container}
             if (since := cursor.since_seconds()) is not None:
                 kwargs["since_seconds"] = since
             with contextlib.suppress(Exception):
@@ -165,6 +163,18 @@ async def _resume_cursors(core, handle: KubernetesJobHandle) -> None:
         saved = (owner.metadata.annotations or {}).get(CURSORS_ANNOTATION)
         if saved:
             handle.take_cursors(json.loads(saved))
+
+
+async def _read_workload(api, handle: KubernetesJobHandle) -> dict | None:
+    """The run's Kubeflow job as the API has it (its status: the training operator's verdict)."""
+    if handle.workload is None:
+        return None
+    from kubernetes_asyncio.client import CustomObjectsApi
+
+    w = handle.workload
+    return await CustomObjectsApi(api).get_namespaced_custom_object(
+        w["group"], w["version"], handle.namespace, w["plural"], handle.job
+    )
 
 
 async def _save_cursors(core, handle: KubernetesJobHandle) -> None:

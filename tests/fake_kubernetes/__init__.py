@@ -39,6 +39,9 @@ class FakeCluster:
     images: tuple[str, ...] = IMAGES
     port: int = 0
     gateway_port: int = 0
+    # Kubeflow's training operator: "run" serves TFJobs / PyTorchJobs and runs them; "crd" only serves
+    # them (its CRDs installed, the operator down); None serves none.
+    training_operator: str | None = None
     process: subprocess.Popen | None = None
     _created_roots: list[Path] = field(default_factory=list)
 
@@ -57,7 +60,8 @@ class FakeCluster:
             self.process = subprocess.Popen(
                 [sys.executable, str(SERVER), "--root", str(self.root), "--port-file", str(port_file),
                  "--prefix", self.prefix, "--images", ",".join(self.images),
-                 "--gateway-port", str(self.gateway_port)],
+                 "--gateway-port", str(self.gateway_port),
+                 *(["--training-operator", self.training_operator] if self.training_operator else [])],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -107,8 +111,33 @@ class FakeCluster:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)
 
-    def objects(self, plural: str, namespace: str = NAMESPACE) -> list[dict]:
-        return self.api(f"/api/v1/namespaces/{namespace}/{plural}")["items"]
+    def objects(self, plural: str, namespace: str = NAMESPACE, group: str = "") -> list[dict]:
+        """Objects of a kind (``group``: ``<group>/<version>`` of a custom resource's)."""
+        prefix = f"/apis/{group}" if group else "/api/v1"
+        return self.api(f"{prefix}/namespaces/{namespace}/{plural}")["items"]
+
+    def patch(self, path: str, body: dict) -> dict:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(), method="PATCH"
+        )
+        request.add_header("Authorization", f"Bearer {TOKEN}")
+        request.add_header("Content-Type", "application/merge-patch+json")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+
+    def left_behind(self, timeout: float = 30) -> dict[str, list]:
+        """What is still in the cluster (objects of a run, pod processes) once ``timeout`` has passed
+        without it emptying; ``{}`` as soon as it is empty."""
+        deadline = time.monotonic() + timeout
+        while True:
+            kinds = {k: self.objects(k) for k in ("pods", "services", "secrets", "configmaps")}
+            kinds |= {k: self.objects(k, group="kubeflow.org/v1") for k in ("tfjobs", "pytorchjobs")}
+            left = {k: [o["metadata"]["name"] for o in found] for k, found in kinds.items() if found}
+            if processes := self.pod_processes():
+                left["processes"] = processes
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.2)
 
     def requests(self) -> dict[str, int]:
         return self.api("/fake/requests")

@@ -15,7 +15,12 @@ secret, emptyDir, hostPath, persistentVolumeClaim) and runs each container's com
 Kubernetes does, ``$(VAR)`` expansion included. Deleting a pod sends SIGTERM to every process in it,
 then SIGKILL after its grace period. ``POST /fake/evict/<ns>/<pod>`` evicts a pod as node pressure does.
 
+With ``--training-operator run``, the cluster serves TFJobs and PyTorchJobs (``kubeflow.org/v1``) and runs
+them as Kubeflow's training operator does (``fake_training_operator.py``); with ``crd`` it serves them
+but no operator runs them; without it, it serves none.
+
 Run: python apiserver.py --root DIR --port-file FILE --prefix NAME --images a,b --gateway-port P
+     [--training-operator run|crd]
 """
 
 from __future__ import annotations
@@ -277,7 +282,9 @@ def _epoch(stamp: str) -> float:
 
 
 async def serve(args: argparse.Namespace) -> None:
-    cluster = Cluster(Path(args.root), args.prefix, args.images.split(","), args.gateway_port)
+    cluster = Cluster(
+        Path(args.root), args.prefix, args.images.split(","), args.gateway_port, args.training_operator
+    )
     await cluster.start_network()
     runner = web.AppRunner(routes(cluster), access_log=None)
     await runner.setup()
@@ -302,6 +309,7 @@ def main() -> None:
     parser.add_argument("--prefix", required=True)
     parser.add_argument("--images", default="")
     parser.add_argument("--gateway-port", type=int, default=0)
+    parser.add_argument("--training-operator", choices=("run", "crd"), default=None)
     asyncio.run(serve(parser.parse_args()))
 
 

@@ -21,6 +21,9 @@ import kubernetes_validate
 from aiohttp import web
 from fake_network import PodNetwork, namespace_pids
 from fake_store import Store, expand, log_timestamp, now_rfc3339
+from fake_training_operator import GROUP as KUBEFLOW_GROUP
+from fake_training_operator import KINDS as KUBEFLOW_KINDS
+from fake_training_operator import TrainingOperator
 
 CONTAINER_SHIM = Path(__file__).with_name("container.py")
 VENV_BIN = Path(sys.executable).parent
@@ -67,9 +70,17 @@ class PodRuntime:
         self.evicted = False
 
 
-class Cluster(PodNetwork):
-    def __init__(self, root: Path, prefix: str, images: list[str], gateway_port: int | None) -> None:
+class Cluster(PodNetwork, TrainingOperator):
+    def __init__(
+        self,
+        root: Path,
+        prefix: str,
+        images: list[str],
+        gateway_port: int | None,
+        training_operator: str | None = None,
+    ) -> None:
         self.root = root
+        self.training_operator = training_operator
         self.prefix = prefix
         self.images = images
         self.gateway_port = gateway_port
@@ -241,6 +252,8 @@ class Cluster(PodNetwork):
         for item in container.get("env") or []:
             if "value" in item:
                 env[item["name"]] = expand(item["value"], env)
+            elif "fieldRef" in item["valueFrom"]:
+                env[item["name"]] = self.pod_field(runtime, item["valueFrom"]["fieldRef"]["fieldPath"])
             else:
                 ref = item["valueFrom"]["secretKeyRef"]
                 secret = self.store.objects.get(("api/v1", namespace, "secrets", ref["name"]))
@@ -250,6 +263,23 @@ class Cluster(PodNetwork):
                     raise LookupError(f'secret "{ref["name"]}" or its key "{ref["key"]}" not found')
                 env[item["name"]] = base64.b64decode(secret["data"][ref["key"]]).decode()
         return env
+
+    def pod_field(self, runtime: PodRuntime, path: str) -> str:
+        """The downward API's fields a variable can take."""
+        pod = self.store.objects[runtime.key]
+        meta = pod["metadata"]
+        if path.startswith("metadata.labels['"):
+            return (meta.get("labels") or {}).get(path[len("metadata.labels['") : -2], "")
+        fields = {
+            "metadata.name": meta["name"],
+            "metadata.namespace": runtime.key[1],
+            "metadata.uid": meta["uid"],
+            "status.podIP": runtime.ip or "",
+            "spec.nodeName": "fake-node",
+        }
+        if path not in fields:
+            raise LookupError(f"fieldRef {path}: this fake kubelet cannot provide it")
+        return fields[path]
 
     def container_spec(self, runtime: PodRuntime, container: dict, argv: list[str]) -> Path:
         env = runtime.env[container["name"]]
@@ -405,6 +435,12 @@ class Cluster(PodNetwork):
                 return status_error(
                     422, "Invalid", f'{KINDS.get(plural, plural)} "{name}" is invalid: {message}'
                 )
+        training_job = prefix == KUBEFLOW_GROUP and plural in KUBEFLOW_KINDS
+        if prefix.startswith("apis/kubeflow.org/") and not (training_job and self.training_operator):
+            return status_error(404, "NotFound", "the server could not find the requested resource")
+        if training_job and (refused := self.admit_training_job(plural, obj)):
+            kind = KUBEFLOW_KINDS[plural]["kind"]
+            return status_error(422, "Invalid", f'{kind}.kubeflow.org "{name}" is invalid: {refused}')
         key = (prefix, namespace, plural, name)
         if key in self.store.objects:
             return status_error(409, "AlreadyExists", f'{plural} "{name}" already exists')
@@ -420,6 +456,8 @@ class Cluster(PodNetwork):
             runtime.task = asyncio.create_task(self.run_pod(key))
         if plural == "services":
             self.publish_names(namespace)
+        if training_job and self.training_operator == "run":
+            self.start_training_job(key)
         return web.json_response(obj, status=201)
 
     async def delete(self, key: tuple, grace: float | None = None) -> dict | None:

@@ -82,13 +82,17 @@ class PodNetwork:
                 continue
             hostname = pod["spec"].get("hostname") or pod["metadata"]["name"]
             names = [hostname]
+            labels = pod["metadata"].get("labels") or {}
             service = services.get(pod["spec"].get("subdomain", ""))
             selector = (service or {}).get("spec", {}).get("selector") or {}
-            labels = pod["metadata"].get("labels") or {}
-            if service and selector and all(labels.get(k) == v for k, v in selector.items()):
+            if service and selector and _selects(selector, labels):
                 sub = pod["spec"]["subdomain"]
                 names = [f"{hostname}.{sub}.{namespace}.svc.cluster.local", f"{hostname}.{sub}", hostname]
-            lines.append(f"{runtime.ip} {' '.join(names)}")
+            for name, other in services.items():  # a headless Service's name is its pods' addresses
+                chosen = other["spec"].get("selector") or {}
+                if chosen and name != pod["spec"].get("subdomain") and _selects(chosen, labels):
+                    names += [f"{name}.{namespace}.svc.cluster.local", f"{name}.{namespace}.svc", name]
+            lines.append(f"{runtime.ip} {' '.join(dict.fromkeys(names))}")
         text = "\n".join(lines) + "\n"
         for runtime in self.runtimes.values():
             if runtime.key[1] == namespace and runtime.netns:
@@ -97,6 +101,10 @@ class PodNetwork:
                     handle.seek(0)
                     handle.write(text)
                     handle.truncate()
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
 
 
 def _listen_in_namespace(namespace: str, address: tuple[str, int]) -> socket.socket:

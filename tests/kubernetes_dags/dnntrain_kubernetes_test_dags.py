@@ -15,25 +15,27 @@ from airflow_provider_dnntrain.spec import TorchDistributed
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
 
 
-def kubernetes_launcher() -> KubernetesLauncher:
+def kubernetes_launcher(kubeflow: bool = False) -> KubernetesLauncher:
     return KubernetesLauncher(
         kubernetes_conn_id="kubernetes_fake",
         stop_grace_seconds=5,
         startup_timeout_seconds=60,
+        kubeflow=kubeflow,
     )
 
 
 TEST_SCRIPTS = str(Path(__file__).resolve().parents[1] / "scripts")
 
-with DAG("dnntrain_kubernetes_deferred", schedule=None, start_date=START):
-    # The wait is the triggerer's; the embedded tracking store cannot be served from a deferred task.
-    PyTorchTrainOperator(
-        task_id="train",
-        source_directory=TEST_SCRIPTS,
-        entry_script="ranks.py",
-        arguments=["--ticks", "20", "--tick-seconds", "0.1"],
-        distribution=TorchDistributed(node_count=2, process_count_per_node=1),
-        launcher=kubernetes_launcher(),
-        deferrable=True,
-        tracking=False,
-    )
+for dag_id, kubeflow in (("dnntrain_kubernetes_deferred", False), ("dnntrain_kubeflow_deferred", True)):
+    with DAG(dag_id, schedule=None, start_date=START):
+        # The wait is the triggerer's; the embedded tracking store cannot be served from a deferred task.
+        PyTorchTrainOperator(
+            task_id="train",
+            source_directory=TEST_SCRIPTS,
+            entry_script="ranks.py",
+            arguments=["--ticks", "20", "--tick-seconds", "0.1"],
+            distribution=TorchDistributed(node_count=2, process_count_per_node=1),
+            launcher=kubernetes_launcher(kubeflow),
+            deferrable=True,
+            tracking=False,
+        )

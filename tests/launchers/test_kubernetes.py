@@ -56,14 +56,8 @@ def run(launcher: KubernetesLauncher, job: TrainingJob, run_id: str, timeout: fl
 
 
 def assert_nothing_left(cluster: FakeCluster) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        kinds = ("pods", "services", "secrets", "configmaps")
-        left = {kind: [o["metadata"]["name"] for o in cluster.objects(kind)] for kind in kinds}
-        if not any(left.values()) and not cluster.pod_processes():
-            return
-        assert time.monotonic() < deadline, f"left behind: {left}, processes {cluster.pod_processes()}"
-        time.sleep(0.2)
+    left = cluster.left_behind()
+    assert not left, f"left behind: {left}"
 
 
 @pytest.mark.slow
@@ -315,4 +309,22 @@ def test_a_failing_init_step_fails_the_job_naming_it(cluster, launcher, tmp_path
         failure.value
     )
     assert "exited with code 7" in str(failure.value)
+    assert_nothing_left(cluster)
+
+
+def test_the_kubeflow_form_on_a_cluster_without_the_training_operator_says_so(cluster, monkeypatch, tmp_path):
+    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_FAKE", cluster.airflow_connection())
+    launcher = KubernetesLauncher(
+        kubernetes_conn_id="kubernetes_fake", kubeflow=True, work_root=str(tmp_path)
+    )
+    job = TrainingJob(
+        framework="pytorch",
+        source_directory=str(TEST_SCRIPTS),
+        entry_script="replica.py",
+        distribution=TorchDistributed(node_count=2),
+    )
+    with pytest.raises(
+        RuntimeError, match="^kubeflow: the cluster serves no PyTorchJob .* install the Kubeflow"
+    ):
+        launcher.submit(job, launcher.plan(job, "no-operator"), extra_env={})
     assert_nothing_left(cluster)

@@ -11,6 +11,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
+from kubeflow_schema import KubeflowSchemaError, validate_kubeflow
 
 from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
 from airflow_provider_dnntrain.launchers.kubernetes_manifests import job_name
@@ -297,3 +298,77 @@ def test_a_deferred_wait_needs_a_tracking_server_the_pods_reach():
     with pytest.raises(ValueError, match="^deferrable: .* give the pods a tracking server"):
         launcher.check_deferrable({"MLFLOW_TRACKING_URI": "sqlite:////tmp/mlflow.db"})
     launcher.check_deferrable({"MLFLOW_TRACKING_URI": "http://mlflow.tracking.svc:5000"})
+
+
+KUBEFLOW_TOPOLOGIES = sorted(t for t in TOPOLOGIES if not t.startswith("horovod"))
+
+
+@pytest.mark.parametrize("use_gpu", [False, True], ids=["cpu", "gpu"])
+@pytest.mark.parametrize("topology", KUBEFLOW_TOPOLOGIES)
+def test_the_kubeflow_form_is_a_job_the_training_operator_accepts(topology, use_gpu):
+    launcher = KubernetesLauncher(namespace="ml", kubeflow=True, **KPO_OPTIONS)
+    job_spec = job_for(topology, use_gpu)
+    objects = launcher.preview_objects(job_spec, "kf")
+    kind = "PyTorchJob" if job_spec.framework == "pytorch" else "TFJob"
+    assert [o["kind"] for o in objects] == ["ConfigMap", "Secret", kind]
+    job = objects[2]
+    validate_kubeflow(job)
+    validate_all(objects[:2])
+    assert SECRET not in json.dumps(objects)
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "ConfigMap"  # deleted with the run
+    plan = launcher.preview(job_spec, "kf")
+    specs = job["spec"]["pytorchReplicaSpecs" if kind == "PyTorchJob" else "tfReplicaSpecs"]
+    assert sum(spec["replicas"] for spec in specs.values()) == len(plan.replicas)
+    for spec in specs.values():
+        main = spec["template"]["spec"]["containers"][0]
+        assert main["name"] == ("pytorch" if kind == "PyTorchJob" else "tensorflow")
+        assert "; rm -rf / #" not in json.dumps(main)  # arguments come from the plan, never a shell
+        if use_gpu:
+            assert main["resources"]["limits"]["nvidia.com/gpu"] == str(max(1, len(plan.replicas[0].ranks)))
+    if kind == "PyTorchJob":
+        assert specs["Master"]["replicas"] == 1
+        assert job["spec"]["nprocPerNode"] == str(plan.world_size // len(plan.replicas))
+
+
+def test_the_kubeflow_schema_check_refuses_what_the_api_would():
+    job = KubernetesLauncher(namespace="ml", kubeflow=True).preview_objects(job_for("ps"), "kf")[2]
+    job["spec"]["runPolicy"]["cleanPodPolicyy"] = "None"
+    with pytest.raises(KubeflowSchemaError, match=r"spec.runPolicy.cleanPodPolicyy: unknown field"):
+        validate_kubeflow(job)
+    job = KubernetesLauncher(namespace="ml", kubeflow=True).preview_objects(job_for("ps"), "kf")[2]
+    job["spec"]["tfReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["imagePolicy"] = "x"
+    with pytest.raises(KubeflowSchemaError, match="tfReplicaSpecs.Worker.template"):
+        validate_kubeflow(job)
+    del job["spec"]["tfReplicaSpecs"]
+    with pytest.raises(KubeflowSchemaError, match="tfReplicaSpecs: required"):
+        validate_kubeflow(job)
+
+
+@pytest.mark.parametrize("scheduler", ["kueue", "volcano"])
+def test_the_kubeflow_form_asks_the_operator_for_a_gang(scheduler):
+    launcher = KubernetesLauncher(
+        namespace="ml", kubeflow=True, gang_scheduling=scheduler, queue_name="team-a"
+    )
+    objects = launcher.preview_objects(job_for("ps"), "gang")
+    job = objects[-1]
+    validate_kubeflow(job)
+    assert "PodGroup" not in [o["kind"] for o in objects]  # the operator makes its own
+    if scheduler == "kueue":
+        assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    else:
+        assert job["spec"]["runPolicy"]["schedulingPolicy"] == {"minAvailable": 6, "queue": "team-a"}
+
+
+def test_horovod_has_no_kubeflow_form_and_says_so_when_the_dag_is_parsed():
+    from airflow_provider_dnntrain.operators import PyTorchHorovodOperator
+
+    with pytest.raises(
+        ValueError, match="^task .train.: invalid training job: kubeflow: Horovod jobs have no"
+    ):
+        PyTorchHorovodOperator(
+            task_id="train",
+            source_directory=str(EXAMPLE_SCRIPTS),
+            entry_script="digits.py",
+            node_count=2,
+            launcher=KubernetesLauncher(namespace="ml", kubeflow=True),
+        )

@@ -8,7 +8,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,8 @@ KUBERNETES_DAGS = Path(__file__).resolve().parents[1] / "kubernetes_dags"
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    with FakeCluster(tmp_path_factory.mktemp("kubernetes") / "cluster") as started:
+    # Its training operator runs the Kubeflow form; the pod form never uses it.
+    with FakeCluster(tmp_path_factory.mktemp("kubernetes") / "cluster", training_operator="run") as started:
         yield started
 
 
@@ -34,12 +34,8 @@ def connection(airflow_db, cluster, monkeypatch):
 
 
 def assert_nothing_left(cluster: FakeCluster) -> None:
-    deadline = time.monotonic() + 30
-    kinds = ("pods", "services", "secrets", "configmaps")
-    while left := {k: names for k in kinds if (names := [o["metadata"]["name"] for o in cluster.objects(k)])}:
-        assert time.monotonic() < deadline, f"left behind: {left}"
-        time.sleep(0.2)
-    assert cluster.pod_processes() == []
+    left = cluster.left_behind()
+    assert not left, f"left behind: {left}"
 
 
 def assert_trained_and_registered(result: dict, version: int, model: str) -> None:
@@ -59,6 +55,8 @@ def assert_trained_and_registered(result: dict, version: int, model: str) -> Non
         ("dnntrain_k8s_tf_parameter_server", "digits-tf-parameter-server-k8s", "[chief-0] epoch=1 loss="),
         ("dnntrain_k8s_tf_multi_worker", "digits-tf-multi-worker-k8s", "[worker-1] epoch=1 loss="),
         ("dnntrain_k8s_pytorch_horovod", "digits-pytorch-horovod-k8s", "[launcher-0/rank.1] epoch=1 loss="),
+        ("dnntrain_kubeflow_tf_parameter_server", "digits-tf-parameter-server-kubeflow", "[chief-0] epoch=1"),
+        ("dnntrain_kubeflow_pytorch_ddp", "digits-pytorch-ddp-kubeflow", "[node-1] [default0]:rank=1"),
     ],
 )
 def test_an_example_dag_trains_in_pods_logs_metrics_and_registers(
@@ -95,8 +93,9 @@ def test_the_ddp_example_through_airflow_dags_test_like_a_user(cluster):
 
 
 @pytest.mark.slow
-def test_a_deferred_wait_streams_every_line_once_and_cleans_up(cluster, capfd):
-    dag_run = load_dag(KUBERNETES_DAGS, "dnntrain_kubernetes_deferred").test()
+@pytest.mark.parametrize("dag_id", ["dnntrain_kubernetes_deferred", "dnntrain_kubeflow_deferred"])
+def test_a_deferred_wait_streams_every_line_once_and_cleans_up(cluster, capfd, dag_id):
+    dag_run = load_dag(KUBERNETES_DAGS, dag_id).test()
     logged = "".join(capfd.readouterr())
     assert task_instance(dag_run, "train").state == "success", logged[-5000:]
     assert "waiting on the triggerer" in logged

@@ -43,6 +43,7 @@ from airflow_provider_dnntrain.launchers.kubernetes_files import default_image, 
 from airflow_provider_dnntrain.launchers.kubernetes_job import (
     KubernetesJobHandle,
     cursors_patch,
+    deleted_workload,
     main_container_started,
 )
 from airflow_provider_dnntrain.launchers.kubernetes_kubeflow import (
@@ -499,12 +500,19 @@ class KubernetesLauncher(Launcher):
             log.debug("Run %s: could not save log cursors: %s", handle.run_id, error)
 
     def _read_workload(self, handle: KubernetesJobHandle) -> dict | None:
+        from kubernetes.client.exceptions import ApiException
+
         if handle.workload is None:
             return None
         w = handle.workload
-        return self.hook.custom_object_client.get_namespaced_custom_object(
-            w["group"], w["version"], handle.namespace, w["plural"], handle.job
-        )
+        try:
+            return self.hook.custom_object_client.get_namespaced_custom_object(
+                w["group"], w["version"], handle.namespace, w["plural"], handle.job
+            )
+        except ApiException as error:
+            if error.status == 404:
+                return deleted_workload()
+            raise
 
     def _list_pods(self, handle: KubernetesJobHandle) -> list:
         return self.core.list_namespaced_pod(handle.namespace, label_selector=handle.selector).items

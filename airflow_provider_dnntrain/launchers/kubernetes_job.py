@@ -395,6 +395,12 @@ def _started_long_ago(handle: KubernetesJobHandle, startup_timeout: float) -> bo
     return handle.pods_created_at is not None and time.monotonic() - handle.pods_created_at > startup_timeout
 
 
+def deleted_workload() -> dict:
+    """A Kubeflow job the API no longer has, as the verdict it amounts to."""
+    failed = {"type": "Failed", "status": "True", "reason": "Deleted", "message": "the job was deleted"}
+    return {"status": {"conditions": [failed]}}
+
+
 def _workload_failure(handle: KubernetesJobHandle, workload: dict | None) -> JobStatus | None:
     """The training operator's verdict when it failed the job for a reason no pod shows."""
     conditions = ((workload or {}).get("status") or {}).get("conditions") or []

@@ -17,6 +17,7 @@ from airflow_provider_dnntrain.launchers.base import JobState, JobStatus
 from airflow_provider_dnntrain.launchers.kubernetes_job import (
     KubernetesJobHandle,
     cursors_patch,
+    deleted_workload,
     main_container_started,
 )
 from airflow_provider_dnntrain.launchers.kubernetes_manifests import CURSORS_ANNOTATION
@@ -170,11 +171,17 @@ async def _read_workload(api, handle: KubernetesJobHandle) -> dict | None:
     if handle.workload is None:
         return None
     from kubernetes_asyncio.client import CustomObjectsApi
+    from kubernetes_asyncio.client.exceptions import ApiException
 
     w = handle.workload
-    return await CustomObjectsApi(api).get_namespaced_custom_object(
-        w["group"], w["version"], handle.namespace, w["plural"], handle.job
-    )
+    try:
+        return await CustomObjectsApi(api).get_namespaced_custom_object(
+            w["group"], w["version"], handle.namespace, w["plural"], handle.job
+        )
+    except ApiException as error:
+        if error.status == 404:
+            return deleted_workload()
+        raise
 
 
 async def _save_cursors(core, handle: KubernetesJobHandle) -> None:

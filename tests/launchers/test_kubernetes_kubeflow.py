@@ -224,3 +224,16 @@ def test_with_no_operator_running_the_job_fails_at_the_startup_timeout(
     ):
         run(launcher, job, "kf-down")
     assert_nothing_left(crd_only_cluster)
+
+
+@pytest.mark.slow
+def test_a_job_deleted_from_outside_fails_the_run(cluster, launcher):
+    job = replica_job(
+        "tensorflow", MultiWorkerMirrored(worker_count=2), "--serve", "worker-0", "--serve", "worker-1"
+    )
+    handle = launcher.submit(job, launcher.plan(job, "kf-gone"), extra_env={})
+    wait_until(lambda: len(cluster.pod_processes()) >= 4)
+    cluster.api(f"/apis/{KUBEFLOW}/namespaces/training/tfjobs/kf-gone", method="DELETE")
+    with pytest.raises(JobFailed, match="kf-gone"):
+        wait_for_job(launcher, handle, lambda line: None, timeout=60)
+    assert_nothing_left(cluster)

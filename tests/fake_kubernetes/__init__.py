@@ -198,3 +198,17 @@ class FakeCluster:
 def _namespace_pids(namespace: str) -> list[int]:
     listed = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True, timeout=30)
     return [int(pid) for pid in listed.stdout.split()]
+
+
+def run_job(launcher, job, run_id: str, timeout: float = 240):
+    """Submit ``job`` through ``launcher`` and wait for it; the handle and every line logged (printed,
+    for a failing test's output)."""
+    from airflow_provider_dnntrain.launchers.base import wait_for_job
+
+    handle = launcher.submit(job, launcher.plan(job, run_id), extra_env={})
+    lines = []
+    try:
+        wait_for_job(launcher, handle, lines.append, timeout=timeout)
+    finally:
+        print("\n".join(map(str, lines)))
+    return handle, lines

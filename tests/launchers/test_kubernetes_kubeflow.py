@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from fake_kubernetes import FakeCluster
+from fake_kubernetes import run_job as run
 
 from airflow_provider_dnntrain.launchers.base import JobFailed, JobState, wait_for_job
 from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
@@ -44,16 +45,6 @@ def launcher(cluster, monkeypatch, tmp_path):
         stop_grace_seconds=5,
         startup_timeout_seconds=20,
     )
-
-
-def run(launcher: KubernetesLauncher, job: TrainingJob, run_id: str, timeout: float = 240):
-    handle = launcher.submit(job, launcher.plan(job, run_id), extra_env={})
-    lines = []
-    try:
-        wait_for_job(launcher, handle, lines.append, timeout=timeout)
-    finally:
-        print("\n".join(map(str, lines)))
-    return handle, lines
 
 
 def assert_nothing_left(cluster: FakeCluster) -> None:

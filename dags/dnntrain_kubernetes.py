@@ -6,9 +6,11 @@
 of the project's training image (``make images``: ``dnntrain-{torch,tensorflow}:{cpu,gpu}``) behind a
 headless Service, all owned by one ConfigMap per run.
 
-``dnntrain_kubeflow_tf_parameter_server`` and ``dnntrain_kubeflow_pytorch_ddp`` are the same jobs in their
-Kubeflow form (``KubernetesLauncher(kubeflow=True)``): a TFJob / PyTorchJob that the Kubeflow training
-operator runs, for clusters that have it.
+``dnntrain_kubeflow_tf_parameter_server``, ``dnntrain_kubeflow_pytorch_ddp`` and
+``dnntrain_kubeflow_pytorch_horovod`` are the same jobs in their Kubeflow form
+(``KubernetesLauncher(kubeflow=True)``): a TFJob / PyTorchJob / MPIJob that the Kubeflow training operator
+runs, for clusters that have it (the MPIJob's launcher pod starts the ranks in the worker pods through the
+operator's ``kubectl exec``).
 
 The cluster comes from the cncf-kubernetes connection ``kubernetes_default`` (in-cluster, a kubeconfig
 path or an inline kubeconfig; ``namespace`` in its extra). The embedded tracking store is served to the
@@ -130,3 +132,17 @@ with kubernetes_dag("dnntrain_kubeflow_pytorch_ddp", "pytorch"):
         launcher=KubernetesLauncher(kubeflow=True),
     )
     register(train, "digits-pytorch-ddp-kubeflow")
+
+with kubernetes_dag("dnntrain_kubeflow_pytorch_horovod", "pytorch"):
+    train = PyTorchHorovodOperator(
+        task_id="train",
+        source_directory=SCRIPTS,
+        entry_script="torch_horovod_digits.py",
+        arguments=ARGUMENTS,
+        node_count=2,
+        runner="mpirun",  # an MPIJob's launcher runs mpirun; horovodrun would want SSH to the workers
+        controller="mpi",
+        network_interface="eth0",
+        launcher=KubernetesLauncher(kubeflow=True),
+    )
+    register(train, "digits-pytorch-horovod-kubeflow")

@@ -1,6 +1,6 @@
-"""Checks a TFJob / PyTorchJob against the Kubeflow training operator's API, as its SDK's models (made
-from the CRDs' OpenAPI schemas) describe it: every field known and of its type, required fields there;
-each replica's pod template checked by kubernetes-validate (strict) as the PodTemplateSpec it is.
+"""Checks a TFJob / PyTorchJob / MPIJob against the Kubeflow training operator's API, as its SDK's models
+(made from the CRDs' OpenAPI schemas) describe it: every field known and of its type, required fields
+there; each replica's pod template checked by kubernetes-validate (strict) as the PodTemplateSpec it is.
 The models are installed by ``scripts/install-kubeflow-models.sh`` into ``.venv/kubeflow-models``.
 """
 
@@ -17,6 +17,7 @@ MODELS = Path(__file__).resolve().parents[1] / ".venv" / "kubeflow-models"
 _REQUIRED = {  # required by the CRDs (their openAPIV3Schema), below the job's spec
     "KubeflowOrgV1TFJobSpec": ("tf_replica_specs",),
     "KubeflowOrgV1PyTorchJobSpec": ("pytorch_replica_specs",),
+    "KubeflowOrgV1MPIJobSpec": ("mpi_replica_specs",),
 }
 
 

@@ -48,6 +48,7 @@ from airflow_provider_dnntrain.launchers.kubernetes_job import (
 )
 from airflow_provider_dnntrain.launchers.kubernetes_kubeflow import (
     KubeflowPlacement,
+    check_kubeflow,
     kubeflow_kind,
     render_kubeflow_job,
 )
@@ -61,9 +62,11 @@ from airflow_provider_dnntrain.launchers.kubernetes_manifests import (
     RunSettings,
     job_name,
     masked,
+    outputs_host,
     pod_name,
     render_run,
     secret_data,
+    ssh_nodes,
 )
 from airflow_provider_dnntrain.launchers.kubernetes_options import GangScheduler, PodOptions
 from airflow_provider_dnntrain.launchers.local_logs import Redactor
@@ -98,9 +101,10 @@ class KubernetesLauncher(Launcher):
     ``gang_scheduling``: ``kueue`` (with ``queue_name``), ``volcano`` or ``coscheduling``, so that all
     pods start together or none does.
 
-    ``kubeflow=True``: the job goes to the cluster as a TFJob or PyTorchJob (``kubeflow.org/v1``) that the
-    Kubeflow training operator runs (it makes the pods and their Services); it is waited on, logged and
-    cleaned up the same way, and the operator's verdict fails the run too.
+    ``kubeflow=True``: the job goes to the cluster as a TFJob, PyTorchJob or (Horovod, with
+    ``runner='mpirun'``) MPIJob (``kubeflow.org/v1``) that the Kubeflow training operator runs (it makes
+    the pods); it is waited on, logged and cleaned up the same way, and the operator's verdict fails the
+    run too.
 
     Tracking from pods: a tracking server the pods reach is passed on as it is; the embedded store
     is served to them by an ``mlflow server`` this task runs, listening on ``tracking_bind``, at
@@ -198,7 +202,7 @@ class KubernetesLauncher(Launcher):
 
     def validate(self, job: TrainingJob) -> None:
         if self.kubeflow:
-            kubeflow_kind(job.framework, job.distribution.kind)
+            check_kubeflow(job)
 
     def plan(self, job: TrainingJob, run_id: str) -> JobPlan:
         return self._plan(job, run_id, self._namespace())
@@ -208,11 +212,11 @@ class KubernetesLauncher(Launcher):
 
     def _plan(self, job: TrainingJob, run_id: str, namespace: str) -> JobPlan:
         self.validate(job)
-        job = _with_ssh_port(job)
-        placement: Any = self.placement(run_id)
         if self.kubeflow:
             kind = kubeflow_kind(job.framework, job.distribution.kind)
-            placement = KubeflowPlacement(run_id, namespace, kind)
+            placement: Any = KubeflowPlacement(run_id, namespace, kind)
+        else:
+            job, placement = _with_ssh_port(job), self.placement(run_id)
         return render_plan(job, run_id, placement, self.interpreter(job))
 
     def preview_objects(self, job: TrainingJob, run_id: str) -> list[dict]:
@@ -311,7 +315,7 @@ class KubernetesLauncher(Launcher):
         return handle
 
     def _create_run(self, handle, job, plan, source, launch_env, secrets) -> None:
-        keys = ssh_files(handle.job) if plan.hosts[1:] else {}
+        keys = ssh_files(handle.job) if ssh_nodes(plan) else {}
         data = secret_data(secrets, keys)
         bundle = run_bundle(source, plan)
         settings = self._settings(job, plan, handle.namespace, launch_env)
@@ -594,7 +598,7 @@ class KubernetesLauncher(Launcher):
 
     def _save_outputs(self, handle: KubernetesJobHandle) -> None:
         """The chief's ``./outputs`` and ``./logs``, through ``exec`` into the pod's outputs sidecar."""
-        chief = pod_name(handle.plan.chief.host)
+        chief = pod_name(outputs_host(handle.plan))
         target = handle.run_dir / "artifacts"
         try:
             packed = self._exec(handle, chief, [handle.settings.python, BOOTSTRAP, "pack"])

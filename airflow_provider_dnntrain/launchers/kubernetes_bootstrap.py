@@ -4,7 +4,9 @@
 the replica site (in the bundle) first on ``PYTHONPATH``, wait (bounded) until every
 ``--ssh-peer`` answers SSH, then become the replica's command. ``sshd``: unpack likewise (ranks
 started over SSH run in the same folder), then become an SSH daemon with the run's keys. ``hold``:
-sleep until stopped (keeps the chief's working directory readable after its script ends).
+sleep until stopped (keeps the chief's working directory readable after its script ends; with
+``--rank-logs DIR``, an MPIJob's worker, it prints the lines of the ranks started in this pod meanwhile).
+``unpack``: unpack the source and the replica's files, and end (an MPIJob worker's init container).
 ``run --replica-of-pod``: the replica is the plan's whose host is this pod (``DNNTRAIN_POD_NAME``), run
 with its argv and its variables besides those already set (a pod of a Kubeflow job: one template serves
 every replica of a type, and the training operator's variables are the pod's own).
@@ -171,11 +173,20 @@ def sshd(port: int, rank_logs: str | None) -> None:
     os.execv(daemon[0], daemon)
 
 
-def hold() -> None:
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+def hold(rank_logs: str | None) -> None:
+    offsets: dict[str, int] = {}
+
+    def stop(*_) -> None:
+        if rank_logs:
+            _print_rank_lines(rank_logs, offsets, final=True)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     while True:
-        time.sleep(3600)
+        if rank_logs:
+            _print_rank_lines(rank_logs, offsets, final=False)
+        time.sleep(0.2 if rank_logs else 3600)
 
 
 def pack(folders: list[str]) -> None:
@@ -198,7 +209,9 @@ def main() -> None:
     sshd_parser = commands.add_parser("sshd")
     sshd_parser.add_argument("--port", type=int, default=2222)
     sshd_parser.add_argument("--rank-logs", default=None)
-    commands.add_parser("hold")
+    hold_parser = commands.add_parser("hold")
+    hold_parser.add_argument("--rank-logs", default=None)
+    commands.add_parser("unpack")
     pack_parser = commands.add_parser("pack")
     pack_parser.add_argument("folders", nargs="*", default=["outputs", "logs"])
     args = parser.parse_args()
@@ -210,7 +223,9 @@ def main() -> None:
     elif args.command == "sshd":
         sshd(args.port, args.rank_logs)
     elif args.command == "hold":
-        hold()
+        hold(args.rank_logs)
+    elif args.command == "unpack":
+        unpack()
     else:
         pack(args.folders)
 

@@ -200,8 +200,9 @@ class KubernetesJobHandle(JobHandle):
         with self._lock:
             self._lines.extend(taken)
             self._queued_up_to[self._pod_of(cursor)] = [cursor.last, cursor.at_last]
-            tail = self.tails.setdefault(replica, collections.deque(maxlen=_TAIL_LINES))
-            tail.extend(line.text for line in taken)
+            for line in taken:  # a rank's lines are its runner's, whichever pod they were printed in
+                owner = line.replica.split("/", 1)[0]
+                self.tails.setdefault(owner, collections.deque(maxlen=_TAIL_LINES)).append(line.text)
 
     def _labelled(self, replica: str, text: str) -> LogLine:
         """A rank's line a pod passed on from its per-rank file (``[rank.N] ...``) is the runner's rank's,

@@ -157,6 +157,19 @@ def pod_name(host: str) -> str:
     return host.split(".", 1)[0]
 
 
+def ssh_nodes(plan: JobPlan) -> list[str]:
+    """The nodes a runner on the first node reaches over SSH (none when the runner has a pod of its
+    own: an MPIJob's launcher starts ranks through the training operator's ``kubectl exec``)."""
+    if plan.hosts and plan.replicas[0].host == plan.hosts[0]:
+        return plan.hosts[1:]
+    return []
+
+
+def outputs_host(plan: JobPlan) -> str:
+    """Where the chief's ``./outputs`` are written: the first node for Horovod (rank 0 runs there)."""
+    return plan.hosts[0] if plan.hosts else plan.chief.host
+
+
 def _owner(plan: JobPlan, job: str, namespace: str, labels: dict, bundle: Mapping[str, bytes]) -> dict:
     size = sum(len(data) for data in bundle.values())
     if size > MAX_BUNDLE_BYTES:
@@ -199,7 +212,7 @@ def _pod(
         "hostname": name,
         "subdomain": job,
         "restartPolicy": "Never",
-        **pod_spec(plan, settings, options, job, main, with_outputs=_is_chief(plan, replica)),
+        **pod_spec(plan, settings, options, job, main, with_outputs=host == outputs_host(plan)),
     }
     pod = {
         "apiVersion": "v1",
@@ -221,10 +234,6 @@ def options_for(settings: RunSettings, role: str) -> PodOptions:
     if role in settings.role_options:
         return settings.role_options[role].over(settings.options)
     return settings.options
-
-
-def _is_chief(plan: JobPlan, replica: Replica | None) -> bool:
-    return replica is not None and replica.name == plan.chief.name
 
 
 def pod_spec(
@@ -268,7 +277,7 @@ def main_container(
     else:
         command = [settings.python, BOOTSTRAP, "run"]
         if plan.hosts and replica.host == plan.hosts[0]:
-            command += [arg for peer in plan.hosts[1:] for arg in ("--ssh-peer", peer)]
+            command += [arg for peer in ssh_nodes(plan) for arg in ("--ssh-peer", peer)]
         env = {**replica.env, **settings.launch_env, POD_REPLICA_VAR: replica.name}
     if rank_logs:
         command += ["--rank-logs", rank_logs]
@@ -283,7 +292,7 @@ def main_container(
         "volumeMounts": [
             {"name": "bundle", "mountPath": BUNDLE_MOUNT, "readOnly": True},
             {"name": "workdir", "mountPath": WORKDIR},
-            *([{"name": "ssh", "mountPath": SSH_MOUNT, "readOnly": True}] if plan.hosts[1:] else []),
+            *([{"name": "ssh", "mountPath": SSH_MOUNT, "readOnly": True}] if ssh_nodes(plan) else []),
             *options.volume_mounts,
         ],
     }
@@ -328,7 +337,7 @@ def literal(value):
 
 def _ssh_volume(plan: JobPlan, job: str) -> list[dict]:
     """The run's SSH key, host key and known hosts, for a runner reaching its other nodes' pods."""
-    if not plan.hosts[1:]:
+    if not ssh_nodes(plan):
         return []
     items = [{"key": f"ssh.{name}", "path": name} for name in SSH_FILES]
     return [{"name": "ssh", "secret": {"secretName": job, "defaultMode": 0o400, "items": items}}]
@@ -351,7 +360,10 @@ def secret_data(values: Mapping[str, str], ssh_files: Mapping[str, str]) -> dict
 
 
 def _processes_on(plan: JobPlan, replica: Replica | None) -> int:
+    """How many of the job's processes a pod runs (none: a runner in a pod apart from the nodes)."""
     if plan.hosts:  # a runner's nodes each run an equal share of the ranks
+        if replica is not None and replica.host not in plan.hosts:
+            return 0
         return max(1, plan.world_size // len(plan.hosts))
     return max(1, len(replica.ranks)) if replica else 1
 
@@ -363,8 +375,8 @@ def _resources(plan: JobPlan, settings: RunSettings, options: PodOptions, replic
         requests["cpu"] = f"{settings.cpu:g}"
     if settings.memory:
         requests["memory"] = limits["memory"] = settings.memory
-    if settings.use_gpu:
-        limits[GPU_RESOURCE] = str(_processes_on(plan, replica))
+    if settings.use_gpu and (processes := _processes_on(plan, replica)):
+        limits[GPU_RESOURCE] = str(processes)
     given = options.container_resources or {}
     requests.update(given.get("requests") or {})
     limits.update(given.get("limits") or {})

@@ -73,10 +73,13 @@ def render_horovod_plan(job: TrainingJob, run_id: str, placement: Placement, pyt
         files[HOSTFILE] = render_hostfile(hosts, dist.process_count_per_node)
     else:
         argv = render_horovodrun_argv(dist, python, hosts, command)
+    # The launcher runs on the first node, unless the backend gives it a host of its own (an MPIJob's
+    # launcher pod, which starts every rank on the nodes).
+    apart = getattr(placement, "launcher_apart", False)
     launcher = Replica(
         role="launcher",
         index=0,
-        host=hosts[0],
+        host=placement.endpoint("launcher", 0, 0).host if apart else hosts[0],
         port=None,
         argv=argv,
         env=env,

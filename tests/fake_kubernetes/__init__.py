@@ -16,6 +16,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -28,9 +29,16 @@ TOKEN = "fake-cluster-token"
 GATEWAY = "10.215.0.1"  # this machine, as the pods see it
 NAMESPACE = "training"
 IMAGES = ("dnntrain-torch", "dnntrain-tensorflow")
-# Mount points the fake containers bind volumes at (the fake shares this machine's file system).
-MOUNT_ROOTS = ("/dnntrain",)
+# Mount points the fake containers bind volumes at (the fake shares this machine's file system): ours,
+# and an MPIJob launcher's. (The service account's, under /run, are in each container's own /run.)
+MOUNT_ROOTS = ("/dnntrain", "/etc/mpi", "/opt/kube")
 _sets = itertools.count()
+# What a run (or the training operator, for it) may create, by API group.
+_RUN_KINDS = {
+    "": ("pods", "services", "secrets", "configmaps", "serviceaccounts"),
+    "kubeflow.org/v1": ("tfjobs", "pytorchjobs", "mpijobs"),
+    "rbac.authorization.k8s.io/v1": ("roles", "rolebindings"),
+}
 
 
 @dataclass
@@ -39,8 +47,8 @@ class FakeCluster:
     images: tuple[str, ...] = IMAGES
     port: int = 0
     gateway_port: int = 0
-    # Kubeflow's training operator: "run" serves TFJobs / PyTorchJobs and runs them; "crd" only serves
-    # them (its CRDs installed, the operator down); None serves none.
+    # Kubeflow's training operator: "run" serves TFJobs / PyTorchJobs / MPIJobs and runs them; "crd"
+    # only serves them (its CRDs installed, the operator down); None serves none.
     training_operator: str | None = None
     process: subprocess.Popen | None = None
     _created_roots: list[Path] = field(default_factory=list)
@@ -130,8 +138,7 @@ class FakeCluster:
         without it emptying; ``{}`` as soon as it is empty."""
         deadline = time.monotonic() + timeout
         while True:
-            kinds = {k: self.objects(k) for k in ("pods", "services", "secrets", "configmaps")}
-            kinds |= {k: self.objects(k, group="kubeflow.org/v1") for k in ("tfjobs", "pytorchjobs")}
+            kinds = {k: self.objects(k, group=g) for g, plurals in _RUN_KINDS.items() for k in plurals}
             left = {k: [o["metadata"]["name"] for o in found] for k, found in kinds.items() if found}
             if processes := self.pod_processes():
                 left["processes"] = processes
@@ -212,3 +219,27 @@ def run_job(launcher, job, run_id: str, timeout: float = 240):
     finally:
         print("\n".join(map(str, lines)))
     return handle, lines
+
+
+def wait_in_background(launcher, handle):
+    """wait_for_job in a thread; its lines and its outcome (the status, or the exception)."""
+    from airflow_provider_dnntrain.launchers.base import wait_for_job
+
+    lines, outcome = [], {}
+
+    def wait() -> None:
+        try:
+            outcome["status"] = wait_for_job(launcher, handle, lines.append, timeout=120)
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            outcome["error"] = error
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    return thread, lines, outcome
+
+
+def wait_until_ready(lines: list, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while sum(" ready" in line.text for line in list(lines)) < count:
+        assert time.monotonic() < deadline, f"replicas not ready: {[str(line) for line in lines]}"
+        time.sleep(0.1)

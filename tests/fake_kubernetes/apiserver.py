@@ -36,9 +36,7 @@ from pathlib import Path
 
 from aiohttp import web
 from fake_kubelet import KINDS, Cluster, status_error  # beside this script, on its path
-
-TOKEN = "fake-cluster-token"
-
+from fake_store import TOKEN
 
 # -- HTTP -------------------------------------------------------------------------------------------
 
@@ -291,6 +289,8 @@ async def serve(args: argparse.Namespace) -> None:
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
+    cluster.api_port = port
+    await cluster.start_gateway(port)  # pods reach the API too (their service account's client)
     Path(args.port_file).write_text(str(port))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,6 +1,7 @@
 """A fake container's first process: run inside the pod's network namespace by the fake kubelet, in a
-UTS and mount namespace of its own. Sets the pod's host name, binds its volumes at their mount paths,
-enters the working directory and becomes the container's command (argv[1]: a JSON spec)."""
+UTS and mount namespace of its own. Sets the pod's host name, gives it a /run of its own, binds its
+volumes at their mount paths, enters the working directory and becomes the container's command
+(argv[1]: a JSON spec)."""
 
 from __future__ import annotations
 
@@ -27,10 +28,22 @@ def bind(source: str, target: str) -> None:
         raise OSError(errno, f"bind {source} -> {target}: {os.strerror(errno)}")
 
 
+def private_run() -> None:
+    """A /run of the container's own, as an image's is: what is mounted there (the service account's
+    credentials at /var/run/secrets) makes no folder on this machine, where clients would take it for
+    a sign that they run in a cluster."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"tmpfs", b"/run", b"tmpfs", 0, b"mode=755") != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"tmpfs on /run: {os.strerror(errno)}")
+
+
 def main() -> None:
     with open(sys.argv[1]) as handle:
         spec = json.load(handle)
     socket.sethostname(spec["hostname"])
+    if any(os.path.realpath(target).startswith("/run/") for _, target in spec["mounts"]):
+        private_run()
     for source, target in spec["mounts"]:
         bind(source, target)
     os.makedirs(spec["workdir"], exist_ok=True)

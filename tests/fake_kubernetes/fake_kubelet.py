@@ -19,14 +19,18 @@ from pathlib import Path
 
 import kubernetes_validate
 from aiohttp import web
-from fake_network import PodNetwork, namespace_pids
-from fake_store import Store, expand, log_timestamp, now_rfc3339
+from fake_network import GATEWAY, PodNetwork, namespace_pids
+from fake_store import TOKEN, Store, expand, log_timestamp, now_rfc3339
 from fake_training_operator import GROUP as KUBEFLOW_GROUP
 from fake_training_operator import KINDS as KUBEFLOW_KINDS
 from fake_training_operator import TrainingOperator
 
 CONTAINER_SHIM = Path(__file__).with_name("container.py")
+FAKE_KUBECTL = Path(__file__).with_name("fake_kubectl.py")
 VENV_BIN = Path(sys.executable).parent
+# Images whose own entrypoint runs when a container gives no command (other images need one here).
+ENTRYPOINTS = {"kubeflow/kubectl-delivery": [sys.executable, str(FAKE_KUBECTL), "deliver"]}
+SERVICE_ACCOUNT_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 KUBERNETES_VERSION = "1.37.0"
 NODE_LABELS = {"kubernetes.io/hostname": "fake-node", "kubernetes.io/os": "linux"}
 NODE_RESOURCES = {"cpu", "memory", "ephemeral-storage"}
@@ -35,6 +39,7 @@ KINDS = {
     "configmaps": "ConfigMap",
     "secrets": "Secret",
     "services": "Service",
+    "serviceaccounts": "ServiceAccount",
     "events": "Event",
 }
 
@@ -84,6 +89,7 @@ class Cluster(PodNetwork, TrainingOperator):
         self.prefix = prefix
         self.images = images
         self.gateway_port = gateway_port
+        self.api_port = 0  # this API server's, which pods reach at the gateway's address
         self.store = Store()
         self.runtimes: dict[tuple, PodRuntime] = {}
         self.pod_numbers = iter(range(2, 60000))
@@ -126,9 +132,7 @@ class Cluster(PodNetwork, TrainingOperator):
             self.set_status(key, phase="Pending", conditions=[{**condition, "message": unschedulable}])
             return
         scheduled = [{"type": "PodScheduled", "status": "True"}]
-        self.set_status(
-            key, phase="Pending", conditions=scheduled, hostIP="10.215.0.1", startTime=now_rfc3339()
-        )
+        self.set_status(key, phase="Pending", conditions=scheduled, hostIP=GATEWAY, startTime=now_rfc3339())
         self.set_status(key, containerStatuses=self.container_statuses(pod, lambda _: waiting))
         missing = [c for c in pod["spec"]["containers"] if not self.image_exists(c.get("image", ""))]
         if missing:
@@ -171,7 +175,11 @@ class Cluster(PodNetwork, TrainingOperator):
         return None
 
     def image_exists(self, image: str) -> bool:
-        return any(image == known or image.startswith(f"{known}:") for known in self.images)
+        known = [*self.images, *ENTRYPOINTS]
+        return any(image == name or image.startswith(f"{name}:") for name in known)
+
+    def entrypoint(self, image: str) -> list[str]:
+        return next((argv for name, argv in ENTRYPOINTS.items() if image.split(":")[0] == name), [])
 
     async def fail_pull(self, key: tuple, pod: dict, missing: list[dict]) -> None:
         names = {c["name"] for c in missing}
@@ -197,8 +205,9 @@ class Cluster(PodNetwork, TrainingOperator):
         for volume in pod["spec"].get("volumes") or []:
             volumes[volume["name"]] = self.volume(namespace, runtime, volume)
         runtime.hostname = pod["spec"].get("hostname") or pod["metadata"]["name"]
+        account = self.service_account_folder(namespace, runtime, pod)
         for container in [*(pod["spec"].get("initContainers") or []), *pod["spec"]["containers"]]:
-            mounts = []
+            mounts = [(account, SERVICE_ACCOUNT_MOUNT)] if account else []
             for mount in container.get("volumeMounts") or []:
                 source = volumes[mount["name"]]
                 if mount.get("subPath"):
@@ -206,6 +215,16 @@ class Cluster(PodNetwork, TrainingOperator):
                 mounts.append((source, mount["mountPath"]))
             runtime.mounts[container["name"]] = mounts
             runtime.env[container["name"]] = self.environment(namespace, runtime, container)
+
+    def service_account_folder(self, namespace: str, runtime: PodRuntime, pod: dict) -> str | None:
+        """The API's credentials for the pod's processes, unless the pod declines them."""
+        if pod["spec"].get("automountServiceAccountToken") is False:
+            return None
+        folder = runtime.directory / "volumes" / "kube-api-access"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "token").write_text(TOKEN)
+        (folder / "namespace").write_text(namespace)
+        return str(folder)
 
     def volume(self, namespace: str, runtime: PodRuntime, volume: dict) -> str:
         folder = runtime.directory / "volumes" / volume["name"]
@@ -232,14 +251,15 @@ class Cluster(PodNetwork, TrainingOperator):
                 if kind == "secret":
                     files = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
                 files.update({k: base64.b64decode(v) for k, v in binary.items()})
-                items = source.get("items")
-                chosen = {i["path"]: files[i["key"]] for i in items} if items else files
                 mode = source.get("defaultMode", 0o644)
-                for path, data in chosen.items():
-                    target = folder / path
+                items = source.get("items") or [{"key": k, "path": k} for k in files]
+                for item in items:
+                    if item["key"] not in files:
+                        raise LookupError(f'{plural[:-1]} "{source[field]}": no key "{item["key"]}"')
+                    target = folder / item["path"]
                     target.parent.mkdir(parents=True, exist_ok=True)
-                    target.write_bytes(data)
-                    target.chmod(mode)
+                    target.write_bytes(files[item["key"]])
+                    target.chmod(item.get("mode", mode))
                 return str(folder)
         raise LookupError(f"volume {volume['name']}: this fake kubelet cannot provide it")
 
@@ -248,6 +268,9 @@ class Cluster(PodNetwork, TrainingOperator):
             "PATH": f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": "/root",
             "HOSTNAME": runtime.hostname,
+            # Set in every container, whatever enableServiceLinks says: how clients find the API.
+            "KUBERNETES_SERVICE_HOST": GATEWAY,
+            "KUBERNETES_SERVICE_PORT": str(self.api_port),
         }
         for item in container.get("env") or []:
             if "value" in item:
@@ -318,7 +341,8 @@ class Cluster(PodNetwork, TrainingOperator):
         runtime.containers[container["name"]] = await self.start_process(runtime, container)
 
     async def start_process(self, runtime: PodRuntime, container: dict) -> Container:
-        argv = [*container.get("command", []), *container.get("args", [])]
+        command = container.get("command") or self.entrypoint(container.get("image", ""))
+        argv = [*command, *container.get("args", [])]
         spec = self.container_spec(runtime, container, argv)
         state = Container(container["name"], runtime.directory / f"{container['name']}.log")
         state.log_path.touch()

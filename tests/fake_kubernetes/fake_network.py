@@ -13,6 +13,8 @@ from pathlib import Path
 
 CLONE_NEWNET = 0x40000000
 
+GATEWAY = "10.215.0.1"  # this machine, as the pods see it (the bridge's address)
+
 
 class PodNetwork:
     """Mixed into the cluster: uses its ``prefix``, ``bridge``, ``store`` and ``runtimes``."""
@@ -28,7 +30,7 @@ class PodNetwork:
     async def start_network(self) -> None:
         await self.ip("netns", "add", self.bridge)
         await self.ip("-n", self.bridge, "link", "add", "br0", "type", "bridge")
-        await self.ip("-n", self.bridge, "addr", "add", "10.215.0.1/16", "dev", "br0")
+        await self.ip("-n", self.bridge, "addr", "add", f"{GATEWAY}/16", "dev", "br0")
         await self.ip("-n", self.bridge, "link", "set", "br0", "up")
         await self.ip("-n", self.bridge, "link", "set", "lo", "up")
         if self.gateway_port:
@@ -37,7 +39,7 @@ class PodNetwork:
     async def start_gateway(self, port: int) -> None:
         """10.215.0.1:<port> on the pods' network reaches 127.0.0.1:<port> here: how pods reach a
         worker that shares the cluster's network."""
-        listener = await asyncio.to_thread(_listen_in_namespace, self.bridge, ("10.215.0.1", port))
+        listener = await asyncio.to_thread(_listen_in_namespace, self.bridge, (GATEWAY, port))
 
         async def relay(reader, writer) -> None:
             try:

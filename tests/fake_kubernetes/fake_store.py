@@ -8,6 +8,8 @@ import json
 import time
 from datetime import datetime, timezone
 
+TOKEN = "fake-cluster-token"  # the one bearer token the API server takes
+
 
 def now_rfc3339() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

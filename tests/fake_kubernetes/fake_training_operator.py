@@ -1,11 +1,12 @@
-"""The fake cluster's Kubeflow training operator (v1: TFJob, PyTorchJob), modelled on training-operator
-1.9's controllers: admission as its webhooks and the CRDs' schemas check a job; then, per replica, a pod
-``<job>-<type>-<index>`` from the type's template (its labels, restart policy and the cluster variables:
-``TF_CONFIG`` in the ``tensorflow`` container; ``MASTER_ADDR``/``MASTER_PORT``/``WORLD_SIZE``/``RANK``/
-``PET_*`` and ``PYTHONUNBUFFERED`` in every container of a PyTorch pod) and a headless Service of the same
-name selecting it; the job's status (replica counts, conditions Created / Running / Succeeded / Failed,
-with the operator's reasons and messages) kept up to date; ``cleanPodPolicy`` applied at the end. Pods
-and Services are owned by the job, so deleting it garbage-collects them.
+"""The fake cluster's Kubeflow training operator (v1: TFJob, PyTorchJob, MPIJob), modelled on
+training-operator 1.9's controllers: admission as its webhooks and the CRDs' schemas check a job; then, per
+replica, a pod ``<job>-<type>-<index>`` from the type's template (its labels, restart policy and the
+cluster variables: ``TF_CONFIG`` in the ``tensorflow`` container;
+``MASTER_ADDR``/``MASTER_PORT``/``WORLD_SIZE``/``RANK``/``PET_*`` and ``PYTHONUNBUFFERED`` in every
+container of a PyTorch pod) and a headless Service of the same name selecting it; the job's status (replica
+counts, conditions Created / Running / Succeeded / Failed, with the operator's reasons and messages) kept
+up to date; ``cleanPodPolicy`` applied at the end. Pods and Services are owned by the job, so deleting it
+garbage-collects them. MPIJobs: fake_mpi_controller.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from fake_mpi_controller import MPIJobController, admit_mpi_job
 from fake_store import now_rfc3339
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the schema checks
@@ -30,12 +32,13 @@ KINDS = {
         "container": "pytorch",
         "port": "pytorchjob-port",
     },
+    "mpijobs": {"kind": "MPIJob", "specs": "mpiReplicaSpecs", "container": None, "port": None},
 }
 _TF_TYPES = ("Chief", "Evaluator", "Master", "PS", "Worker")  # the order the operator sums them in
 _DEFAULT_PORTS = {"tfjobs": 2222, "pytorchjobs": 23456}
 
 
-class TrainingOperator:
+class TrainingOperator(MPIJobController):
     """Mixed into the cluster: uses its ``store``, ``create`` and ``delete``."""
 
     def admit_training_job(self, plural: str, job: dict) -> str | None:
@@ -44,6 +47,8 @@ class TrainingOperator:
             validate_kubeflow(job)
         except KubeflowSchemaError as error:
             return str(error)
+        if plural == "mpijobs":
+            return admit_mpi_job(job)
         kind = KINDS[plural]
         for type_, spec in (job["spec"].get(kind["specs"]) or {}).items():
             containers = spec["template"]["spec"]["containers"]
@@ -58,7 +63,10 @@ class TrainingOperator:
 
     def start_training_job(self, key: tuple) -> None:
         job = self.store.objects[key]
-        job["status"] = {"conditions": [_condition(key, "Created", "is created")], "replicaStatuses": {}}
+        job["status"] = {
+            "conditions": [_condition(key, "Created", _said(key, "is created"))],
+            "replicaStatuses": {},
+        }
         self.store.put(key, job, "MODIFIED")
         asyncio.create_task(self.reconcile_training_job(key, job["metadata"]["uid"]))
 
@@ -87,14 +95,21 @@ class TrainingOperator:
             "controller": True,
             "blockOwnerDeletion": True,
         }
+
+        def labels_of(type_: str, index: int) -> dict:
+            return {
+                f"{LABELS}/job-name": name,
+                f"{LABELS}/operator-name": f"{plural[:-1]}-controller",
+                f"{LABELS}/replica-type": type_.lower(),
+                f"{LABELS}/replica-index": str(index),
+            }
+
+        if plural == "mpijobs":
+            self.make_mpi_job(key, job, owner, labels_of)
+            return
         for type_, spec in specs.items():
             for index in range(spec.get("replicas", 1)):
-                labels = {
-                    f"{LABELS}/job-name": name,
-                    f"{LABELS}/operator-name": f"{plural[:-1]}-controller",
-                    f"{LABELS}/replica-type": type_.lower(),
-                    f"{LABELS}/replica-index": str(index),
-                }
+                labels = labels_of(type_, index)
                 if type_ in ("Chief", "Master"):
                     labels[f"{LABELS}/job-role"] = "master"
                 replica = f"{name}-{type_.lower()}-{index}"
@@ -152,32 +167,19 @@ class TrainingOperator:
             for p in self.store.listed(("api/v1", namespace, "pods"), f"{LABELS}/job-name={name}")
             if any(r.get("uid") == job["metadata"]["uid"] for r in p["metadata"].get("ownerReferences") or [])
         ]
-        counts = {}
-        for type_ in specs:
-            mine = [p for p in pods if p["metadata"]["labels"][f"{LABELS}/replica-type"] == type_.lower()]
-            phases = [p.get("status", {}).get("phase") for p in mine]
-            counts[type_] = {
-                "active": phases.count("Running"),
-                "succeeded": phases.count("Succeeded"),
-                "failed": phases.count("Failed"),
-            }
-        decider = next((t for t in ("Chief", "Master") if t in specs), "Worker")
-        state = None
-        if counts.get(decider, {}).get("succeeded"):
-            state = ("Succeeded", "successfully completed")
-        failed = [(t, c["failed"]) for t, c in counts.items() if c["failed"]]
-        if failed and state is None:
-            type_, number = failed[0]
-            state = ("Failed", f"has failed because {number} {type_} replica(s) failed")
-        running = any(c["active"] for c in counts.values())
+        if plural == "mpijobs":
+            counts, state, running = self.mpi_job_state(job, pods)
+        else:
+            counts, state, running = _job_state(key, specs, pods)
         conditions = job["status"]["conditions"]
         if running and not any(c["type"] == "Running" for c in conditions):
-            conditions.append(_condition(key, "Running", "is running"))
+            conditions.append(_condition(key, "Running", _said(key, "is running")))
         if state is not None:
             for condition in conditions:
                 if condition["type"] == "Running":
                     condition["status"] = "False"
-            conditions.append(_condition(key, *state))
+            type_, reason, message = state
+            conditions.append(_condition(key, type_, message, reason))
             job["status"]["completionTime"] = now_rfc3339()
         job["status"]["replicaStatuses"] = {t: {k: v for k, v in c.items() if v} for t, c in counts.items()}
         self.store.put(key, job, "MODIFIED")
@@ -193,13 +195,44 @@ class TrainingOperator:
                 asyncio.create_task(self.delete(("api/v1", key[1], "pods", pod["metadata"]["name"])))
 
 
-def _condition(key: tuple, type_: str, what: str) -> dict:
+def _job_state(key: tuple, specs: dict, pods: list[dict]) -> tuple[dict, tuple | None, bool]:
+    """Replica counts, the verdict (condition type, reason, message) if there is one, whether it runs:
+    the chief / master decides success (else the workers), any failed replica fails the job."""
+    counts = {}
+    for type_ in specs:
+        mine = [p for p in pods if p["metadata"]["labels"][f"{LABELS}/replica-type"] == type_.lower()]
+        phases = [p.get("status", {}).get("phase") for p in mine]
+        counts[type_] = {
+            "active": phases.count("Running"),
+            "succeeded": phases.count("Succeeded"),
+            "failed": phases.count("Failed"),
+        }
     kind = KINDS[key[2]]["kind"]
+    decider = next((t for t in ("Chief", "Master") if t in specs), "Worker")
+    state = None
+    if counts.get(decider, {}).get("succeeded"):
+        state = ("Succeeded", f"{kind}Succeeded", _said(key, "successfully completed"))
+    failed = [(t, c["failed"]) for t, c in counts.items() if c["failed"]]
+    if failed and state is None:
+        type_, number = failed[0]
+        state = (
+            "Failed",
+            f"{kind}Failed",
+            _said(key, f"has failed because {number} {type_} replica(s) failed"),
+        )
+    return counts, state, any(c["active"] for c in counts.values())
+
+
+def _said(key: tuple, what: str) -> str:
+    return f"{KINDS[key[2]]['kind']} {key[1]}/{key[3]} {what}."
+
+
+def _condition(key: tuple, type_: str, message: str, reason: str | None = None) -> dict:
     return {
         "type": type_,
         "status": "True",
-        "reason": f"{kind}{type_}",
-        "message": f"{kind} {key[1]}/{key[3]} {what}.",
+        "reason": reason or f"{KINDS[key[2]]['kind']}{type_}",
+        "message": message,
         "lastUpdateTime": now_rfc3339(),
         "lastTransitionTime": now_rfc3339(),
     }

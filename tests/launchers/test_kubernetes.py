@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from fake_kubernetes import FakeCluster
+from fake_kubernetes import FakeCluster, wait_in_background, wait_until_ready
 from fake_kubernetes import run_job as run
 
-from airflow_provider_dnntrain.launchers.base import JobFailed, JobState, wait_for_job
+from airflow_provider_dnntrain.launchers.base import JobFailed, JobState
 from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
 from airflow_provider_dnntrain.spec import (
     Horovod,
@@ -132,28 +131,6 @@ def serving_job(**fields) -> TrainingJob:
         arguments=["--serve", "worker-0", "--serve", "worker-1"],
         **fields,
     )
-
-
-def wait_in_background(launcher, handle):
-    """wait_for_job in a thread; its lines and its outcome (the status, or the exception)."""
-    lines, outcome = [], {}
-
-    def wait() -> None:
-        try:
-            outcome["status"] = wait_for_job(launcher, handle, lines.append, timeout=120)
-        except BaseException as error:  # noqa: BLE001 - handed to the test
-            outcome["error"] = error
-
-    thread = threading.Thread(target=wait, daemon=True)
-    thread.start()
-    return thread, lines, outcome
-
-
-def wait_until_ready(lines: list, count: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while sum(" ready" in line.text for line in list(lines)) < count:
-        assert time.monotonic() < deadline, f"replicas not ready: {[str(line) for line in lines]}"
-        time.sleep(0.1)
 
 
 @pytest.mark.slow

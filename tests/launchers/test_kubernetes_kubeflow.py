@@ -1,6 +1,7 @@
 """The Kubernetes launcher's Kubeflow form against the fake cluster running a fake Kubeflow training
-operator (tests/fake_kubernetes/fake_training_operator.py): the launcher creates a TFJob / PyTorchJob,
-the operator makes its pods and Services with its own variables, and the replicas train for real."""
+operator (tests/fake_kubernetes/fake_training_operator.py): the launcher creates a TFJob / PyTorchJob /
+MPIJob, the operator makes its pods (and Services, or its kubectl-exec plumbing) with its own variables,
+and the replicas train for real."""
 
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_kubernetes import FakeCluster
+from fake_kubernetes import FakeCluster, wait_in_background, wait_until_ready
 from fake_kubernetes import run_job as run
 
 from airflow_provider_dnntrain.launchers.base import JobFailed, JobState, wait_for_job
 from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
 from airflow_provider_dnntrain.spec import (
+    Horovod,
     MultiWorkerMirrored,
     ParameterServer,
     TorchDistributed,
@@ -228,3 +230,64 @@ def test_a_job_deleted_from_outside_fails_the_run(cluster, launcher):
     with pytest.raises(JobFailed, match="kf-gone"):
         wait_for_job(launcher, handle, lambda line: None, timeout=60)
     assert_nothing_left(cluster)
+
+
+def mpi_job(script: str, *arguments: str, source=TEST_SCRIPTS, **distribution) -> TrainingJob:
+    return TrainingJob(
+        framework="pytorch",
+        source_directory=str(source),
+        entry_script=script,
+        arguments=list(arguments),
+        distribution=Horovod(
+            node_count=2, runner="mpirun", controller="mpi", network_interface="eth0", **distribution
+        ),
+    )
+
+
+def rank_lines(lines: list, rank: int) -> str:
+    return "\n".join(line.text for line in lines if line.replica == f"launcher-0/rank.{rank}")
+
+
+@pytest.mark.slow
+def test_horovod_trains_as_an_mpijob_its_ranks_started_through_kubectl_exec(cluster, launcher):
+    job = mpi_job("torch_horovod_digits.py", "--epochs", "2", source=EXAMPLE_SCRIPTS)
+    execs_before = cluster.requests().get("GET pods/exec", 0)
+    handle, lines = run(launcher, job, "kf-hvd")
+    for rank, pod in ((0, "kf-hvd-worker-0"), (1, "kf-hvd-worker-1")):  # the operator's hostfile order
+        mine = rank_lines(lines, rank)
+        assert f"rank={rank} size=2" in mine and "allreduce_sum=3.0" in mine
+        assert f"host={pod}" in mine
+    # the operator's rsh agent: one exec per worker for its Open MPI daemon, one more for the outputs
+    assert any("kubectl exec kf-hvd-worker-1 --container base" in line.text for line in lines)
+    assert cluster.requests()["GET pods/exec"] - execs_before == 3
+    facts = json.loads((launcher.collect_outputs(handle) / "outputs" / "summary.json").read_text())
+    assert facts["size"] == 2 and facts["allreduce_sum"] == 3.0
+    assert_nothing_left(cluster)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_fails_the_mpijob_naming_its_launcher(cluster, launcher):
+    job = mpi_job("replica.py", "--fail", "launcher-0:3")
+    with pytest.raises(JobFailed) as failure:
+        run(launcher, job, "kf-mpi-fail")
+    assert failure.value.status.failed_replica == "launcher-0"
+    assert failure.value.status.exit_code != 0
+    assert "launcher-0 about to fail" in failure.value.status.last_lines
+    assert_nothing_left(cluster)
+
+
+@pytest.mark.slow
+def test_an_evicted_mpijob_worker_fails_the_job_and_its_ranks_are_stopped(cluster, launcher):
+    job = mpi_job("replica.py", "--serve", "launcher-0")
+    handle = launcher.submit(job, launcher.plan(job, "kf-mpi-evict"), extra_env={})
+    thread, lines, outcome = wait_in_background(launcher, handle)
+    wait_until_ready(lines, 2)  # both ranks run, each in its worker
+    began = time.monotonic()
+    cluster.evict("kf-mpi-evict-worker-1")
+    thread.join(60)
+    failure = outcome["error"]
+    assert isinstance(failure, JobFailed)
+    assert failure.status.failed_replica == "worker-1"
+    assert "was stopped by Kubernetes: Evicted" in str(failure)
+    assert time.monotonic() - began < 20
+    assert_nothing_left(cluster)  # the ranks in the other worker, started through exec, too

@@ -300,7 +300,14 @@ def test_a_deferred_wait_needs_a_tracking_server_the_pods_reach():
     launcher.check_deferrable({"MLFLOW_TRACKING_URI": "http://mlflow.tracking.svc:5000"})
 
 
-KUBEFLOW_TOPOLOGIES = sorted(t for t in TOPOLOGIES if not t.startswith("horovod"))
+# horovodrun checks SSH to every host, which an MPIJob's pods do not run: mpirun is its runner.
+KUBEFLOW_TOPOLOGIES = sorted(t for t in TOPOLOGIES if t != "horovod-gloo")
+# kind, where its replica specs are, the container the operator's variables and webhooks name
+KUBEFLOW_KINDS = {
+    "tensorflow": ("TFJob", "tfReplicaSpecs", "tensorflow"),
+    "pytorch": ("PyTorchJob", "pytorchReplicaSpecs", "pytorch"),
+    "horovod": ("MPIJob", "mpiReplicaSpecs", "base"),
+}
 
 
 @pytest.mark.parametrize("use_gpu", [False, True], ids=["cpu", "gpu"])
@@ -309,7 +316,8 @@ def test_the_kubeflow_form_is_a_job_the_training_operator_accepts(topology, use_
     launcher = KubernetesLauncher(namespace="ml", kubeflow=True, **KPO_OPTIONS)
     job_spec = job_for(topology, use_gpu)
     objects = launcher.preview_objects(job_spec, "kf")
-    kind = "PyTorchJob" if job_spec.framework == "pytorch" else "TFJob"
+    horovod = job_spec.distribution.kind == "horovod"
+    kind, specs_field, container = KUBEFLOW_KINDS["horovod" if horovod else job_spec.framework]
     assert [o["kind"] for o in objects] == ["ConfigMap", "Secret", kind]
     job = objects[2]
     validate_kubeflow(job)
@@ -317,17 +325,45 @@ def test_the_kubeflow_form_is_a_job_the_training_operator_accepts(topology, use_
     assert SECRET not in json.dumps(objects)
     assert job["metadata"]["ownerReferences"][0]["kind"] == "ConfigMap"  # deleted with the run
     plan = launcher.preview(job_spec, "kf")
-    specs = job["spec"]["pytorchReplicaSpecs" if kind == "PyTorchJob" else "tfReplicaSpecs"]
-    assert sum(spec["replicas"] for spec in specs.values()) == len(plan.replicas)
+    specs = job["spec"][specs_field]
+    assert sum(spec["replicas"] for spec in specs.values()) == len(plan.replicas) + (
+        len(plan.hosts) if horovod else 0
+    )
     for spec in specs.values():
         main = spec["template"]["spec"]["containers"][0]
-        assert main["name"] == ("pytorch" if kind == "PyTorchJob" else "tensorflow")
+        assert main["name"] == container
         assert "; rm -rf / #" not in json.dumps(main)  # arguments come from the plan, never a shell
-        if use_gpu:
+        if use_gpu and not horovod:
             assert main["resources"]["limits"]["nvidia.com/gpu"] == str(max(1, len(plan.replicas[0].ranks)))
     if kind == "PyTorchJob":
         assert specs["Master"]["replicas"] == 1
         assert job["spec"]["nprocPerNode"] == str(plan.world_size // len(plan.replicas))
+    if kind == "MPIJob":
+        assert_mpijob_runs_mpirun_through_the_operator(job, plan, use_gpu)
+
+
+def assert_mpijob_runs_mpirun_through_the_operator(job: dict, plan, use_gpu: bool) -> None:
+    """One launcher (no ranks, no GPU) running mpirun over the operator's hostfile of worker pods; workers
+    that unpack the source before they run, hold the ranks (and worker 0 rank 0's outputs)."""
+    specs = job["spec"]["mpiReplicaSpecs"]
+    assert specs["Launcher"]["replicas"] == 1 and specs["Worker"]["replicas"] == len(plan.hosts) == 2
+    assert job["spec"]["slotsPerWorker"] == plan.world_size // len(plan.hosts)
+    assert job["spec"]["mainContainer"] == "base"
+    assert plan.hosts == ["kf-worker-0", "kf-worker-1"]  # the operator's hostfile names the worker pods
+    launcher = plan.replicas[0]
+    assert launcher.host == "kf-launcher" and launcher.argv[0] == "mpirun"
+    assert launcher.files["hostfile"] == "kf-worker-0 slots=1\nkf-worker-1 slots=1\n"
+    assert "plm_rsh_args" not in launcher.argv  # no SSH port: ranks start through kubectl exec
+    launcher_pod = specs["Launcher"]["template"]["spec"]
+    worker_pod = specs["Worker"]["template"]["spec"]
+    assert [c["name"] for c in launcher_pod["containers"]] == ["base"]
+    assert "nvidia.com/gpu" not in json.dumps(launcher_pod["containers"][0]["resources"])
+    assert [c["name"] for c in worker_pod["containers"]] == ["base", "outputs"]
+    assert worker_pod["initContainers"][0]["command"][-1] == "unpack"
+    assert worker_pod["containers"][0]["command"][2:] == ["hold", "--rank-logs", "logs/ranks"]
+    if use_gpu:
+        assert worker_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "ssh" not in json.dumps([v["name"] for v in launcher_pod["volumes"] + worker_pod["volumes"]])
 
 
 def test_the_kubeflow_schema_check_refuses_what_the_api_would():
@@ -359,11 +395,13 @@ def test_the_kubeflow_form_asks_the_operator_for_a_gang(scheduler):
         assert job["spec"]["runPolicy"]["schedulingPolicy"] == {"minAvailable": 6, "queue": "team-a"}
 
 
-def test_horovod_has_no_kubeflow_form_and_says_so_when_the_dag_is_parsed():
+def test_horovodrun_has_no_kubeflow_form_and_says_so_when_the_dag_is_parsed():
     from airflow_provider_dnntrain.operators import PyTorchHorovodOperator
 
     with pytest.raises(
-        ValueError, match="^task .train.: invalid training job: kubeflow: Horovod jobs have no"
+        ValueError,
+        match="^task .train.: invalid training job: distribution.runner: an MPIJob's launcher starts ranks "
+        "through the operator's kubectl exec, which horovodrun cannot use",
     ):
         PyTorchHorovodOperator(
             task_id="train",

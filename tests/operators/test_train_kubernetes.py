@@ -57,6 +57,11 @@ def assert_trained_and_registered(result: dict, version: int, model: str) -> Non
         ("dnntrain_k8s_pytorch_horovod", "digits-pytorch-horovod-k8s", "[launcher-0/rank.1] epoch=1 loss="),
         ("dnntrain_kubeflow_tf_parameter_server", "digits-tf-parameter-server-kubeflow", "[chief-0] epoch=1"),
         ("dnntrain_kubeflow_pytorch_ddp", "digits-pytorch-ddp-kubeflow", "[node-1] [default0]:rank=1"),
+        (
+            "dnntrain_kubeflow_pytorch_horovod",
+            "digits-pytorch-horovod-kubeflow",
+            "[launcher-0/rank.1] epoch=1",
+        ),
     ],
 )
 def test_an_example_dag_trains_in_pods_logs_metrics_and_registers(

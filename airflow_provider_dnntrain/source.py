@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import fnmatch
+import logging
+import os
 import shutil
 from pathlib import Path
 
 from airflow_provider_dnntrain.spec import TrainingJob
 
-_NEVER_SNAPSHOT = shutil.ignore_patterns("__pycache__", "*.pyc", ".git", ".ipynb_checkpoints")
+log = logging.getLogger(__name__)
+
+IGNORE_FILE = ".dnntrainignore"  # gitignore syntax, as Azure ML's .amlignore
+LARGE_SNAPSHOT_BYTES = 300 * 1024 * 1024  # Azure ML warned above this size too
+_NEVER_SNAPSHOT = ("__pycache__", "*.pyc", ".git", ".ipynb_checkpoints")
 
 
 def check_source(job: TrainingJob) -> Path:
@@ -20,14 +27,43 @@ def check_source(job: TrainingJob) -> Path:
     return source
 
 
-def snapshot(source: Path, destination: Path) -> None:
-    """Copy ``source`` to ``destination``, without caches, and without a top-level outputs/ or logs/
-    left by a manual run: each run starts with its own."""
+def snapshot(source: Path, destination: Path) -> int:
+    """Copy ``source`` to ``destination`` without what its ``.dnntrainignore`` lists, caches, and a
+    top-level outputs/ or logs/ left by a manual run (each run starts with its own); the bytes copied.
+    A large snapshot is copied anyway, with a warning that says how large it is."""
+    ignored = _ignore_spec(source)
+    copied = 0
+    for folder, dirs, files in os.walk(source, followlinks=True):
+        relative = Path(folder).relative_to(source)
+        dirs[:] = sorted(d for d in dirs if not _skipped(relative / d, True, ignored))
+        (destination / relative).mkdir(parents=True, exist_ok=True)
+        for name in files:
+            if not _skipped(relative / name, False, ignored):
+                shutil.copy2(Path(folder) / name, destination / relative / name)
+                copied += (destination / relative / name).stat().st_size
+    if copied > LARGE_SNAPSHOT_BYTES:
+        log.warning(
+            "source_directory: the snapshot of %s is %.0f MB (more than %d MB), copied for every run; "
+            "list what the job does not need (data, checkpoints) in %s",
+            source,
+            copied / 2**20,
+            LARGE_SNAPSHOT_BYTES // 2**20,
+            source / IGNORE_FILE,
+        )
+    return copied
 
-    def ignore(folder: str, names: list[str]) -> set[str]:
-        skipped = set(_NEVER_SNAPSHOT(folder, names))
-        if Path(folder) == source:
-            skipped |= {"outputs", "logs"} & set(names)
-        return skipped
 
-    shutil.copytree(source, destination, ignore=ignore)
+def _ignore_spec(source: Path):
+    import pathspec
+
+    listing = source / IGNORE_FILE
+    lines = listing.read_text().splitlines() if listing.is_file() else []
+    return pathspec.GitIgnoreSpec.from_lines(lines)
+
+
+def _skipped(relative: Path, is_dir: bool, ignored) -> bool:
+    if any(fnmatch.fnmatch(relative.name, pattern) for pattern in _NEVER_SNAPSHOT):
+        return True
+    if is_dir and relative.parts in (("outputs",), ("logs",)):
+        return True
+    return ignored.match_file(f"{relative.as_posix()}/" if is_dir else relative.as_posix())

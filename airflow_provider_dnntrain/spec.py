@@ -145,6 +145,9 @@ class TrainingJob(_Spec):
     environment: Environment = Field(default_factory=Environment)
     resources: Resources = Field(default_factory=Resources)
     inputs: list[Input] = Field(default_factory=list)
+    azureml_compat: bool = Field(
+        False, description="scripts written for Azure ML import azureml.core.Run, mapped to the tracking run"
+    )
 
     @field_validator("entry_script")
     @classmethod

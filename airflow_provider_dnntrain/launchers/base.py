@@ -19,6 +19,7 @@ from airflow_provider_dnntrain.topology import JobPlan, Placement, placeholder_p
 # sitecustomize runs first in each of the replica's interpreters).
 REAPER = Path(reaper.__file__)
 REPLICA_SITE = Path(__file__).resolve().parents[1] / "replica_site"
+REPLICA_SITE_MODULES = ("sitecustomize.py", "azureml_compat.py")  # what a remote backend ships of it
 # Every process of a launch carries this variable: how a stop finds what escaped every other net.
 LAUNCH_ID_VAR = "DNNTRAIN_LAUNCH_ID"
 # How the replica site knows the script's processes, which of them is the primary one (global rank 0,

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 from airflow_provider_dnntrain.launchers import kubernetes_bootstrap
-from airflow_provider_dnntrain.launchers.base import REPLICA_SITE
+from airflow_provider_dnntrain.launchers.base import REPLICA_SITE, REPLICA_SITE_MODULES
 from airflow_provider_dnntrain.source import snapshot as copy_snapshot
 from airflow_provider_dnntrain.spec import TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan
@@ -36,7 +36,7 @@ def run_bundle(source: Path, plan: JobPlan) -> dict[str, bytes]:
     return {
         "source.tar.gz": buffer.getvalue(),
         "bootstrap.py": Path(kubernetes_bootstrap.__file__).read_bytes(),
-        "sitecustomize.py": (REPLICA_SITE / "sitecustomize.py").read_bytes(),
+        **{name: (REPLICA_SITE / name).read_bytes() for name in REPLICA_SITE_MODULES},
         "files.json": json.dumps(files).encode(),
     }
 

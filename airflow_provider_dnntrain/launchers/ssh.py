@@ -33,6 +33,7 @@ from airflow_provider_dnntrain.launchers.base import (
     PRIMARY_REPLICA_VAR,
     REAPER,
     REPLICA_SITE,
+    REPLICA_SITE_MODULES,
     JobState,
     JobStatus,
     Launcher,
@@ -277,7 +278,7 @@ class SSHLauncher(Launcher):
         for local, remote in [
             (AGENT, "ssh_agent.py"),
             (REAPER, "reaper.py"),
-            (REPLICA_SITE / "sitecustomize.py", "replica_site/sitecustomize.py"),
+            *((REPLICA_SITE / name, f"replica_site/{name}") for name in REPLICA_SITE_MODULES),
         ]:
             host.put_file(local, posixpath.join(support, remote))
         host.put_file(bundle, posixpath.join(folder, "hosts", host.label, "bundle.tar"))

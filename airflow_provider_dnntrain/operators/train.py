@@ -22,6 +22,7 @@ from airflow_provider_dnntrain.launchers.base import (
     end_job,
     wait_for_job,
 )
+from airflow_provider_dnntrain.operators.azure_arguments import AZURE_NAMES, take_azure_arguments
 from airflow_provider_dnntrain.operators.tracking_session import TrackingSession
 from airflow_provider_dnntrain.run_id import make_run_id
 from airflow_provider_dnntrain.source import check_source
@@ -105,8 +106,12 @@ class DnnTrainOperator(BaseOperator):
         experiment_name: str | None = None,
         job_timeout: float | None = None,
         deferrable: bool = False,
+        azureml_compat: bool = False,
         **kwargs: Any,
     ) -> None:
+        ours = {"arguments": arguments, "distribution": distribution, "job_timeout": job_timeout}
+        ours = _with_azure_arguments(self.framework, ours, kwargs)
+        arguments, distribution, job_timeout = ours["arguments"], ours["distribution"], ours["job_timeout"]
         # BaseOperator has its own `resources` (executor hints); ours is taken when it is ours.
         job_resources = kwargs.pop("resources") if _is_job_resources(kwargs.get("resources")) else {}
         super().__init__(**kwargs)
@@ -128,6 +133,7 @@ class DnnTrainOperator(BaseOperator):
         self.experiment_name = experiment_name
         self.job_timeout = job_timeout
         self.deferrable = deferrable
+        self.azureml_compat = azureml_compat
         self._handle: JobHandle | None = None
         self._kill_requested = False
         self._validate_at_parse_time()
@@ -164,6 +170,7 @@ class DnnTrainOperator(BaseOperator):
             environment=environment,
             resources=self.job_resources,
             inputs=values["inputs"],
+            azureml_compat=self.azureml_compat,
         )
 
     def _source_path(self, source_directory: str) -> str:
@@ -419,6 +426,22 @@ class DnnTrainOperator(BaseOperator):
             "tracking_run_id": run.mlflow_run_id if run else None,
             "metrics": metrics,
         }
+
+
+def _with_azure_arguments(framework: str, ours: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``ours`` with the Azure ML estimator arguments taken out of ``kwargs`` in their place."""
+    invalid = f"task {kwargs.get('task_id', '?')!r}: invalid training job"
+    try:
+        azure = take_azure_arguments(framework, kwargs)
+    except ValueError as error:  # AzureArgumentError, or a topology the counts cannot make
+        raise InvalidTrainingJob(f"{invalid}: {error}") from None
+    for name, value in azure.items():
+        if ours.get(name) is not None:
+            raise InvalidTrainingJob(
+                f"{invalid}: {AZURE_NAMES[name]}: Azure's name for {name}; give one of them, not both"
+            )
+        ours[name] = value
+    return ours
 
 
 def _new_run_id(ti) -> str:

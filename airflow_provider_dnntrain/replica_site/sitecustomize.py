@@ -13,6 +13,9 @@ torchrun, horovodrun or mpirun - gets no ``MLFLOW_RUN_ID`` but an ``MLFLOW_RUN_C
 first ``mlflow`` call opens a child run of its own (named after its replica and rank) instead of
 mixing its metrics into the primary's.
 
+With ``DNNTRAIN_AZUREML_COMPAT=1`` the script's processes can ``from azureml.core import Run``
+(azureml_compat.py, beside this file).
+
 Every process writes each line of output whole, in one write, as on a terminal: mpirun tags every
 chunk it reads from a rank, so a line written in pieces would reach the log cut in two.
 
@@ -101,6 +104,14 @@ def _route_tracking() -> None:
     os.environ["MLFLOW_RUN_CONTEXT"] = json.dumps(tags)
 
 
+def _azureml_compat() -> None:
+    """``azureml.core.Run`` on the tracking run, for scripts written for Azure ML (opt-in)."""
+    if os.environ.get("DNNTRAIN_AZUREML_COMPAT") == "1" and _is_script_process():
+        import azureml_compat  # beside this file
+
+        azureml_compat.install(primary=_is_primary())
+
+
 def _write_whole_lines() -> None:
     """``PYTHONUNBUFFERED`` (set so output streams as it comes) writes ``print``'s text and its newline
     separately; line buffering keeps that promise with one write per line. An explicit flush, as
@@ -129,4 +140,5 @@ _write_whole_lines()
 _await_pending_env()
 _mark_primary()
 _route_tracking()
+_azureml_compat()
 _hand_over()

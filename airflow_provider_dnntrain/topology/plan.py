@@ -16,6 +16,7 @@ ROLE_VAR = "DNNTRAIN_ROLE"
 INDEX_VAR = "DNNTRAIN_REPLICA_INDEX"
 OUTPUT_DIR_VAR = "DNNTRAIN_OUTPUT_DIR"
 LOG_DIR_VAR = "DNNTRAIN_LOG_DIR"
+AZUREML_COMPAT_VAR = "DNNTRAIN_AZUREML_COMPAT"  # the replica site provides azureml.core.Run
 # Set by launchers for every replica: what the replica's processes need to find their own way.
 LAUNCHER_VARS = (
     "DNNTRAIN_LAUNCH_ID",
@@ -129,6 +130,8 @@ def base_env(job: TrainingJob, run_id: str, role: str, index: int) -> dict[str, 
     env.update({OUTPUT_DIR_VAR: "outputs", LOG_DIR_VAR: "logs"})
     for item in job.inputs:
         env[f"DNNTRAIN_INPUT_{item.name.upper()}"] = item.path
+    if job.azureml_compat:
+        env[AZUREML_COMPAT_VAR] = "1"
     return env
 
 

@@ -167,3 +167,16 @@ with DAG("dnntrain_test_tracking_server", schedule=None, start_date=START):
         tracking_uri="{{ dag_run.conf['tracking_uri'] }}",
         tracking_conn_id=None,
     )
+
+with DAG("dnntrain_test_azureml_compat", schedule=None, start_date=START):
+    # A script written for Azure ML, and Azure's estimator arguments: Horovod under mpirun, 2 ranks.
+    PyTorchTrainOperator(
+        task_id="train",
+        source_directory=SCRIPTS,
+        entry_script="azure_style.py",
+        script_params={"--epochs": "3"},
+        distributed_backend="mpi",
+        process_count_per_node=2,
+        inputs=[Input(name="digits", path=SCRIPTS)],
+        azureml_compat=True,
+    )

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from azure_script import assert_ran_as_azure_ml_script_offline
 from fake_kubernetes import FakeCluster, wait_in_background, wait_until_ready
 from fake_kubernetes import run_job as run
 
@@ -295,4 +296,17 @@ def test_the_kubeflow_form_on_a_cluster_without_the_training_operator_says_so(cl
         RuntimeError, match="^kubeflow: the cluster serves no PyTorchJob .* install the Kubeflow"
     ):
         launcher.submit(job, launcher.plan(job, "no-operator"), extra_env={})
+    assert_nothing_left(cluster)
+
+
+@pytest.mark.slow
+def test_a_script_written_for_azure_ml_finds_its_run_in_the_pod(cluster, launcher):
+    job = TrainingJob(
+        framework="pytorch",
+        source_directory=str(TEST_SCRIPTS),
+        entry_script="azure_style.py",
+        azureml_compat=True,
+    )
+    handle, lines = run(launcher, job, "k8s-azure")
+    assert_ran_as_azure_ml_script_offline(lines)
     assert_nothing_left(cluster)

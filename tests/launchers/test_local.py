@@ -100,6 +100,9 @@ def test_source_is_snapshotted_at_submit(launcher, tmp_path):
     source = tmp_path / "src"
     (source / "outputs").mkdir(parents=True)
     (source / "outputs" / "stale.txt").write_text("from a manual run")
+    (source / "data").mkdir()
+    (source / "data" / "train.bin").write_bytes(b"\0" * 1024)
+    (source / ".dnntrainignore").write_text("data/\n")
     for script in ("replica.py", "published.py"):
         (source / script).write_text((SCRIPTS / script).read_text())
     job = make_job(["--serve", "worker-0", "--serve", "worker-1"], source=source)
@@ -109,6 +112,7 @@ def test_source_is_snapshotted_at_submit(launcher, tmp_path):
         (source / "replica.py").write_text("raise SystemExit(99)\n")
         (source / "new_file.txt").write_text("late")
         assert not (handle.run_dir / "source" / "outputs").exists()
+        assert not (handle.run_dir / "source" / "data").exists()  # listed in .dnntrainignore
         snapshot = handle.run_dir / "replicas" / "worker-0"
         assert "argparse" in (snapshot / "replica.py").read_text()
         assert not (snapshot / "new_file.txt").exists()

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from azure_script import assert_ran_as_azure_ml_script_offline
 from ssh_hosts import SSHHosts
 
 from airflow_provider_dnntrain.launchers import ssh_peers
@@ -137,3 +138,19 @@ def test_a_host_runs_the_interpreter_its_connection_names(tmp_path, hosts, monke
     horovod = job.model_copy(update={"framework": "pytorch", "distribution": Horovod(node_count=2)})
     with pytest.raises(ValueError, match="python: horovod's runner starts every rank with one command line"):
         launcher.plan(horovod, "ssh-python-horovod")
+
+
+@pytest.mark.slow
+def test_a_script_written_for_azure_ml_finds_its_run_on_the_host(tmp_path, conn_ids):
+    job = TrainingJob(
+        framework="pytorch",
+        source_directory=str(TEST_SCRIPTS),
+        entry_script="azure_style.py",
+        azureml_compat=True,
+    )
+    launcher = SSHLauncher(ssh_conn_ids=conn_ids[:1], work_root=str(tmp_path))
+    handle = launcher.submit(job, launcher.plan(job, f"ssh-azure-{tmp_path.name}"), extra_env={})
+    lines = []
+    wait_for_job(launcher, handle, lines.append, timeout=120)
+    print("\n".join(map(str, lines)))
+    assert_ran_as_azure_ml_script_offline(lines)

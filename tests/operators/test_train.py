@@ -431,3 +431,36 @@ def test_deferrable_needs_a_launcher_whose_replicas_outlive_the_task():
         TensorFlowTrainOperator(
             task_id="train", source_directory=str(SCRIPTS), entry_script="replica.py", deferrable=True
         )
+
+
+# -- scripts written for Azure ML ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_script_written_for_azure_ml_runs_unchanged_and_logs_to_the_run(capfd):
+    dag_run = load_dag(TEST_DAGS, "dnntrain_test_azureml_compat").test()
+    logged = "".join(capfd.readouterr())
+    assert task_instance(dag_run, "train").state == "success", logged[-5000:]
+    result = xcom(dag_run, "train")
+    client = tracking.client(result["tracking_uri"])
+    run_id = result["tracking_run_id"]
+    # Only rank 0 logs (rank 1's values are 100 more): Azure's Run on the job's tracking run.
+    accuracy = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "accuracy"))
+    assert [step for step, _ in accuracy] == [0, 1, 2]
+    assert [value for _, value in accuracy] == pytest.approx([0.5, 0.6, 0.7])
+    losses = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "losses"))
+    assert losses == [(0, 0.9), (1, 0.5), (2, 0.25)]
+    rows = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "per_class.klass"))
+    assert rows == [(0, 1.0), (1, 2.0)]
+    tags = client.get_run(run_id).data.tags
+    assert tags["team"] == "vision" and tags["optimizer"] == "sgd"
+    assert [f.path for f in client.list_artifacts(run_id, "reports")] == ["reports/notes.txt"]
+    (version,) = [v for v in client.search_model_versions("name = 'azure-style-model'") if v.run_id == run_id]
+    assert version.tags["source"] == "azure" and version.source.endswith("/outputs/model.pkl")
+    assert "same_class=True" in logged
+    assert f"inputs [('digits', '{SCRIPTS}')]" in logged
+    assert "no Workspace: azureml compat: azureml.core.Workspace is not provided" in logged
+    # Azure's argument names: script_params became arguments, distributed_backend='mpi' Horovod.
+    plan = json.loads((Path(result["outputs"]).parents[1] / "plan.json").read_text())
+    assert plan["distribution"] == "horovod" and plan["world_size"] == 2
+    assert plan["replicas"][0]["argv"][-2:] == ["--epochs", "3"]

@@ -1,0 +1,95 @@
+"""The source snapshot every launcher ships: ``.dnntrainignore`` (gitignore syntax) and the size warning."""
+
+from __future__ import annotations
+
+import io
+import logging
+import tarfile
+from pathlib import Path
+
+from airflow_provider_dnntrain import source as source_module
+from airflow_provider_dnntrain.launchers.kubernetes_files import run_bundle
+from airflow_provider_dnntrain.launchers.ssh import _bundle as ssh_bundle
+from airflow_provider_dnntrain.source import snapshot
+from airflow_provider_dnntrain.spec import TrainingJob
+from airflow_provider_dnntrain.topology import render_plan
+
+IGNORE = """\
+# data and checkpoints stay where they are
+data/
+*.ckpt
+!keep.ckpt
+/notes.txt
+"""
+
+
+def project(root: Path) -> Path:
+    files = {
+        "train.py": "print('train')\n",
+        ".dnntrainignore": IGNORE,
+        "data/big.bin": "x" * 1000,
+        "model/last.ckpt": "weights",
+        "model/keep.ckpt": "weights kept",
+        "notes.txt": "top-level only",
+        "docs/notes.txt": "nested, not matched by /notes.txt",
+        "outputs/stale.txt": "from a manual run",
+        "pkg/__pycache__/mod.cpython-311.pyc": "cache",
+        "pkg/mod.py": "VALUE = 1\n",
+    }
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def shipped(root: Path) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+
+
+EXPECTED = {".dnntrainignore", "train.py", "model/keep.ckpt", "docs/notes.txt", "pkg/mod.py"}
+
+
+def test_the_snapshot_leaves_out_what_dnntrainignore_lists(tmp_path):
+    source = project(tmp_path / "src")
+    copied = snapshot(source, tmp_path / "snap")
+    assert shipped(tmp_path / "snap") == EXPECTED
+    assert copied == sum((tmp_path / "snap" / name).stat().st_size for name in EXPECTED)
+
+
+def test_without_an_ignore_file_everything_but_caches_and_old_outputs_is_shipped(tmp_path):
+    source = project(tmp_path / "src")
+    (source / ".dnntrainignore").unlink()
+    snapshot(source, tmp_path / "snap")
+    assert shipped(tmp_path / "snap") == {
+        "train.py", "data/big.bin", "model/last.ckpt", "model/keep.ckpt", "notes.txt", "docs/notes.txt",
+        "pkg/mod.py",
+    }  # fmt: skip
+
+
+def test_a_large_snapshot_is_shipped_with_a_warning_giving_its_size(tmp_path, monkeypatch, caplog):
+    source = project(tmp_path / "src")
+    (source / "weights.bin").write_bytes(b"\0" * 3 * 2**20)
+    monkeypatch.setattr(source_module, "LARGE_SNAPSHOT_BYTES", 2 * 2**20)
+    with caplog.at_level(logging.WARNING, logger="airflow_provider_dnntrain.source"):
+        snapshot(source, tmp_path / "snap")
+    assert (tmp_path / "snap" / "weights.bin").exists()
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert "the snapshot of" in warning and "is 3 MB (more than 2 MB)" in warning
+    assert ".dnntrainignore" in warning
+    caplog.clear()
+    monkeypatch.setattr(source_module, "LARGE_SNAPSHOT_BYTES", 300 * 2**20)
+    with caplog.at_level(logging.WARNING, logger="airflow_provider_dnntrain.source"):
+        snapshot(source, tmp_path / "again")
+    assert not caplog.records
+
+
+def test_the_ssh_and_kubernetes_bundles_leave_it_out_too(tmp_path):
+    source = project(tmp_path / "src")
+    with tarfile.open(ssh_bundle(source, tmp_path / "bundle.tar")) as tar:
+        names = {m.name.removeprefix("source/") for m in tar.getmembers() if m.isfile()}
+    assert names == EXPECTED
+    job = TrainingJob(framework="pytorch", source_directory=str(source), entry_script="train.py")
+    bundle = run_bundle(source, render_plan(job, "snap"))
+    with tarfile.open(fileobj=io.BytesIO(bundle["source.tar.gz"])) as tar:
+        names = {m.name.removeprefix("./") for m in tar.getmembers() if m.isfile()}
+    assert names == EXPECTED

@@ -68,8 +68,7 @@ with kubernetes_dag("dnntrain_k8s_tf_parameter_server", "tensorflow"):
         arguments=ARGUMENTS,
         distribution=ParameterServer(worker_count=1, parameter_server_count=1, chief=True),
         environment_variables={"TF_CPP_MIN_LOG_LEVEL": "2"},
-        # Parameter servers need no GPU even when the workers have one.
-        launcher=KubernetesLauncher(role_options={"ps": {"container_resources": {"limits": {}}}}),
+        launcher=KubernetesLauncher(),  # with use_gpu=True, every replica but the parameter server gets one
     )
     register(train, "digits-tf-parameter-server-k8s")
 

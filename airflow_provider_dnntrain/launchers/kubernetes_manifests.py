@@ -19,6 +19,7 @@ from typing import Any
 
 from airflow_provider_dnntrain.launchers.kubernetes_options import GangScheduler, PodOptions
 from airflow_provider_dnntrain.topology import Endpoint, JobPlan, Replica
+from airflow_provider_dnntrain.topology.gpus import GPUS_VAR
 
 API_GROUP = "dnntrain"  # label prefix
 RUN_LABEL = f"{API_GROUP}/run"
@@ -359,6 +360,14 @@ def secret_data(values: Mapping[str, str], ssh_files: Mapping[str, str]) -> dict
     return {**{_secret_key(k): v for k, v in values.items()}, **{f"ssh.{k}": v for k, v in ssh_files.items()}}
 
 
+def _gpus_of(plan: JobPlan, replica: Replica | None) -> int:
+    """The devices a pod's processes use: a runner's nodes their share of the ranks (a runner in a pod
+    apart from them: none), any other replica the plan's (parameter servers: none)."""
+    if plan.hosts or replica is None:
+        return _processes_on(plan, replica)
+    return int(replica.env.get(GPUS_VAR, "1"))
+
+
 def _processes_on(plan: JobPlan, replica: Replica | None) -> int:
     """How many of the job's processes a pod runs (none: a runner in a pod apart from the nodes)."""
     if plan.hosts:  # a runner's nodes each run an equal share of the ranks
@@ -375,8 +384,8 @@ def _resources(plan: JobPlan, settings: RunSettings, options: PodOptions, replic
         requests["cpu"] = f"{settings.cpu:g}"
     if settings.memory:
         requests["memory"] = limits["memory"] = settings.memory
-    if settings.use_gpu and (processes := _processes_on(plan, replica)):
-        limits[GPU_RESOURCE] = str(processes)
+    if settings.use_gpu and (gpus := _gpus_of(plan, replica)):
+        limits[GPU_RESOURCE] = str(gpus)
     given = options.container_resources or {}
     requests.update(given.get("requests") or {})
     limits.update(given.get("limits") or {})

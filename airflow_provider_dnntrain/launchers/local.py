@@ -35,6 +35,7 @@ from airflow_provider_dnntrain.launchers.base import (
     LogLine,
     aggregate_status,
 )
+from airflow_provider_dnntrain.launchers.gpu_check import check_host_gpus, local_gpus
 from airflow_provider_dnntrain.launchers.local_logs import Redactor, follow_rank_files, pump_pipe
 from airflow_provider_dnntrain.launchers.local_ports import FreePortPlacement, port_is_free
 from airflow_provider_dnntrain.source import check_source
@@ -149,6 +150,8 @@ class LocalLauncher(Launcher):
         pending_env: Collection[str] = (),
     ) -> LocalJobHandle:
         source = check_source(job)
+        if job.resources.use_gpu:  # every replica is on this host
+            check_host_gpus(plan, plan.replicas[0].host, "this host", local_gpus())
         run_dir = self.run_dir(plan.run_id)
         end_previous_launch(run_dir)
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -39,6 +39,7 @@ from airflow_provider_dnntrain.launchers.base import (
     Launcher,
     LogLine,
 )
+from airflow_provider_dnntrain.launchers.gpu_check import LIST_GPUS, check_host_gpus, listed_gpus
 from airflow_provider_dnntrain.launchers.local_logs import Redactor
 from airflow_provider_dnntrain.launchers.ssh_job import COMMAND_TIMEOUT_SECONDS as _COMMAND_TIMEOUT_SECONDS
 from airflow_provider_dnntrain.launchers.ssh_job import SSHJobHandle
@@ -46,6 +47,7 @@ from airflow_provider_dnntrain.launchers.ssh_job import run_agent as _agent
 from airflow_provider_dnntrain.launchers.ssh_remote import (
     HostSpec,
     HostUnreachable,
+    RemoteCommandFailed,
     RemoteHost,
     hosts_from_connections,
     on_each,
@@ -238,6 +240,8 @@ class SSHLauncher(Launcher):
         run_dir.chmod(0o700)
         bundle = _bundle(source, run_dir / "bundle.tar")
         hosts = self._connect(plan)
+        if job.resources.use_gpu:  # before anything is shipped
+            _check_gpus(plan, hosts)
         job_dir = hosts[0].absolute(posixpath.join(self.remote_root, plan.run_id))
         counting = self.placement(plan.run_id)
         render_plan(job, plan.run_id, counting, python)
@@ -467,6 +471,24 @@ def _replica_spec(replica: Replica, launch_env: Mapping[str, str]) -> dict:
         "files": replica.files,
         "rank_logs": replica.rank_logs,
     }
+
+
+def _check_gpus(plan: JobPlan, hosts: list[RemoteHost]) -> None:
+    try:
+        for host in hosts:
+            check_host_gpus(plan, host.spec.peer_address, f"host {host.spec}", _remote_gpus(host))
+    except ValueError:
+        for host in hosts:
+            host.close()
+        raise
+
+
+def _remote_gpus(host: RemoteHost) -> tuple[int, str]:
+    """The host's GPUs as ``nvidia-smi -L`` lists them there, and when there are none, why."""
+    try:
+        return listed_gpus(host.run(LIST_GPUS, _COMMAND_TIMEOUT_SECONDS)), "nvidia-smi -L lists no GPU"
+    except RemoteCommandFailed as error:  # not installed (exit 127), or no driver
+        return 0, str(error)
 
 
 def _bundle(source: Path, target: Path) -> Path:

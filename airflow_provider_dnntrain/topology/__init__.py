@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable
 
 from airflow_provider_dnntrain.spec import TrainingJob
+from airflow_provider_dnntrain.topology.gpus import place_gpus
 from airflow_provider_dnntrain.topology.horovod import render_horovod_plan
 from airflow_provider_dnntrain.topology.plan import (
     Endpoint,
@@ -72,4 +73,5 @@ def render_plan(
 ) -> JobPlan:
     """Render every replica of ``job``. ``python`` defaults to the job's interpreter, then ours."""
     interpreter = python or job.environment.python or sys.executable
-    return _RENDERERS[job.distribution.kind](job, run_id, placement or FixedPortPlacement(), interpreter)
+    plan = _RENDERERS[job.distribution.kind](job, run_id, placement or FixedPortPlacement(), interpreter)
+    return place_gpus(job, plan)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from airflow_provider_dnntrain.spec import Horovod, TrainingJob
+from airflow_provider_dnntrain.topology.gpus import gpu_vars
 from airflow_provider_dnntrain.topology.plan import (
     LAUNCHER_VARS,
     TRACKING_VARS,
@@ -68,7 +69,16 @@ def render_horovod_plan(job: TrainingJob, run_id: str, placement: Placement, pyt
     command = script_argv(job, python)
     files = {}
     if dist.runner == "mpirun":
-        exported = sorted({*_ALWAYS_EXPORTED, *env, *LAUNCHER_VARS, *TRACKING_VARS, *job.environment.secrets})
+        exported = sorted(
+            {
+                *_ALWAYS_EXPORTED,
+                *env,
+                *LAUNCHER_VARS,
+                *TRACKING_VARS,
+                *job.environment.secrets,
+                *gpu_vars(job),
+            }
+        )
         argv = render_mpirun_argv(dist, exported, command, getattr(placement, "runs_as_root", False))
         files[HOSTFILE] = render_hostfile(hosts, dist.process_count_per_node)
     else:

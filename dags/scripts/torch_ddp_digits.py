@@ -1,4 +1,5 @@
-"""Train a small MLP on the digits data with PyTorch DDP (gloo). Run by hand with
+"""Train a small MLP on the digits data with PyTorch DDP: gloo on CPUs, NCCL with each process on
+``cuda:LOCAL_RANK`` when there are GPUs (``use_gpu=True``). Run by hand with
 ``torchrun --nproc-per-node 2 torch_ddp_digits.py --epochs 5``."""
 
 from __future__ import annotations
@@ -22,10 +23,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 def main() -> None:
     args = parse_training_args(lr=0.05, batch_size=32)
-    dist.init_process_group("gloo")
+    gpu = torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if gpu else "cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if gpu else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    probe = torch.tensor([float(rank + 1)])
+    probe = torch.tensor([float(rank + 1)], device=device)
     dist.all_reduce(probe)
     if rank == 0:
         warm_up_tracking()
@@ -34,14 +39,17 @@ def main() -> None:
     )
 
     (x_train, y_train), (x_test, y_test) = load_digits_split()
-    x_shard, y_shard = torch.from_numpy(x_train[rank::world]), torch.from_numpy(y_train[rank::world])
-    model = DistributedDataParallel(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)))
+    x_shard = torch.from_numpy(x_train[rank::world]).to(device)
+    y_shard = torch.from_numpy(y_train[rank::world]).to(device)
+    x_test_, y_test_ = torch.from_numpy(x_test).to(device), torch.from_numpy(y_test).to(device)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)).to(device)
+    model = DistributedDataParallel(net, device_ids=[device] if gpu else None)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     steps = len(x_shard) // args.batch_size  # equal on every rank: shards differ by at most one row
 
     for epoch in range(args.epochs):
-        total = torch.zeros(1)
+        total = torch.zeros(1, device=device)
         for step in range(steps):
             batch = slice(step * args.batch_size, (step + 1) * args.batch_size)
             opt.zero_grad()
@@ -52,13 +60,13 @@ def main() -> None:
         dist.all_reduce(total)
         mean_loss = total.item() / (steps * world)
         with torch.no_grad():
-            accuracy = (model(torch.from_numpy(x_test)).argmax(1) == torch.from_numpy(y_test)).float().mean()
+            accuracy = (model(x_test_).argmax(1) == y_test_).float().mean()
         print(f"epoch={epoch} loss={mean_loss:.4f} accuracy={accuracy.item():.4f}")
         if rank == 0:
             log_metrics({"loss": mean_loss, "accuracy": accuracy.item()}, step=epoch)
 
     checksum = torch.cat([p.detach().flatten() for p in model.parameters()]).sum()
-    sums = [torch.zeros(1) for _ in range(world)]
+    sums = [torch.zeros(1, device=device) for _ in range(world)]
     dist.all_gather(sums, checksum.reshape(1))
     print(f"rank={rank} weights_checksum={checksum.item():.6f}")
     if rank == 0:

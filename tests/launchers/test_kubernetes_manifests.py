@@ -141,7 +141,9 @@ def test_every_topology_renders_objects_the_api_accepts(topology, use_gpu):
         }
         assert env["EXTRA"]["value"] == "1"
         gpus = main["resources"].get("limits", {}).get("nvidia.com/gpu")
-        assert (gpus is not None) == use_gpu
+        assert (gpus is not None) == (use_gpu and "-ps-" not in name)  # parameter servers compute nothing
+        if gpus is not None and pod["metadata"]["labels"]["dnntrain/role"] != "node":  # ranks: from runner
+            assert env["CUDA_VISIBLE_DEVICES"]["value"] == ",".join(map(str, range(int(gpus))))
     assert SECRET not in json.dumps([o for o in objects if o["kind"] != "Secret"])
     assert objects[1]["data"] == {"env.API_TOKEN": "***"}
 
@@ -329,12 +331,13 @@ def test_the_kubeflow_form_is_a_job_the_training_operator_accepts(topology, use_
     assert sum(spec["replicas"] for spec in specs.values()) == len(plan.replicas) + (
         len(plan.hosts) if horovod else 0
     )
-    for spec in specs.values():
+    for type_, spec in specs.items():
         main = spec["template"]["spec"]["containers"][0]
         assert main["name"] == container
         assert "; rm -rf / #" not in json.dumps(main)  # arguments come from the plan, never a shell
         if use_gpu and not horovod:
-            assert main["resources"]["limits"]["nvidia.com/gpu"] == str(max(1, len(plan.replicas[0].ranks)))
+            gpus = main["resources"].get("limits", {}).get("nvidia.com/gpu")
+            assert gpus == (None if type_ == "PS" else str(max(1, len(plan.replicas[0].ranks))))
     if kind == "PyTorchJob":
         assert specs["Master"]["replicas"] == 1
         assert job["spec"]["nprocPerNode"] == str(plan.world_size // len(plan.replicas))

@@ -154,3 +154,22 @@ def test_a_script_written_for_azure_ml_finds_its_run_on_the_host(tmp_path, conn_
     wait_for_job(launcher, handle, lines.append, timeout=120)
     print("\n".join(map(str, lines)))
     assert_ran_as_azure_ml_script_offline(lines)
+
+
+@pytest.mark.slow
+def test_a_gpu_job_is_refused_on_hosts_without_gpus_before_anything_ships(tmp_path, conn_ids, hosts):
+    job = TrainingJob(
+        framework="pytorch",
+        source_directory=str(TEST_SCRIPTS),
+        entry_script="replica.py",
+        distribution=TorchDistributed(node_count=2, process_count_per_node=2),
+        resources={"use_gpu": True},
+    )
+    launcher = SSHLauncher(ssh_conn_ids=conn_ids, work_root=str(tmp_path))
+    with pytest.raises(ValueError) as refused:
+        launcher.submit(job, launcher.plan(job, f"ssh-gpu-{tmp_path.name}"), extra_env={})
+    message = str(refused.value)
+    assert message.startswith("use_gpu: the job needs 2 GPU(s) on host ")
+    assert "(node-0: 0,1), which has 0; " in message and "exited 127" in message  # nvidia-smi: not found
+    for host in hosts.hosts:
+        assert host.job_processes() == {}, host.name

@@ -24,6 +24,9 @@ def check_source(job: TrainingJob) -> Path:
         raise ValueError(f"source_directory: {str(source)!r} is not a directory")
     if not (source / job.entry_script).is_file():
         raise ValueError(f"entry_script: {job.entry_script!r} is not a file in {source}")
+    requirements = job.environment.requirements_file
+    if requirements and not (source / requirements).is_file():
+        raise ValueError(f"environment.requirements_file: {requirements!r} is not a file in {source}")
     return source
 
 

@@ -108,6 +108,24 @@ class Environment(_Spec):
     secrets: dict[str, SecretStr] = Field(
         default_factory=dict, description="variables whose values never appear in plans or logs"
     )
+    pip_packages: list[str] = Field(
+        default_factory=list, description="added to the interpreter's packages (local/SSH: a cached venv)"
+    )
+    requirements_file: str | None = Field(
+        None, description="a requirements file, relative to source_directory"
+    )
+
+    @field_validator("pip_packages")
+    @classmethod
+    def _requirements_only(cls, value: list[str]) -> list[str]:
+        for item in value:  # a value from dag_run.conf must not become an installer option
+            if not item.strip() or item.lstrip().startswith("-") or any(c in item for c in "\n\r"):
+                raise ValueError(f"{item!r} is not a package requirement (such as 'name==1.2')")
+        return value
+
+    @property
+    def has_packages(self) -> bool:
+        return bool(self.pip_packages or self.requirements_file)
 
     @field_validator("variables", "secrets")
     @classmethod

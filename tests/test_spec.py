@@ -4,6 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from airflow_provider_dnntrain.spec import (
+    Environment,
     Horovod,
     Input,
     MultiWorkerMirrored,
@@ -119,3 +120,16 @@ def test_horovod_on_both_frameworks_and_mpirun_needs_the_mpi_controller():
     with pytest.raises(ValidationError) as excinfo:
         Horovod(process_count_per_node=0)
     assert error_locations(excinfo) == ["process_count_per_node"]
+
+
+def test_pip_packages_from_conf_cannot_become_installer_options():
+    for hostile in [
+        "--index-url=http://evil/simple",
+        "-e git+https://evil/x",
+        "ok==1\n--extra-index-url x",
+        " ",
+    ]:
+        with pytest.raises(ValidationError, match="is not a package requirement"):
+            Environment(pip_packages=[hostile])
+    assert Environment(pip_packages=["torchvision==0.21.0", "numpy>=2"]).has_packages
+    assert not Environment().has_packages

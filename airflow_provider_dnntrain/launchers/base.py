@@ -32,6 +32,21 @@ PENDING_ENV_VAR = "DNNTRAIN_PENDING_ENV"
 PENDING_FILE_VAR = "DNNTRAIN_PENDING_ENV_FILE"
 
 
+# In the chief's logs/, so that the run's tracking keeps it: the packages a job's environment resolved to.
+ENVIRONMENT_RECORD = "environment.txt"
+
+
+def requirements_of(job: TrainingJob) -> str:
+    """The text of the job's requirements file ('' without one); ``ValueError`` naming the field."""
+    name = job.environment.requirements_file
+    if not name:
+        return ""
+    path = Path(job.source_directory).expanduser().resolve() / name
+    if not path.is_file():
+        raise ValueError(f"environment.requirements_file: {str(path)!r} is not a file")
+    return path.read_text()
+
+
 def default_work_root() -> Path:
     """Where a run's files live on the Airflow worker: its snapshot, plan, logs and artifacts."""
     home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")

@@ -201,6 +201,12 @@ class KubernetesLauncher(Launcher):
         return job.environment.python or self.python
 
     def validate(self, job: TrainingJob) -> None:
+        if job.environment.has_packages:
+            raise ValueError(
+                "environment.pip_packages: Kubernetes replicas run their image as it is; build an image that "
+                "has the packages (FROM dnntrain-torch:cpu, RUN pip install ...) and name it in "
+                "environment.image"
+            )
         if self.kubeflow:
             check_kubeflow(job)
 

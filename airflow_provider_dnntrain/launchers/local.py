@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import logging
 import os
 import queue
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 from airflow_provider_dnntrain.launchers import reaper
 from airflow_provider_dnntrain.launchers.base import (
     ENTRY_SCRIPT_VAR,
+    ENVIRONMENT_RECORD,
     LAUNCH_ID_VAR,
     PENDING_ENV_VAR,
     PENDING_FILE_VAR,
@@ -34,6 +36,13 @@ from airflow_provider_dnntrain.launchers.base import (
     Launcher,
     LogLine,
     aggregate_status,
+    default_work_root,
+    requirements_of,
+)
+from airflow_provider_dnntrain.launchers.environments import (
+    ensure_environment,
+    environment_key,
+    environment_python,
 )
 from airflow_provider_dnntrain.launchers.gpu_check import check_host_gpus, local_gpus
 from airflow_provider_dnntrain.launchers.local_logs import Redactor, follow_rank_files, pump_pipe
@@ -43,6 +52,7 @@ from airflow_provider_dnntrain.source import snapshot as copy_snapshot
 from airflow_provider_dnntrain.spec import Horovod, TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan, Replica
 
+log = logging.getLogger(__name__)
 # Beyond the grace, how long a reaper may take to report back before its subtree is killed directly.
 _REAPER_SLACK_SECONDS = reaper.KILL_WAIT_SECONDS + 2
 
@@ -120,10 +130,13 @@ class LocalLauncher(Launcher):
         work_root: str | os.PathLike | None = None,
         python: str | None = None,
         stop_grace_seconds: float = 10.0,
+        environments_root: str | os.PathLike | None = None,
     ) -> None:
         self.work_root = Path(work_root) if work_root else None
         self.python = python
         self.stop_grace_seconds = stop_grace_seconds
+        # Where jobs' environments (pip_packages) are built and cached, shared by every run here.
+        self.environments_root = Path(environments_root or default_work_root().parent / "environments")
 
     def placement(self, run_id: str) -> FreePortPlacement:
         return FreePortPlacement()
@@ -137,7 +150,12 @@ class LocalLauncher(Launcher):
             )
 
     def interpreter(self, job: TrainingJob) -> str:
-        return self.python or super().interpreter(job)
+        """The job's environment's interpreter when it asks for packages (built at submit), else the base."""
+        base = self.python or super().interpreter(job)
+        if not job.environment.has_packages:
+            return base
+        key = environment_key(base, job.environment.pip_packages, requirements_of(job))
+        return environment_python(str(self.environments_root), key)
 
     # -- submit ---------------------------------------------------------------------------------
 
@@ -159,6 +177,8 @@ class LocalLauncher(Launcher):
         run_dir.chmod(0o700)  # replica logs and plans are the job owner's only
         snapshot = run_dir / "source"
         copy_snapshot(source, snapshot)
+        if job.environment.has_packages:
+            self._build_environment(job, snapshot)
         (run_dir / "logs").mkdir()
         plan = self._with_free_ports(job, plan)
         (run_dir / "plan.json").write_text(plan.to_json())
@@ -196,6 +216,17 @@ class LocalLauncher(Launcher):
         finally:
             os.close(watch_read)
         return handle
+
+    def _build_environment(self, job: TrainingJob, snapshot: Path) -> None:
+        """Build (or find) the job's environment; its resolved packages go with the chief's logs to the
+        run's tracking (``logs/environment.txt``)."""
+        base = self.python or super().interpreter(job)
+        built = ensure_environment(
+            str(self.environments_root), base, job.environment.pip_packages, requirements_of(job)
+        )
+        (snapshot / "logs").mkdir(exist_ok=True)
+        (snapshot / "logs" / ENVIRONMENT_RECORD).write_text(built["freeze"])
+        log.info("Environment %s (%s)", built["key"], "built" if built["built"] else "cached")
 
     def _with_free_ports(self, job: TrainingJob, plan: JobPlan) -> JobPlan:
         """The plan's ports were free when planned; if one has been taken since, plan again."""

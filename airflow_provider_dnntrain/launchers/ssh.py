@@ -24,9 +24,10 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 
-from airflow_provider_dnntrain.launchers import ssh_agent, ssh_peers
+from airflow_provider_dnntrain.launchers import environments, ssh_agent, ssh_peers
 from airflow_provider_dnntrain.launchers.base import (
     ENTRY_SCRIPT_VAR,
+    ENVIRONMENT_RECORD,
     LAUNCH_ID_VAR,
     PENDING_ENV_VAR,
     PENDING_FILE_VAR,
@@ -38,7 +39,12 @@ from airflow_provider_dnntrain.launchers.base import (
     JobStatus,
     Launcher,
     LogLine,
+    requirements_of,
 )
+from airflow_provider_dnntrain.launchers.environments import (
+    BUILD_TIMEOUT_SECONDS as ENVIRONMENT_BUILD_SECONDS,
+)
+from airflow_provider_dnntrain.launchers.environments import EnvironmentBuildFailed
 from airflow_provider_dnntrain.launchers.gpu_check import LIST_GPUS, check_host_gpus, listed_gpus
 from airflow_provider_dnntrain.launchers.local_logs import Redactor
 from airflow_provider_dnntrain.launchers.ssh_job import COMMAND_TIMEOUT_SECONDS as _COMMAND_TIMEOUT_SECONDS
@@ -103,6 +109,10 @@ class SSHLauncher(Launcher):
     environment's, else this worker's own); a connection's extra ``python`` overrides it for its
     hosts. ``remote_root``: per-run folders on the hosts, at the same path on each (runners start
     ranks there); a relative one is relative to the first host's home.
+    ``environment.pip_packages``: built with ``uv`` on each host, beside the hosts' run folders
+    (``<remote_root>/../environments``), cached there; ``uv_settings``: ``UV_*`` variables those builds
+    run with (hosts without the internet: ``UV_INDEX_URL`` of an internal index, or
+    ``UV_FIND_LINKS`` of wheels on a shared disk with ``UV_OFFLINE=1``).
     """
 
     name = "ssh"
@@ -119,8 +129,10 @@ class SSHLauncher(Launcher):
         unreachable_timeout: float = 20.0,
         orphan_timeout: float = 300.0,
         keep_remote_files: bool = False,
+        uv_settings: Mapping[str, str] | None = None,
     ) -> None:
         self.ssh_conn_ids = [ssh_conn_ids] if isinstance(ssh_conn_ids, str) else list(ssh_conn_ids)
+        self.uv_settings = dict(uv_settings or {})
         self.python = python
         self.remote_root = remote_root
         self.work_root = Path(work_root) if work_root else None
@@ -149,10 +161,19 @@ class SSHLauncher(Launcher):
         self.validate(job)
         return self._render(job, run_id, self.placement(run_id), self.interpreter(job))
 
-    def _render(self, job: TrainingJob, run_id: str, placement: HostPlacement, python: str) -> JobPlan:
-        """The topology, each replica's interpreter being its host's own (a connection's ``python``)."""
+    def _render(
+        self,
+        job: TrainingJob,
+        run_id: str,
+        placement: HostPlacement,
+        python: str,
+        interpreters: Mapping[str, str] | None = None,
+    ) -> JobPlan:
+        """The topology, each replica's interpreter being its host's own (a connection's ``python``, or
+        the job's environment built there: ``interpreters`` by peer address)."""
         plan = render_plan(job, run_id, placement, python)
-        own = {s.peer_address: s.python for s in self.host_specs if s.python and s.python != python}
+        named = interpreters or {s.peer_address: s.python for s in self.host_specs if s.python}
+        own = {host: path for host, path in named.items() if path != python}
         if not own:
             return plan
         if len({own.get(host, python) for host in plan.hosts}) > 1:
@@ -249,7 +270,13 @@ class SSHLauncher(Launcher):
         prepared = raise_first(on_each(hosts, lambda h: self._prepare(h, python, job_dir, bundle, needed)))
         ports = {h.spec.peer_address: prepared[h.label]["ports"] for h in hosts}
         as_root = all(answer["root"] for answer in prepared.values())
-        plan = self._render(job, plan.run_id, self.placement(plan.run_id, ports, as_root), python)
+        placement = self.placement(plan.run_id, ports, as_root)
+        if job.environment.has_packages:
+            built = raise_first(on_each(hosts, lambda h: self._build_environment(h, job, job_dir)))
+            pythons = {h.spec.peer_address: built[h.label] for h in hosts}
+            plan = self._render(job, plan.run_id, placement, pythons[hosts[0].spec.peer_address], pythons)
+        else:
+            plan = self._render(job, plan.run_id, placement, python)
         (run_dir / "plan.json").write_text(plan.to_json())
         handle = SSHJobHandle(
             run_id=plan.run_id,
@@ -272,6 +299,33 @@ class SSHLauncher(Launcher):
         hosts = [RemoteHost(s, f"h{i}") for i, s in enumerate(self.host_specs) if s.peer_address in used]
         raise_first(on_each(hosts, RemoteHost.connect))
         return hosts
+
+    def _build_environment(self, host: RemoteHost, job: TrainingJob, folder: str) -> str:
+        """Build (or find) the job's environment on ``host`` with its interpreter; its resolved packages
+        go with the chief's logs (``logs/environment.txt``). The environment's interpreter."""
+        base = host.spec.python or self.interpreter(job)
+        script = posixpath.join(folder, "dnntrain", "environments.py")
+        host.put_file(Path(environments.__file__), script)
+        root = host.absolute(posixpath.join(posixpath.dirname(self.remote_root.rstrip("/")), "environments"))
+        spec = {
+            "python": base,
+            "packages": job.environment.pip_packages,
+            "requirements": requirements_of(job),
+            "uv_settings": self.uv_settings,
+        }
+        answer = host.run_json([base, "-I", "-S", script, root, json.dumps(spec)], ENVIRONMENT_BUILD_SECONDS)
+        if "error" in answer:
+            raise EnvironmentBuildFailed(f"host {host.spec}: {answer['error']}")
+        logs = posixpath.join(folder, "hosts", host.label, "source", "logs")
+        host.makedirs(logs)
+        host.put(answer["freeze"].encode(), posixpath.join(logs, ENVIRONMENT_RECORD), mode=0o644)
+        log.info(
+            "Environment %s on host %s (%s)",
+            answer["key"],
+            host.spec,
+            "built" if answer["built"] else "cached",
+        )
+        return answer["python"]
 
     def _prepare(self, host: RemoteHost, python: str, folder: str, bundle: Path, ports: dict) -> dict:
         """Ship the agent, the reaper, the replica site and the source; the agent ends what a previous

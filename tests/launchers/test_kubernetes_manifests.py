@@ -413,3 +413,12 @@ def test_horovodrun_has_no_kubeflow_form_and_says_so_when_the_dag_is_parsed():
             node_count=2,
             launcher=KubernetesLauncher(namespace="ml", kubeflow=True),
         )
+
+
+def test_pip_packages_on_kubernetes_say_to_build_an_image():
+    job = job_for("ps")
+    job = job.model_copy(
+        update={"environment": job.environment.model_copy(update={"pip_packages": ["x==1"]})}
+    )
+    with pytest.raises(ValueError, match=r"^environment.pip_packages: Kubernetes replicas run their image"):
+        KubernetesLauncher(namespace="ml").validate(job)

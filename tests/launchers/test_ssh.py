@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -173,3 +174,33 @@ def test_a_gpu_job_is_refused_on_hosts_without_gpus_before_anything_ships(tmp_pa
     assert "(node-0: 0,1), which has 0; " in message and "exited 127" in message  # nvidia-smi: not found
     for host in hosts.hosts:
         assert host.job_processes() == {}, host.name
+
+
+@pytest.mark.slow
+def test_a_job_runs_in_its_environment_built_on_the_host(tmp_path, conn_ids):
+    job = TrainingJob(
+        framework="pytorch",
+        source_directory=str(TEST_SCRIPTS),
+        entry_script="uses_package.py",
+        environment={"pip_packages": ["pyjokes==0.8.3"]},
+    )
+    # The test hosts have no route to the package index: wheels on the disk they share, as a site
+    # without the internet would give them.
+    wheels = tmp_path / "wheels"
+    download = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "-d", str(wheels)]
+    subprocess.run([*download, "pyjokes==0.8.3"], check=True, timeout=300)
+    remote = tmp_path / "remote"
+    launcher = SSHLauncher(
+        ssh_conn_ids=conn_ids[:1],
+        work_root=str(tmp_path),
+        remote_root=str(remote / "runs"),
+        uv_settings={"UV_FIND_LINKS": str(wheels), "UV_OFFLINE": "1"},
+    )
+    handle = launcher.submit(job, launcher.plan(job, f"ssh-env-{tmp_path.name}"), extra_env={})
+    lines = []
+    wait_for_job(launcher, handle, lines.append, timeout=300)
+    print("\n".join(map(str, lines)))
+    (line,) = [line.text for line in lines if line.text.startswith("pyjokes 0.8.3 psutil ")]
+    assert f"python {remote / 'environments'}/" in line  # the environment built on the host
+    record = launcher.collect_outputs(handle) / "logs" / "environment.txt"
+    assert "pyjokes==0.8.3" in record.read_text()

@@ -54,7 +54,7 @@ def main() -> None:
         first = timed(build)
         reuse = statistics.median(timed(build) for _ in range(args.repeats))
         python = build()["python"]
-        print(f"first build: {first:.2f} s; cached reuse: {reuse * 1000:.1f} ms (ratio {reuse / first:.4f})")
+        print(f"first build: {first:.2f} s; cached reuse: {reuse * 1000:.3f} ms (ratio {reuse / first:.6f})")
 
         def direct() -> None:
             subprocess.run([python, "uses_package.py"], cwd=SCRIPTS, check=True, capture_output=True)

@@ -84,7 +84,8 @@ class MPIJobController:
                 print(f"training operator: {plural} {obj['metadata']['name']}: {response.text}", flush=True)
 
     def _mpi_worker(self, job: dict, index: int, labels: dict, owner: dict) -> dict:
-        pod = _pod_from(job, "Worker", f"{job['metadata']['name']}-worker-{index}", labels, owner)
+        spec = job["spec"]["mpiReplicaSpecs"]["Worker"]
+        pod = pod_from(spec, f"{job['metadata']['name']}-worker-{index}", labels, owner)
         first = pod["spec"]["containers"][0]
         if not first.get("command"):
             first.update(command=["sleep"], args=["365d"])
@@ -95,9 +96,8 @@ class MPIJobController:
 
     def _mpi_launcher(self, job: dict, labels: dict, owner: dict) -> dict:
         name = job["metadata"]["name"]
-        pod = _pod_from(
-            job, "Launcher", f"{name}-launcher", {**labels, "training.kubeflow.org/job-role": "master"}, owner
-        )
+        labels = {**labels, "training.kubeflow.org/job-role": "master"}
+        pod = pod_from(job["spec"]["mpiReplicaSpecs"]["Launcher"], f"{name}-launcher", labels, owner)
         spec = pod["spec"]
         spec.setdefault("serviceAccountName", f"{name}-launcher")
         kubectl_mount = {"name": _KUBECTL_VOLUME, "mountPath": KUBECTL_MOUNT}
@@ -167,8 +167,8 @@ def _counts(phases: list) -> dict:
     }
 
 
-def _pod_from(job: dict, type_: str, name: str, labels: dict, owner: dict) -> dict:
-    spec = job["spec"]["mpiReplicaSpecs"][type_]
+def pod_from(spec: dict, name: str, labels: dict, owner: dict) -> dict:
+    """A replica's pod from its replica spec's template, as the operator makes it (any kind of job)."""
     template = json.loads(json.dumps(spec["template"]))
     meta = template.get("metadata") or {}
     return {

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from fake_mpi_controller import MPIJobController, admit_mpi_job
+from fake_mpi_controller import MPIJobController, admit_mpi_job, pod_from
 from fake_store import now_rfc3339
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the schema checks
@@ -136,20 +136,7 @@ class TrainingOperator(MPIJobController):
         }
 
     def _pod(self, job: dict, plural: str, type_: str, index: int, spec: dict, labels: dict, owner: dict):
-        template = json.loads(json.dumps(spec["template"]))
-        meta = template.get("metadata") or {}
-        name = f"{job['metadata']['name']}-{type_.lower()}-{index}"
-        pod = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": {
-                "name": name,
-                "labels": {**(meta.get("labels") or {}), **labels},
-                "annotations": meta.get("annotations") or {},
-                "ownerReferences": [owner],
-            },
-            "spec": {**template["spec"], "restartPolicy": spec.get("restartPolicy", "Never")},
-        }
+        pod = pod_from(spec, f"{job['metadata']['name']}-{type_.lower()}-{index}", labels, owner)
         variables = (_tf_variables if plural == "tfjobs" else _pytorch_variables)(job, type_, index)
         for container in pod["spec"]["containers"]:
             if plural == "pytorchjobs" or container["name"] == KINDS[plural]["container"]:

@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from airflow_provider_dnntrain.spec import TrainingJob
+from airflow_provider_dnntrain.spec import RESUME_FOLDER, TrainingJob
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +30,10 @@ def check_source(job: TrainingJob) -> Path:
     return source
 
 
-def snapshot(source: Path, destination: Path) -> int:
+def snapshot(source: Path, destination: Path, resume: str | None = None) -> int:
     """Copy ``source`` to ``destination`` without what its ``.dnntrainignore`` lists, caches, and a
     top-level outputs/ or logs/ left by a manual run (each run starts with its own); the bytes copied.
+    ``resume``: an earlier run's outputs, copied in as ``resume/`` (every backend ships the snapshot).
     A large snapshot is copied anyway, with a warning that says how large it is."""
     ignored = _ignore_spec(source)
     copied = 0
@@ -44,6 +45,10 @@ def snapshot(source: Path, destination: Path) -> int:
             if not _skipped(relative / name, False, ignored):
                 shutil.copy2(Path(folder) / name, destination / relative / name)
                 copied += (destination / relative / name).stat().st_size
+    if resume:
+        shutil.rmtree(destination / RESUME_FOLDER, ignore_errors=True)
+        shutil.copytree(resume, destination / RESUME_FOLDER)
+        copied += sum(f.stat().st_size for f in (destination / RESUME_FOLDER).rglob("*") if f.is_file())
     if copied > LARGE_SNAPSHOT_BYTES:
         log.warning(
             "source_directory: the snapshot of %s is %.0f MB (more than %d MB), copied for every run; "

@@ -152,6 +152,7 @@ class Input(_Spec):
 
 
 Arguments = list[str] | dict[str, str | None]
+RESUME_FOLDER = "resume"  # where an earlier run's outputs are, in every replica's working directory
 
 
 class TrainingJob(_Spec):
@@ -166,6 +167,10 @@ class TrainingJob(_Spec):
     azureml_compat: bool = Field(
         False, description="scripts written for Azure ML import azureml.core.Run, mapped to the tracking run"
     )
+    resume_from: str | None = Field(
+        None, description="a folder here with an earlier run's outputs, shipped to every replica as ./resume"
+    )
+    resume_argument: str | None = Field(None, description="the script's flag for that folder, e.g. --resume")
 
     @field_validator("entry_script")
     @classmethod
@@ -210,6 +215,8 @@ class TrainingJob(_Spec):
         for item in self.inputs:
             if item.argument:
                 flat += [item.argument, item.path]
+        if self.resume_from and self.resume_argument:
+            flat += [self.resume_argument, RESUME_FOLDER]
         return flat
 
 

@@ -255,6 +255,17 @@ def find_run(mlflow: MlflowClient, run_id: str):
         raise LookupError(f"no training run {run_id!r} in the tracking store") from None
 
 
+def download_outputs(target: TrackingTarget, run_id: str, into: Path) -> Path:
+    """The ``outputs/`` a run (training or MLflow run id) left in the store, downloaded into ``into``;
+    ``LookupError`` when there is no such run or it left none."""
+    with target.credentials_in_env():
+        mlflow = client(target.uri)
+        run = find_run(mlflow, run_id)
+        if not mlflow.list_artifacts(run.info.run_id, "outputs"):
+            raise LookupError(f"training run {run_id!r} left no outputs in the tracking store")
+        return Path(mlflow.download_artifacts(run.info.run_id, "outputs", str(into)))
+
+
 def _quote(value: str) -> str:
     return value.replace("'", "")
 

@@ -93,3 +93,29 @@ def test_the_ssh_and_kubernetes_bundles_leave_it_out_too(tmp_path):
     with tarfile.open(fileobj=io.BytesIO(bundle["source.tar.gz"])) as tar:
         names = {m.name.removeprefix("./") for m in tar.getmembers() if m.isfile()}
     assert names == EXPECTED
+
+
+def test_an_earlier_runs_outputs_ship_as_resume_on_every_backend(tmp_path):
+    source = project(tmp_path / "src")
+    earlier = tmp_path / "earlier-outputs"
+    (earlier / "model").mkdir(parents=True)
+    (earlier / "checkpoint.pt").write_text("epoch 3")
+    (earlier / "model" / "weights.bin").write_text("w")
+    resumed = {"resume/checkpoint.pt", "resume/model/weights.bin"}
+    snapshot(source, tmp_path / "snap", str(earlier))
+    assert shipped(tmp_path / "snap") == EXPECTED | resumed
+    with tarfile.open(ssh_bundle(source, tmp_path / "bundle.tar", str(earlier))) as tar:
+        assert {m.name.removeprefix("source/") for m in tar.getmembers() if m.isfile()} == EXPECTED | resumed
+    job = TrainingJob(
+        framework="pytorch",
+        source_directory=str(source),
+        entry_script="train.py",
+        resume_from=str(earlier),
+        resume_argument="--resume",
+    )
+    plan = render_plan(job, "snap")
+    assert plan.replicas[0].env["DNNTRAIN_RESUME_FROM"] == "resume"
+    assert plan.replicas[0].argv[-2:] == ["--resume", "resume"]
+    bundle = run_bundle(source, plan, job.resume_from)
+    with tarfile.open(fileobj=io.BytesIO(bundle["source.tar.gz"])) as tar:
+        assert {m.name.removeprefix("./") for m in tar.getmembers() if m.isfile()} == EXPECTED | resumed

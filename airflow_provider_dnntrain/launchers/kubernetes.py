@@ -230,7 +230,9 @@ class KubernetesLauncher(Launcher):
         plan = self.preview(job, run_id)
         settings = self._settings(job, plan, self.namespace or "default", {})
         secrets = {name: "***" for name in job.environment.secrets}
-        objects = render_run(plan, settings, run_bundle(check_source(job), plan), secret_data(secrets, {}))
+        objects = render_run(
+            plan, settings, run_bundle(check_source(job), plan, job.resume_from), secret_data(secrets, {})
+        )
         if self.kubeflow:
             workload = self._workload(job, plan, settings, objects.owner_reference)
             objects = dataclasses.replace(objects, service=None, pods=[], pod_group=None, extra=[workload])
@@ -323,7 +325,7 @@ class KubernetesLauncher(Launcher):
     def _create_run(self, handle, job, plan, source, launch_env, secrets) -> None:
         keys = ssh_files(handle.job) if ssh_nodes(plan) else {}
         data = secret_data(secrets, keys)
-        bundle = run_bundle(source, plan)
+        bundle = run_bundle(source, plan, job.resume_from)
         settings = self._settings(job, plan, handle.namespace, launch_env)
         owner = render_run(plan, settings, bundle, data).owner
         handle.owner_uid = self.core.create_namespaced_config_map(handle.namespace, owner).metadata.uid

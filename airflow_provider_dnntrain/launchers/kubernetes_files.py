@@ -23,13 +23,13 @@ def default_image(job: TrainingJob) -> str:
     return f"dnntrain-{framework}:{'gpu' if job.resources.use_gpu else 'cpu'}"
 
 
-def run_bundle(source: Path, plan: JobPlan) -> dict[str, bytes]:
+def run_bundle(source: Path, plan: JobPlan, resume: str | None = None) -> dict[str, bytes]:
     """The run's files for its ConfigMap: the source snapshot, the pods' bootstrap, the replica site,
     and each replica's own files (a hostfile)."""
     buffer = io.BytesIO()
     with tempfile.TemporaryDirectory() as scratch:
         snapshot = Path(scratch) / "source"
-        copy_snapshot(source, snapshot)
+        copy_snapshot(source, snapshot, resume)
         with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
             tar.add(snapshot, arcname=".")
     files = {r.name: r.files for r in plan.replicas if r.files}

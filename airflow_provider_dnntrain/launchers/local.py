@@ -176,7 +176,7 @@ class LocalLauncher(Launcher):
         run_dir.mkdir(parents=True)
         run_dir.chmod(0o700)  # replica logs and plans are the job owner's only
         snapshot = run_dir / "source"
-        copy_snapshot(source, snapshot)
+        copy_snapshot(source, snapshot, job.resume_from)
         if job.environment.has_packages:
             self._build_environment(job, snapshot)
         (run_dir / "logs").mkdir()

@@ -259,7 +259,7 @@ class SSHLauncher(Launcher):
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         run_dir.chmod(0o700)
-        bundle = _bundle(source, run_dir / "bundle.tar")
+        bundle = _bundle(source, run_dir / "bundle.tar", job.resume_from)
         hosts = self._connect(plan)
         if job.resources.use_gpu:  # before anything is shipped
             _check_gpus(plan, hosts)
@@ -545,11 +545,12 @@ def _remote_gpus(host: RemoteHost) -> tuple[int, str]:
         return 0, str(error)
 
 
-def _bundle(source: Path, target: Path) -> Path:
-    """The source snapshot as one tar, uploaded once per host."""
+def _bundle(source: Path, target: Path, resume: str | None = None) -> Path:
+    """The source snapshot (and an earlier run's outputs to resume from) as one tar, uploaded once per
+    host."""
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         snapshot = Path(scratch) / "source"
-        copy_snapshot(source, snapshot)
+        copy_snapshot(source, snapshot, resume)
         with tarfile.open(target, "w") as tar:
             tar.add(snapshot, arcname="source")
     return target

@@ -162,6 +162,10 @@ class TrackingSession:
         finally:
             self._cleanup.close()
 
+    def download_outputs(self, run_id: str, into: Path) -> Path:
+        """What an earlier run left in ``outputs/`` (``LookupError`` if nothing)."""
+        return self._tracking.download_outputs(self.target, run_id, into)
+
     def public(self, uri: str) -> str:
         return self._tracking.public_uri(uri)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -78,7 +79,13 @@ class DnnTrainOperator(BaseOperator):
     """
 
     framework: ClassVar[str]
-    template_fields: Sequence[str] = (*_JOB_FIELDS, "inputs", "tracking_uri", "experiment_name")
+    template_fields: Sequence[str] = (
+        *_JOB_FIELDS,
+        "inputs",
+        "tracking_uri",
+        "experiment_name",
+        "resume_from",
+    )
     template_fields_renderers = {
         "arguments": "json",
         "environment_variables": "json",
@@ -107,6 +114,9 @@ class DnnTrainOperator(BaseOperator):
         job_timeout: float | None = None,
         deferrable: bool = False,
         azureml_compat: bool = False,
+        resume_from: str | None = None,
+        resume_argument: str | None = None,
+        resume_on_retry: bool = True,
         **kwargs: Any,
     ) -> None:
         ours = {"arguments": arguments, "distribution": distribution, "job_timeout": job_timeout}
@@ -134,6 +144,9 @@ class DnnTrainOperator(BaseOperator):
         self.job_timeout = job_timeout
         self.deferrable = deferrable
         self.azureml_compat = azureml_compat
+        self.resume_from = resume_from
+        self.resume_argument = resume_argument
+        self.resume_on_retry = resume_on_retry
         self._handle: JobHandle | None = None
         self._kill_requested = False
         self._validate_at_parse_time()
@@ -172,6 +185,32 @@ class DnnTrainOperator(BaseOperator):
             inputs=values["inputs"],
             azureml_compat=self.azureml_compat,
         )
+
+    def _with_resume(self, job: TrainingJob, ti, session, scratch: Path) -> TrainingJob:
+        """The job with an earlier run's outputs to continue from: ``resume_from`` (a folder here, or a
+        training run id whose outputs the tracking store has), or on a retry the previous try's."""
+        wanted, automatic = self.resume_from, False
+        if not wanted and ti.try_number > 1 and self.resume_on_retry:
+            previous = ti.try_number - 1
+            wanted, automatic = make_run_id(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, previous), True
+        if not wanted:
+            return job
+        folder = Path(wanted.removeprefix("file://")).expanduser()
+        try:
+            if automatic or not folder.is_dir():
+                if session is None:
+                    raise LookupError("tracking is off, so no run's outputs can be looked up")
+                folder = session.download_outputs(wanted, scratch)
+        except LookupError as error:
+            if automatic:
+                self.log.info("Try %d starts afresh: %s", ti.try_number, error)
+                return job
+            raise InvalidTrainingJob(
+                f"task {self.task_id!r}: invalid training job: resume_from: {wanted!r} is not a folder here "
+                f"nor a training run with outputs ({error})"
+            ) from None
+        self.log.info("Resuming from %s (%s)", wanted, folder)
+        return job.model_copy(update={"resume_from": str(folder), "resume_argument": self.resume_argument})
 
     def _source_path(self, source_directory: str) -> str:
         """A relative ``source_directory`` is relative to the DAG file's folder, as users expect."""
@@ -254,16 +293,18 @@ class DnnTrainOperator(BaseOperator):
                 handle = self._handle = launcher.reattach(saved, job, replica_env)
                 self.log.info("Run %s: took over the replicas an earlier try started", run_id)
             else:
-                plan = launcher.plan(job, run_id)
-                self._raise_if_killed("before it started")
-                # The tracking run is still being created: the replicas start now and are given its id
-                # as soon as it exists (the script's processes wait for it, runners do not).
-                handle = self._handle = launcher.submit(
-                    job,
-                    plan,
-                    extra_env=replica_env,
-                    pending_env=session.pending_variables if session else (),
-                )
+                with tempfile.TemporaryDirectory(prefix="dnntrain-resume-") as scratch:
+                    job = self._with_resume(job, ti, session, Path(scratch))
+                    plan = launcher.plan(job, run_id)
+                    self._raise_if_killed("before it started")
+                    # The tracking run is still being created: the replicas start now and are given its
+                    # id as soon as it exists (the script's processes wait for it, runners do not).
+                    handle = self._handle = launcher.submit(
+                        job,
+                        plan,
+                        extra_env=replica_env,
+                        pending_env=session.pending_variables if session else (),
+                    )
                 self._remember(context, launcher, handle)
             launched = time.monotonic()
             self.log.info(

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
 
-from airflow_provider_dnntrain.spec import TrainingJob
+from airflow_provider_dnntrain.spec import RESUME_FOLDER, TrainingJob
 
 SuccessPolicy = Literal["chief", "all"]
 
@@ -17,6 +17,7 @@ INDEX_VAR = "DNNTRAIN_REPLICA_INDEX"
 OUTPUT_DIR_VAR = "DNNTRAIN_OUTPUT_DIR"
 LOG_DIR_VAR = "DNNTRAIN_LOG_DIR"
 AZUREML_COMPAT_VAR = "DNNTRAIN_AZUREML_COMPAT"  # the replica site provides azureml.core.Run
+RESUME_VAR = "DNNTRAIN_RESUME_FROM"  # an earlier run's outputs, to continue from
 # Set by launchers for every replica: what the replica's processes need to find their own way.
 LAUNCHER_VARS = (
     "DNNTRAIN_LAUNCH_ID",
@@ -132,6 +133,8 @@ def base_env(job: TrainingJob, run_id: str, role: str, index: int) -> dict[str, 
         env[f"DNNTRAIN_INPUT_{item.name.upper()}"] = item.path
     if job.azureml_compat:
         env[AZUREML_COMPAT_VAR] = "1"
+    if job.resume_from:
+        env[RESUME_VAR] = RESUME_FOLDER
     return env
 
 

@@ -57,6 +57,13 @@ def model_dir() -> Path:
     return path
 
 
+def resume_folder() -> Path | None:
+    """An earlier run's outputs to continue from (``DNNTRAIN_RESUME_FROM``: the task's ``resume_from``,
+    or on a retry the previous try's), if there are any."""
+    folder = os.environ.get("DNNTRAIN_RESUME_FROM")
+    return Path(folder) if folder and Path(folder).is_dir() else None
+
+
 def launcher_rank() -> str | None:
     """The rank as the launcher numbered it: mpirun's, else horovodrun's (Gloo)."""
     return os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK"))

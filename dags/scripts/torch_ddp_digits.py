@@ -13,12 +13,35 @@ from digits import (
     load_digits_split,
     log_metrics,
     model_dir,
+    output_dir,
     parse_training_args,
+    resume_folder,
     warm_up_tracking,
     write_summary,
 )
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+CHECKPOINT = "checkpoint.pt"  # in outputs/, every epoch: what a resumed run continues from
+
+
+def save_checkpoint(model, opt, epoch: int, loss: float) -> None:
+    state = {"epoch": epoch, "loss": loss, "model": model.module.state_dict(), "optimizer": opt.state_dict()}
+    partial = output_dir() / f"{CHECKPOINT}.partial"
+    torch.save(state, partial)
+    os.replace(partial, output_dir() / CHECKPOINT)  # whole or not at all, should the run be killed
+
+
+def resume(model, opt, device) -> tuple[int, float]:
+    """The epoch to start from and the last loss: 0 and nan, or after an earlier run's checkpoint."""
+    folder = resume_folder()
+    if folder is None or not (folder / CHECKPOINT).exists():
+        return 0, float("nan")
+    state = torch.load(folder / CHECKPOINT, map_location=device)
+    model.module.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    print(f"resuming after epoch {state['epoch']} from {folder / CHECKPOINT}")
+    return state["epoch"] + 1, state["loss"]
 
 
 def main() -> None:
@@ -47,8 +70,9 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     steps = len(x_shard) // args.batch_size  # equal on every rank: shards differ by at most one row
+    first_epoch, mean_loss = resume(model, opt, device)
 
-    for epoch in range(args.epochs):
+    for epoch in range(first_epoch, args.epochs):
         total = torch.zeros(1, device=device)
         for step in range(steps):
             batch = slice(step * args.batch_size, (step + 1) * args.batch_size)
@@ -64,6 +88,9 @@ def main() -> None:
         print(f"epoch={epoch} loss={mean_loss:.4f} accuracy={accuracy.item():.4f}")
         if rank == 0:
             log_metrics({"loss": mean_loss, "accuracy": accuracy.item()}, step=epoch)
+            save_checkpoint(model, opt, epoch, mean_loss)
+    with torch.no_grad():
+        accuracy = (model(x_test_).argmax(1) == y_test_).float().mean()
 
     checksum = torch.cat([p.detach().flatten() for p in model.parameters()]).sum()
     sums = [torch.zeros(1, device=device) for _ in range(world)]

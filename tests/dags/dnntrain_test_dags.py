@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pendulum
@@ -180,3 +181,18 @@ with DAG("dnntrain_test_azureml_compat", schedule=None, start_date=START):
         inputs=[Input(name="digits", path=SCRIPTS)],
         azureml_compat=True,
     )
+
+EXAMPLE_SCRIPTS = str(Path(__file__).resolve().parents[2] / "dags" / "scripts")
+
+with DAG("dnntrain_test_resume", schedule=None, start_date=START):
+    # The same DDP job twice: the test kills the first one's ranks mid-way; its retry resumes.
+    for name, retries in (("interrupted", 1), ("uninterrupted", 0)):
+        PyTorchTrainOperator(
+            task_id=name,
+            source_directory=EXAMPLE_SCRIPTS,
+            entry_script="torch_ddp_digits.py",
+            arguments=["--epochs", "60"],
+            distribution=TorchDistributed(node_count=1, process_count_per_node=2),
+            retries=retries,
+            retry_delay=timedelta(0),
+        )

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -464,3 +466,59 @@ def test_a_script_written_for_azure_ml_runs_unchanged_and_logs_to_the_run(capfd)
     plan = json.loads((Path(result["outputs"]).parents[1] / "plan.json").read_text())
     assert plan["distribution"] == "horovod" and plan["world_size"] == 2
     assert plan["replicas"][0]["argv"][-2:] == ["--epochs", "3"]
+
+
+# -- resuming ------------------------------------------------------------------------------------------
+
+
+def kill_ranks_after_epoch(epoch: int, stop: threading.Event) -> dict:
+    """Once the interrupted task's first try has checkpointed ``epoch``, SIGKILL its ranks (the run dies
+    mid-way, as on a lost machine); what was seen, for the test."""
+    import torch
+
+    from airflow_provider_dnntrain.launchers.base import default_work_root
+
+    seen = {}
+    pattern = "dnntrain-test-resume-interrupted-*-t1-*/replicas/node-0"
+    while not stop.is_set():
+        for workdir in default_work_root().glob(pattern):
+            checkpoint = workdir / "outputs" / "checkpoint.pt"
+            with contextlib.suppress(Exception):  # not there yet, or being replaced
+                if torch.load(checkpoint)["epoch"] >= epoch:
+                    ranks = [
+                        p for p in psutil.process_iter(["cwd", "cmdline"]) if p.info["cwd"] == str(workdir)
+                    ]
+                    ranks = [p for p in ranks if "torch_ddp_digits.py" in " ".join(p.info["cmdline"] or [])]
+                    for rank in ranks:
+                        rank.send_signal(signal.SIGKILL)
+                    seen.update(killed=len(ranks), epoch=torch.load(checkpoint)["epoch"])
+                    return seen
+        time.sleep(0.02)
+    return seen
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_way_resumes_on_retry_and_ends_as_good_as_an_uninterrupted_one(capfd):
+    stop, seen = threading.Event(), {}
+    killer = threading.Thread(target=lambda: seen.update(kill_ranks_after_epoch(2, stop)), daemon=True)
+    killer.start()
+    try:
+        dag_run = load_dag(TEST_DAGS, "dnntrain_test_resume").test()
+    finally:
+        stop.set()
+        killer.join(10)
+    logged = "".join(capfd.readouterr())
+    assert seen.get("killed", 0) >= 2, f"the first try was not killed mid-way: {seen}"
+    retried = task_instance(dag_run, "interrupted")
+    assert (retried.state, retried.try_number) == ("success", 2), logged[-5000:]
+    # The retry continued from the first try's last checkpoint, shipped to it as ./resume.
+    resumed_after = int(re.search(r"resuming after epoch (\d+) from resume/checkpoint.pt", logged).group(1))
+    assert resumed_after >= seen["epoch"]
+    facts = {
+        name: json.loads((Path(xcom(dag_run, name)["outputs"]) / "summary.json").read_text())
+        for name in ("interrupted", "uninterrupted")
+    }
+    assert facts["interrupted"]["accuracy"] == pytest.approx(facts["uninterrupted"]["accuracy"], abs=1e-6)
+    assert facts["interrupted"]["weights_checksums"] == pytest.approx(
+        facts["uninterrupted"]["weights_checksums"]
+    )

@@ -243,3 +243,18 @@ def wait_until_ready(lines: list, count: int, timeout: float = 60) -> None:
     while sum(" ready" in line.text for line in list(lines)) < count:
         assert time.monotonic() < deadline, f"replicas not ready: {[str(line) for line in lines]}"
         time.sleep(0.1)
+
+
+def fake_launcher(cluster: FakeCluster, monkeypatch, work_root, **options):
+    """A KubernetesLauncher on ``cluster`` through the connection a user would define, with the tests'
+    short intervals (``options`` on top)."""
+    from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
+
+    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_FAKE", cluster.airflow_connection())
+    settings = {"poll_interval": 0.5, "stop_grace_seconds": 5, "startup_timeout_seconds": 20, **options}
+    return KubernetesLauncher(kubernetes_conn_id="kubernetes_fake", work_root=str(work_root), **settings)
+
+
+def assert_nothing_left(cluster: FakeCluster) -> None:
+    left = cluster.left_behind()
+    assert not left, f"left behind: {left}"

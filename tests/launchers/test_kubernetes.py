@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 from azure_script import assert_ran_as_azure_ml_script_offline
-from fake_kubernetes import FakeCluster, wait_in_background, wait_until_ready
+from fake_kubernetes import (
+    FakeCluster,
+    assert_nothing_left,
+    fake_launcher,
+    wait_in_background,
+    wait_until_ready,
+)
 from fake_kubernetes import run_job as run
 
 from airflow_provider_dnntrain.launchers.base import JobFailed, JobState
@@ -36,19 +42,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture
 def launcher(cluster, monkeypatch, tmp_path):
-    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_FAKE", cluster.airflow_connection())
-    return KubernetesLauncher(
-        kubernetes_conn_id="kubernetes_fake",
-        work_root=str(tmp_path),
-        poll_interval=0.5,
-        stop_grace_seconds=5,
-        startup_timeout_seconds=20,
-    )
-
-
-def assert_nothing_left(cluster: FakeCluster) -> None:
-    left = cluster.left_behind()
-    assert not left, f"left behind: {left}"
+    return fake_launcher(cluster, monkeypatch, tmp_path)
 
 
 @pytest.mark.slow

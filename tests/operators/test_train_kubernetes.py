@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from airflow_helpers import EXAMPLE_DAGS, load_dag, task_instance, xcom
-from fake_kubernetes import FakeCluster
+from fake_kubernetes import FakeCluster, assert_nothing_left
 
 from airflow_provider_dnntrain import tracking
 
@@ -31,11 +31,6 @@ def connection(airflow_db, cluster, monkeypatch):
     # The examples use the provider's default connection; the test DAGs name theirs.
     for name in ("AIRFLOW_CONN_KUBERNETES_DEFAULT", "AIRFLOW_CONN_KUBERNETES_FAKE"):
         monkeypatch.setenv(name, cluster.airflow_connection())
-
-
-def assert_nothing_left(cluster: FakeCluster) -> None:
-    left = cluster.left_behind()
-    assert not left, f"left behind: {left}"
 
 
 def assert_trained_and_registered(result: dict, version: int, model: str) -> None:

@@ -12,6 +12,7 @@ def get_provider_info() -> dict:
         "description": "Distributed TensorFlow and PyTorch training as Airflow tasks, "
         "on local processes, SSH hosts or Kubernetes, with MLflow model registration.",
         "versions": [__version__],
+        "filesystems": ["airflow_provider_dnntrain.fs.http"],
         "operators": [
             {
                 "integration-name": "DNN Train",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import PurePosixPath
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -144,11 +145,71 @@ class Resources(_Spec):
 
 class Input(_Spec):
     """Data the job reads. Its location reaches the script as ``DNNTRAIN_INPUT_<NAME>`` and, if
-    ``argument`` is set, as ``<argument> <path>`` on the command line."""
+    ``argument`` is set, as ``<argument> <path>`` on the command line.
+
+    ``uri`` with ``mode="download"`` (the default): anything Airflow's ``ObjectStoragePath`` reads
+    (``s3://``, ``gs://``, ``file://``, ``http(s)://``...; ``conn_id`` names the connection with its
+    credentials), a file or a folder (an ``http(s)`` folder ends with ``/``), fetched once per host into
+    a cache keyed by the source and its version, and given to the script as a local path ending with the
+    URI's last name. ``mode="mount"``: a path passed as is, ``file://`` or a plain path on a shared
+    filesystem, or ``pvc://<claim>/<path>`` on Kubernetes. ``path`` alone: a path as is (``mount``).
+    """
 
     name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    path: str = Field(min_length=1)
+    uri: str | None = Field(None, min_length=1)
+    mode: Literal["download", "mount"] | None = None
+    conn_id: str | None = None
+    path: str | None = Field(None, min_length=1, description="where replicas find it (set for downloads)")
     argument: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Input:
+        if self.uri is None:
+            if self.path is None:
+                raise ValueError(f"inputs.{self.name}: give a uri (or a path)")
+            if self.mode == "download":
+                raise ValueError(f"inputs.{self.name}.mode: 'download' needs a uri to download from")
+            return self
+        if "{{" in self.uri:  # a template, checked once rendered
+            return self
+        scheme = self.scheme
+        if self.mode == "mount":
+            if scheme not in ("", "file", "pvc"):
+                raise ValueError(
+                    f"inputs.{self.name}.mode: 'mount' passes a path as is (file:// or a plain path on a "
+                    f"shared filesystem, pvc://<claim>/<path> on Kubernetes); {scheme}:// is read with "
+                    "mode='download'"
+                )
+            if scheme == "pvc" and not urlsplit(self.uri).netloc:
+                raise ValueError(
+                    f"inputs.{self.name}.uri: {self.uri!r} names no claim (pvc://<claim>/<path>)"
+                )
+        elif scheme in ("", "pvc"):
+            raise ValueError(
+                f"inputs.{self.name}.uri: {self.uri!r} is not a URI to download from (such as "
+                "s3://bucket/key or file:///data/x); a path on a shared filesystem or volume is given "
+                "with mode='mount'"
+            )
+        return self
+
+    @property
+    def scheme(self) -> str:
+        return urlsplit(self.uri or "").scheme.lower()
+
+    @property
+    def downloads(self) -> bool:
+        return self.uri is not None and self.mode != "mount"
+
+    @property
+    def leaf(self) -> str:
+        """The name the downloaded file or folder keeps (the URI's last one)."""
+        return PurePosixPath(urlsplit(self.uri or "").path).name or "data"
+
+    def replica_path(self) -> str | None:
+        """Where the script finds it, as far as the job says (a download's is set by the launcher)."""
+        if self.path is not None or self.uri is None or self.downloads or self.scheme == "pvc":
+            return self.path
+        return urlsplit(self.uri).path if self.scheme == "file" else self.uri
 
 
 Arguments = list[str] | dict[str, str | None]
@@ -202,6 +263,17 @@ class TrainingJob(_Spec):
             raise ValueError("inputs: names must be unique")
         return self
 
+    def with_inputs_in(self, folder: str) -> TrainingJob:
+        """The job with each downloaded input's path: ``<folder>/<name>/<leaf>`` (a launcher's choice of
+        folder, on the hosts its replicas run on)."""
+        placed = [
+            item.model_copy(update={"path": f"{folder.rstrip('/')}/{item.name}/{item.leaf}"})
+            if item.downloads
+            else item
+            for item in self.inputs
+        ]
+        return self.model_copy(update={"inputs": placed})
+
     def argv(self) -> list[str]:
         """The script's command-line arguments, literal, in order."""
         if isinstance(self.arguments, dict):
@@ -214,7 +286,7 @@ class TrainingJob(_Spec):
             flat = list(self.arguments)
         for item in self.inputs:
             if item.argument:
-                flat += [item.argument, item.path]
+                flat += [item.argument, item.replica_path() or ""]
         if self.resume_from and self.resume_argument:
             flat += [self.resume_argument, RESUME_FOLDER]
         return flat

@@ -144,19 +144,31 @@ class Launcher(ABC):
         """The run's folder on the worker: its plan, logs and artifacts (owner-only)."""
         return (self.work_root or default_work_root()) / run_id
 
+    def inputs_folder(self, run_id: str) -> str:
+        """Where the run's replicas find its downloaded inputs (``<folder>/<name>``, pointing at the
+        host's cache)."""
+        return str(self.run_dir(run_id) / "inputs")
+
     def validate(self, job: TrainingJob) -> None:
         """Raise ``ValueError`` naming the field if this backend cannot run ``job``."""
-        return None
+        for item in job.inputs:
+            if item.scheme == "pvc" and not item.downloads:
+                raise ValueError(
+                    f"inputs.{item.name}.uri: pvc:// names a Kubernetes volume claim; the {self.name} "
+                    "launcher's replicas read a path (file:// or a plain path on a shared filesystem)"
+                )
 
     def plan(self, job: TrainingJob, run_id: str) -> JobPlan:
         """Placement + topology, no side effects."""
         self.validate(job)
-        return render_plan(job, run_id, self.placement(run_id), self.interpreter(job))
+        placed = job.with_inputs_in(self.inputs_folder(run_id))
+        return render_plan(placed, run_id, self.placement(run_id), self.interpreter(job))
 
     def preview(self, job: TrainingJob, run_id: str) -> JobPlan:
         """The plan a dry run shows: where replicas would go, as far as it is known before a run
         (placeholder hosts unless the backend knows its hosts)."""
-        return render_plan(job, run_id, placeholder_placement(), self.interpreter(job))
+        placed = job.with_inputs_in(self.inputs_folder(run_id))
+        return render_plan(placed, run_id, placeholder_placement(), self.interpreter(job))
 
     def preview_objects(self, job: TrainingJob, run_id: str) -> list[dict] | None:
         """What the backend would create for the run beyond processes (Kubernetes objects), secrets

@@ -14,13 +14,18 @@ Standard library only: the SSH launcher ships this file to its hosts and builds 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+
+try:
+    from airflow_provider_dnntrain.launchers.host_cache import make_once
+except ImportError:  # run as a script on an SSH host (isolated, no packages), beside host_cache.py
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from host_cache import make_once
 
 FREEZE = "dnntrain-freeze.txt"  # the resolved package set, in the environment's folder
 BUILD_TIMEOUT_SECONDS = 1800
@@ -52,23 +57,10 @@ def ensure_environment(
     "freeze"}``. ``uv_settings``: ``UV_*`` variables the build runs with (an index, local wheels,
     offline). ``EnvironmentBuildFailed`` says what could not be installed and why."""
     key = environment_key(base_python, packages, requirements)
-    target = os.path.join(root, key)
-    if os.path.exists(os.path.join(target, FREEZE)):  # complete: renamed into place whole
-        return _built(root, key, built=False)
-    os.makedirs(root, exist_ok=True)
-    with open(os.path.join(root, f"{key}.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another build of the same environment: wait for it
-        if os.path.exists(os.path.join(target, FREEZE)):
-            return _built(root, key, built=False)
-        scratch = os.path.join(root, f"{key}.building")
-        shutil.rmtree(scratch, ignore_errors=True)  # a build that died: nobody holds its lock
-        try:
-            _build(scratch, base_python, packages, requirements, uv_settings or {})
-        except BaseException:
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise
-        os.rename(scratch, target)
-    return _built(root, key, built=True)
+    built = make_once(
+        root, key, lambda scratch: _build(scratch, base_python, packages, requirements, uv_settings or {})
+    )
+    return _built(root, key, built=built)
 
 
 def _built(root: str, key: str, built: bool) -> dict:

@@ -19,7 +19,8 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from airflow_provider_dnntrain.launchers import reaper
+from airflow_provider_dnntrain import inputs
+from airflow_provider_dnntrain.launchers import host_cache, reaper
 from airflow_provider_dnntrain.launchers.base import (
     ENTRY_SCRIPT_VAR,
     ENVIRONMENT_RECORD,
@@ -131,17 +132,21 @@ class LocalLauncher(Launcher):
         python: str | None = None,
         stop_grace_seconds: float = 10.0,
         environments_root: str | os.PathLike | None = None,
+        inputs_root: str | os.PathLike | None = None,
     ) -> None:
         self.work_root = Path(work_root) if work_root else None
         self.python = python
         self.stop_grace_seconds = stop_grace_seconds
         # Where jobs' environments (pip_packages) are built and cached, shared by every run here.
         self.environments_root = Path(environments_root or default_work_root().parent / "environments")
+        # Where downloaded inputs are cached, shared likewise.
+        self.inputs_root = Path(inputs_root or inputs.default_cache_root())
 
     def placement(self, run_id: str) -> FreePortPlacement:
         return FreePortPlacement()
 
     def validate(self, job: TrainingJob) -> None:
+        super().validate(job)
         dist = job.distribution
         if isinstance(dist, Horovod) and dist.node_count > 1:
             raise ValueError(
@@ -175,6 +180,8 @@ class LocalLauncher(Launcher):
         shutil.rmtree(run_dir, ignore_errors=True)
         run_dir.mkdir(parents=True)
         run_dir.chmod(0o700)  # replica logs and plans are the job owner's only
+        for name, (_, cached) in inputs.fetch_all(job, self.inputs_root).items():
+            host_cache.link(str(cached), os.path.join(self.inputs_folder(plan.run_id), name))
         snapshot = run_dir / "source"
         copy_snapshot(source, snapshot, job.resume_from)
         if job.environment.has_packages:

@@ -24,7 +24,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 
-from airflow_provider_dnntrain.launchers import environments, ssh_agent, ssh_peers
+from airflow_provider_dnntrain.launchers import environments, host_cache, ssh_agent, ssh_peers
 from airflow_provider_dnntrain.launchers.base import (
     ENTRY_SCRIPT_VAR,
     ENVIRONMENT_RECORD,
@@ -336,6 +336,7 @@ class SSHLauncher(Launcher):
         for local, remote in [
             (AGENT, "ssh_agent.py"),
             (REAPER, "reaper.py"),
+            (Path(host_cache.__file__), "host_cache.py"),
             *((REPLICA_SITE / name, f"replica_site/{name}") for name in REPLICA_SITE_MODULES),
         ]:
             host.put_file(local, posixpath.join(support, remote))

@@ -130,7 +130,7 @@ def base_env(job: TrainingJob, run_id: str, role: str, index: int) -> dict[str, 
     env.update({RUN_ID_VAR: run_id, ROLE_VAR: role, INDEX_VAR: str(index)})
     env.update({OUTPUT_DIR_VAR: "outputs", LOG_DIR_VAR: "logs"})
     for item in job.inputs:
-        env[f"DNNTRAIN_INPUT_{item.name.upper()}"] = item.path
+        env[f"DNNTRAIN_INPUT_{item.name.upper()}"] = item.replica_path() or ""
     if job.azureml_compat:
         env[AZUREML_COMPAT_VAR] = "1"
     if job.resume_from:

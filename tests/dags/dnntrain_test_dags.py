@@ -196,3 +196,16 @@ with DAG("dnntrain_test_resume", schedule=None, start_date=START):
             retries=retries,
             retry_delay=timedelta(0),
         )
+
+# Datasets by URI: a file from the test's object store (download), a folder as is (mount).
+with DAG("dnntrain_test_downloaded_inputs", schedule=None, start_date=START):
+    PyTorchTrainOperator(
+        task_id="train",
+        source_directory=SCRIPTS,
+        entry_script="reads_inputs.py",
+        inputs=[
+            Input(name="digits", uri="{{ dag_run.conf['uri'] }}", argument="--data-folder"),
+            Input(name="labels", uri="{{ dag_run.conf['labels'] }}", mode="mount"),
+        ],
+        tracking=False,
+    )

@@ -1,0 +1,167 @@
+"""Datasets by URI (``Input(uri=..., mode="download")``), fetched on the Airflow worker through Airflow's
+``ObjectStoragePath`` with the input's connection, into a cache shared by every later run.
+
+A cache entry is keyed by the source and its version: the URI plus every file's relative name, size and
+the version the store gives (ETag, generation, Last-Modified, mtime), so a changed object is fetched
+anew and an unchanged one never is. The entry holds the file, or the folder, under the URI's last name.
+Launchers point ``<inputs folder>/<name>`` at the entry on each host their replicas run on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from airflow_provider_dnntrain.launchers.host_cache import entry, make_once
+from airflow_provider_dnntrain.spec import Input, TrainingJob
+
+log = logging.getLogger(__name__)
+
+# What stores call an object's version, most precise first.
+_VERSION_FIELDS = (
+    "ETag",
+    "etag",
+    "generation",
+    "VersionId",
+    "md5Hash",
+    "Content-MD5",
+    "LastModified",
+    "Last-Modified",
+    "updated",
+    "mtime",
+)
+
+
+class InputUnavailable(RuntimeError):
+    """An input could not be found or fetched; the message names it."""
+
+
+@dataclass(frozen=True)
+class ResolvedInput:
+    item: Input
+    key: str
+    folder: bool
+    files: list[tuple[str, str, int]]  # (name under the leaf, the store's path, size)
+
+    @property
+    def size(self) -> int:
+        return sum(size for _, _, size in self.files)
+
+
+def default_cache_root() -> Path:
+    home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
+    return Path(home) / "dnntrain" / "inputs"
+
+
+def shown(uri: str) -> str:
+    """The URI without credentials it may carry (``https://user:password@host/...``)."""
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def _failure(item: Input, error: Exception) -> str:
+    """An error's text without the URI's credentials (ObjectStoragePath takes them for a connection id
+    and names it)."""
+    userinfo = urlsplit(item.uri).netloc.rpartition("@")[0]
+    return str(error).replace(userinfo, "***") if userinfo else str(error)
+
+
+def resolve(item: Input):
+    """What the input's URI holds now, and its cache key; ``InputUnavailable`` if it holds nothing."""
+    from airflow.sdk import ObjectStoragePath
+
+    try:
+        source = ObjectStoragePath(item.uri, conn_id=item.conn_id)
+        fs, path = source.fs, source.path
+        if item.scheme in ("http", "https"):  # a web server's folder is its index page: said by the URI
+            folder = item.uri.endswith("/")
+            found = fs.find(path, detail=True) if folder else {path: fs.info(path)}
+        else:
+            info = fs.info(path)
+            folder = info.get("type") == "directory"
+            found = fs.find(path, detail=True) if folder else {path: info}
+    except FileNotFoundError:  # also what fsspec makes of an HTTP server's 401/403
+        credentials = f"connection {item.conn_id!r}" if item.conn_id else "no connection (conn_id)"
+        raise InputUnavailable(
+            f"inputs.{item.name}: {shown(item.uri)} does not exist, or cannot be read with {credentials}"
+        ) from None
+    except Exception as error:
+        raise InputUnavailable(
+            f"inputs.{item.name}: cannot read {shown(item.uri)}: {_failure(item, error)}"
+        ) from None
+    if not found:
+        raise InputUnavailable(f"inputs.{item.name}: {shown(item.uri)} is an empty folder")
+    base = path.rstrip("/")
+    files = sorted(
+        (name[len(base) :].lstrip("/") if folder else "", name, int(info.get("size") or 0))
+        for name, info in found.items()
+    )
+    versions = [[rel, size, _version(found[name])] for rel, name, size in files]
+    content = json.dumps({"uri": item.uri.rstrip("/"), "files": versions})
+    return ResolvedInput(item, hashlib.sha256(content.encode()).hexdigest()[:24], folder, files)
+
+
+def _version(info: dict) -> str | None:
+    return next((str(info[name]) for name in _VERSION_FIELDS if info.get(name) is not None), None)
+
+
+def fetch(resolved: ResolvedInput, cache_root: Path) -> tuple[Path, bool]:
+    """The cache entry holding the input (fetched unless it is there already), and whether it was
+    fetched now."""
+    item = resolved.item
+
+    def download(scratch: str) -> None:
+        from airflow.sdk import ObjectStoragePath
+
+        fs = ObjectStoragePath(item.uri, conn_id=item.conn_id).fs
+        leaf = Path(scratch) / item.leaf
+        targets = [str(leaf / rel) if rel else str(leaf) for rel, _, _ in resolved.files]
+        for target in targets:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+        fs.get([name for _, name, _ in resolved.files], targets)
+
+    began = time.monotonic()
+    try:
+        fetched = make_once(str(cache_root), resolved.key, download)
+    except Exception as error:
+        raise InputUnavailable(
+            f"inputs.{item.name}: fetching {shown(item.uri)} failed: {_failure(item, error)}"
+        ) from None
+    log.info(
+        "Input %s: %s (%d file(s), %s) %s",
+        item.name,
+        shown(item.uri),
+        len(resolved.files),
+        _size(resolved.size),
+        f"fetched in {time.monotonic() - began:.2f} s" if fetched else "cached",
+    )
+    return Path(entry(str(cache_root), resolved.key)), fetched
+
+
+def downloads(job: TrainingJob) -> list[Input]:
+    return [item for item in job.inputs if item.downloads]
+
+
+def fetch_all(job: TrainingJob, cache_root: Path) -> dict[str, tuple[ResolvedInput, Path]]:
+    """Every input the job downloads, in the cache here: by name, what it resolved to and its entry."""
+    fetched = {}
+    for item in downloads(job):
+        resolved = resolve(item)
+        fetched[item.name] = (resolved, fetch(resolved, cache_root)[0])
+    return fetched
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1024 or unit == "GB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"

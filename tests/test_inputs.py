@@ -1,0 +1,159 @@
+"""Datasets by URI: resolved and fetched through Airflow's ObjectStoragePath into the host's cache, from a
+real web server (tests/object_store.py) and from plain files."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from airflow_helpers import TEST_DAGS, load_dag, xcom
+from object_store import ObjectStore
+from pydantic import ValidationError
+
+from airflow_provider_dnntrain import inputs
+from airflow_provider_dnntrain.inputs import InputUnavailable
+from airflow_provider_dnntrain.spec import Input
+
+TRAIN = "a,b\n1,2\n"
+
+
+@pytest.fixture
+def store(tmp_path):
+    root = tmp_path / "store"
+    (root / "digits" / "images").mkdir(parents=True)
+    (root / "digits" / "train.csv").write_text(TRAIN)
+    (root / "digits" / "images" / "0.txt").write_text("zero")
+    served = ObjectStore(root)
+    yield served
+    served.close()
+
+
+def digits(uri: str, **fields) -> Input:
+    return Input(name="digits", uri=uri, **fields)
+
+
+def entries(cache: Path) -> list[str]:
+    return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
+
+
+def test_a_file_is_fetched_once_and_keeps_its_name(store, tmp_path):
+    cache = tmp_path / "cache"
+    resolved = inputs.resolve(digits(store.url("digits/train.csv")))
+    entry, fetched = inputs.fetch(resolved, cache)
+    assert fetched and (entry / "train.csv").read_text() == TRAIN
+    again = inputs.resolve(digits(store.url("digits/train.csv")))
+    assert again.key == resolved.key
+    assert inputs.fetch(again, cache) == (entry, False)
+    assert store.downloads("digits/train.csv") == 1
+
+
+def test_a_changed_object_is_fetched_anew_under_another_key(store, tmp_path):
+    cache = tmp_path / "cache"
+    first, _ = inputs.fetch(inputs.resolve(digits(store.url("digits/train.csv"))), cache)
+    (store.root / "digits" / "train.csv").write_text(TRAIN + "3,4\n")
+    second, fetched = inputs.fetch(inputs.resolve(digits(store.url("digits/train.csv"))), cache)
+    assert fetched and second != first
+    assert (second / "train.csv").read_text() == TRAIN + "3,4\n"
+    assert (first / "train.csv").read_text() == TRAIN  # a run still reading it keeps its version
+    assert store.downloads("digits/train.csv") == 2
+
+
+@pytest.mark.parametrize("where", ["http", "file"])
+def test_a_folder_is_fetched_whole(store, tmp_path, where):
+    uri = store.url("digits/") if where == "http" else (store.root / "digits").as_uri()
+    entry, _ = inputs.fetch(inputs.resolve(digits(uri)), tmp_path / "cache")
+    assert sorted(str(p.relative_to(entry)) for p in entry.rglob("*") if p.is_file()) == [
+        "digits/images/0.txt",
+        "digits/train.csv",
+    ]
+    assert (entry / "digits" / "images" / "0.txt").read_text() == "zero"
+
+
+def test_two_tasks_needing_one_new_input_fetch_it_once(store, tmp_path):
+    cache, barrier, results = tmp_path / "cache", threading.Barrier(4), []
+
+    def fetch() -> None:
+        resolved = inputs.resolve(digits(store.url("digits/train.csv")))
+        barrier.wait()
+        results.append(inputs.fetch(resolved, cache))
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(fetched for _, fetched in results) == [False, False, False, True]
+    assert len({entry for entry, _ in results}) == 1
+    assert store.downloads("digits/train.csv") == 1
+
+
+def test_a_missing_input_fails_naming_it_and_leaves_nothing(store, tmp_path):
+    cache = tmp_path / "cache"
+    with pytest.raises(InputUnavailable, match=r"inputs\.digits: http://127\.0\.0\.1:\d+/nope\.csv does not"):
+        inputs.resolve(digits(store.url("nope.csv")))
+    with pytest.raises(InputUnavailable, match=r"inputs\.digits: .*/digits/gone\.csv does not exist"):
+        inputs.resolve(digits((store.root / "digits" / "gone.csv").as_uri()))
+    resolved = inputs.resolve(digits(store.url("digits/train.csv")))
+    (store.root / "digits" / "train.csv").unlink()  # gone between the listing and the download
+    with pytest.raises(InputUnavailable, match=r"inputs\.digits: fetching http://.*/train\.csv failed"):
+        inputs.fetch(resolved, cache)
+    assert [name for name in entries(cache) if not name.endswith(".lock")] == []
+
+
+def test_credentials_come_from_the_airflow_connection_and_stay_out_of_messages(tmp_path, monkeypatch):
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "train.csv").write_text(TRAIN)
+    store = ObjectStore(tmp_path, credentials=("reader", "s3cr3t-pw"))
+    try:
+        with pytest.raises(InputUnavailable, match=r"csv does not exist, or cannot be read with no conn"):
+            inputs.resolve(digits(store.url("private/train.csv")))
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_STORE_READER",
+            json.dumps({"conn_type": "http", "login": "reader", "password": "s3cr3t-pw"}),
+        )
+        entry, _ = inputs.fetch(
+            inputs.resolve(digits(store.url("private/train.csv"), conn_id="store_reader")), tmp_path / "cache"
+        )
+        assert (entry / "train.csv").read_text() == TRAIN
+        in_url = store.url("private/nope.csv").replace("http://", "http://reader:s3cr3t-pw@")
+        with pytest.raises(InputUnavailable) as raised:
+            inputs.resolve(digits(in_url))
+        assert "s3cr3t-pw" not in str(raised.value) and "***@127.0.0.1" in str(raised.value)
+    finally:
+        store.close()
+
+
+def test_modes_and_uris_are_checked_when_the_job_is_made():
+    assert digits("s3://bucket/digits").downloads
+    shared = Input(name="d", uri="file:///mnt/shared/digits", mode="mount")
+    assert shared.replica_path() == "/mnt/shared/digits"
+    assert Input(name="d", path="/mnt/d").replica_path() == "/mnt/d"
+    with pytest.raises(ValidationError, match=r"inputs\.digits\.mode: 'mount' passes a path as is.*s3://"):
+        digits("s3://bucket/digits", mode="mount")
+    with pytest.raises(ValidationError, match=r"inputs\.digits\.uri: '/data/digits' is not a URI to"):
+        digits("/data/digits")
+    with pytest.raises(ValidationError, match=r"inputs\.digits: give a uri"):
+        Input(name="digits")
+    with pytest.raises(ValidationError, match=r"inputs\.digits\.uri: 'pvc:///x' names no claim"):
+        digits("pvc:///x", mode="mount")
+
+
+def test_a_training_task_reads_its_inputs_from_the_hosts_cache(store, airflow_db):
+    dag = load_dag(TEST_DAGS, "dnntrain_test_downloaded_inputs")
+    conf = {"uri": store.url("digits/train.csv"), "labels": (store.root / "digits" / "images").as_uri()}
+    read = []
+    for _ in range(2):
+        dag_run = dag.test(run_conf=conf)
+        assert dag_run.state == "success"
+        read.append(json.loads((Path(xcom(dag_run, "train")["outputs"]) / "inputs.json").read_text()))
+    found = read[0]["inputs"]
+    assert found["digits"]["files"] == {"train.csv": TRAIN}
+    assert found["digits"]["path"].endswith("/inputs/digits/train.csv")
+    assert read[0]["argv"] == ["--data-folder", found["digits"]["path"]]
+    assert found["labels"] == {"path": str(store.root / "digits" / "images"), "files": {"0.txt": "zero"}}
+    assert read[1]["inputs"]["digits"]["files"] == {"train.csv": TRAIN}
+    assert store.downloads("digits/train.csv") == 1  # the second run found it in the cache
+    cached = Path(found["digits"]["path"]).resolve()
+    assert cached.is_relative_to(inputs.default_cache_root().resolve())

@@ -47,11 +47,7 @@ class ResolvedInput:
     item: Input
     key: str
     folder: bool
-    files: list[tuple[str, str, int]]  # (name under the leaf, the store's path, size)
-
-    @property
-    def size(self) -> int:
-        return sum(size for _, _, size in self.files)
+    files: list[tuple[str, str, int]]  # (name under the leaf, the store's path, size if known)
 
 
 def default_cache_root() -> Path:
@@ -135,15 +131,14 @@ def fetch(resolved: ResolvedInput, cache_root: Path) -> tuple[Path, bool]:
         raise InputUnavailable(
             f"inputs.{item.name}: fetching {shown(item.uri)} failed: {_failure(item, error)}"
         ) from None
-    log.info(
-        "Input %s: %s (%d file(s), %s) %s",
-        item.name,
-        shown(item.uri),
-        len(resolved.files),
-        _size(resolved.size),
-        f"fetched in {time.monotonic() - began:.2f} s" if fetched else "cached",
-    )
-    return Path(entry(str(cache_root), resolved.key)), fetched
+    folder = Path(entry(str(cache_root), resolved.key))
+    if fetched:
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        how = f"fetched ({len(resolved.files)} file(s), {_size(size)}) in {time.monotonic() - began:.2f} s"
+    else:
+        how = "cached"
+    log.info("Input %s: %s %s", item.name, shown(item.uri), how)
+    return folder, fetched
 
 
 def downloads(job: TrainingJob) -> list[Input]:

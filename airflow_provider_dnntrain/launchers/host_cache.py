@@ -7,8 +7,8 @@ the first's lock, then finds it there); a failed attempt leaves nothing.
 
 Standard library only: the SSH launcher ships this file to its hosts. ``python host_cache.py missing
 ROOT KEY...`` prints (JSON) the keys that have no entry; ``python host_cache.py unpack ROOT KEY TAR``
-makes the entry from a tar (and removes the tar); ``python host_cache.py link TARGET LINK`` points a
-symbolic link at an entry, replacing one already there.
+makes the entry from a tar (and removes the tar); ``python host_cache.py link TARGET LINK...`` points
+symbolic links at entries, replacing any already there.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def main() -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(archive)
     elif command == "link":
-        link(*args)
+        for target, link_path in zip(args[::2], args[1::2], strict=True):
+            link(target, link_path)
     else:
         sys.exit(f"host_cache: unknown command {command!r}")
 

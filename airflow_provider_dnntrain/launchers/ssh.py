@@ -24,6 +24,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 
+from airflow_provider_dnntrain import inputs
 from airflow_provider_dnntrain.launchers import environments, host_cache, ssh_agent, ssh_peers
 from airflow_provider_dnntrain.launchers.base import (
     ENTRY_SCRIPT_VAR,
@@ -70,6 +71,7 @@ from airflow_provider_dnntrain.spec import Horovod, TorchDistributed, TrainingJo
 from airflow_provider_dnntrain.topology import Endpoint, JobPlan, Replica, render_plan
 
 log = logging.getLogger(__name__)
+INPUT_UNPACK_SECONDS = 1800
 AGENT = Path(ssh_agent.__file__)
 
 
@@ -130,9 +132,11 @@ class SSHLauncher(Launcher):
         orphan_timeout: float = 300.0,
         keep_remote_files: bool = False,
         uv_settings: Mapping[str, str] | None = None,
+        inputs_root: str | None = None,
     ) -> None:
         self.ssh_conn_ids = [ssh_conn_ids] if isinstance(ssh_conn_ids, str) else list(ssh_conn_ids)
         self.uv_settings = dict(uv_settings or {})
+        self.inputs_root = Path(inputs_root) if inputs_root else inputs.default_cache_root()
         self.python = python
         self.remote_root = remote_root
         self.work_root = Path(work_root) if work_root else None
@@ -156,10 +160,16 @@ class SSHLauncher(Launcher):
     ) -> HostPlacement:
         return HostPlacement([h.peer_address for h in self.host_specs], ports, runs_as_root)
 
+    def inputs_folder(self, run_id: str) -> str:
+        """Relative to the first host's home until the hosts are reached (then :meth:`_ship` renders the
+        plan with the absolute folder)."""
+        return posixpath.join(self.remote_root, run_id, "inputs")
+
     def plan(self, job: TrainingJob, run_id: str) -> JobPlan:
         self._check_node_count(job)
         self.validate(job)
-        return self._render(job, run_id, self.placement(run_id), self.interpreter(job))
+        placed = job.with_inputs_in(self.inputs_folder(run_id))
+        return self._render(placed, run_id, self.placement(run_id), self.interpreter(job))
 
     def _render(
         self,
@@ -268,15 +278,17 @@ class SSHLauncher(Launcher):
         render_plan(job, plan.run_id, counting, python)
         needed = counting.ports_needed()
         prepared = raise_first(on_each(hosts, lambda h: self._prepare(h, python, job_dir, bundle, needed)))
+        self._ship_inputs(job, hosts, job_dir, run_dir)
+        placed = job.with_inputs_in(posixpath.join(job_dir, "inputs"))
         ports = {h.spec.peer_address: prepared[h.label]["ports"] for h in hosts}
         as_root = all(answer["root"] for answer in prepared.values())
         placement = self.placement(plan.run_id, ports, as_root)
         if job.environment.has_packages:
             built = raise_first(on_each(hosts, lambda h: self._build_environment(h, job, job_dir)))
             pythons = {h.spec.peer_address: built[h.label] for h in hosts}
-            plan = self._render(job, plan.run_id, placement, pythons[hosts[0].spec.peer_address], pythons)
+            plan = self._render(placed, plan.run_id, placement, pythons[hosts[0].spec.peer_address], pythons)
         else:
-            plan = self._render(job, plan.run_id, placement, python)
+            plan = self._render(placed, plan.run_id, placement, python)
         (run_dir / "plan.json").write_text(plan.to_json())
         handle = SSHJobHandle(
             run_id=plan.run_id,
@@ -299,6 +311,48 @@ class SSHLauncher(Launcher):
         hosts = [RemoteHost(s, f"h{i}") for i, s in enumerate(self.host_specs) if s.peer_address in used]
         raise_first(on_each(hosts, RemoteHost.connect))
         return hosts
+
+    def _ship_inputs(self, job: TrainingJob, hosts: list[RemoteHost], folder: str, run_dir: Path) -> None:
+        """Every input the job downloads: fetched here once (this worker's cache), then put in each
+        host's cache (``<remote_root>/../inputs``) unless it is there already; ``<run folder>/inputs/
+        <name>`` points at it, the same path on every host."""
+        fetched = inputs.fetch_all(job, self.inputs_root)
+        if not fetched:
+            return
+        tars: dict[str, Path] = {}
+        making = threading.Lock()
+
+        def tar_of(key: str, entry: Path) -> Path:
+            with making:  # one tar per input, whichever host asks first
+                if key not in tars:
+                    tars[key] = _tar_folder(entry, run_dir / f"input-{key}.tar")
+                return tars[key]
+
+        def ship(host: RemoteHost) -> None:
+            tool = [host.spec.python or self.interpreter(job), "-I", "-S"]
+            tool.append(posixpath.join(folder, "dnntrain", "host_cache.py"))
+            root = host.absolute(posixpath.join(posixpath.dirname(self.remote_root.rstrip("/")), "inputs"))
+            keys = [resolved.key for resolved, _ in fetched.values()]
+            missing = json.loads(host.run([*tool, "missing", root, *keys], _COMMAND_TIMEOUT_SECONDS))
+            links = []
+            for name, (resolved, entry) in fetched.items():
+                if resolved.key in missing:
+                    began = time.monotonic()
+                    host.makedirs(root)
+                    upload = posixpath.join(root, f"{resolved.key}.{uuid.uuid4().hex[:8]}.tar")
+                    host.put_file(tar_of(resolved.key, entry), upload)
+                    host.run([*tool, "unpack", root, resolved.key, upload], INPUT_UNPACK_SECONDS)
+                    log.info("Input %s: put on host %s in %.2f s", name, host.spec, time.monotonic() - began)
+                else:
+                    log.info("Input %s: cached on host %s", name, host.spec)
+                links += [posixpath.join(root, resolved.key), posixpath.join(folder, "inputs", name)]
+            host.run([*tool, "link", *links], _COMMAND_TIMEOUT_SECONDS)
+
+        try:
+            raise_first(on_each(hosts, ship))
+        finally:
+            for tar in tars.values():
+                tar.unlink(missing_ok=True)
 
     def _build_environment(self, host: RemoteHost, job: TrainingJob, folder: str) -> str:
         """Build (or find) the job's environment on ``host`` with its interpreter; its resolved packages
@@ -544,6 +598,13 @@ def _remote_gpus(host: RemoteHost) -> tuple[int, str]:
         return listed_gpus(host.run(LIST_GPUS, _COMMAND_TIMEOUT_SECONDS)), "nvidia-smi -L lists no GPU"
     except RemoteCommandFailed as error:  # not installed (exit 127), or no driver
         return 0, str(error)
+
+
+def _tar_folder(folder: Path, target: Path) -> Path:
+    with tarfile.open(target, "w") as tar:
+        for child in sorted(folder.iterdir()):
+            tar.add(child, arcname=child.name)
+    return target
 
 
 def _bundle(source: Path, target: Path, resume: str | None = None) -> Path:

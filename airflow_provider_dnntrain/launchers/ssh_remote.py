@@ -172,21 +172,23 @@ class RemoteHost:
     def put(self, content: bytes, path: str, mode: int = 0o600) -> None:
         """Write ``content`` to ``path`` whole: a reader (or a host sharing the file system) never sees
         it half-written. Created owner-only before any byte is written."""
-        with self._reaching():
-            self._put(content, path, mode)
+        self.put_stream(io.BytesIO(content), path, mode)
 
-    def _put(self, content: bytes, path: str, mode: int) -> None:
-        sftp = self.sftp
-        writing = f"{path}.{uuid.uuid4().hex[:8]}.writing"
-        with sftp.open(writing, "wb") as file:
-            file.chmod(mode)
-            file.set_pipelined(True)
-            file.write(content)
-        sftp.posix_rename(writing, path)
+    def put_stream(self, stream, path: str, mode: int = 0o600) -> None:
+        """:meth:`put`, reading ``stream`` a chunk at a time (a large file never sits in memory)."""
+        with self._reaching():
+            sftp = self.sftp
+            writing = f"{path}.{uuid.uuid4().hex[:8]}.writing"
+            with sftp.open(writing, "wb") as file:
+                file.chmod(mode)
+                file.set_pipelined(True)
+                while chunk := stream.read(1 << 20):
+                    file.write(chunk)
+            sftp.posix_rename(writing, path)
 
     def put_file(self, local: Path, path: str) -> None:
         with open(local, "rb") as file:
-            self.put(file.read(), path)
+            self.put_stream(file, path)
 
     def makedirs(self, path: str, mode: int = 0o700) -> None:
         with self._reaching():

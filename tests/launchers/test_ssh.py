@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from azure_script import assert_ran_as_azure_ml_script_offline
+from object_store import ObjectStore
 from ssh_hosts import SSHHosts
 
 from airflow_provider_dnntrain.launchers import ssh_peers
@@ -204,3 +205,60 @@ def test_a_job_runs_in_its_environment_built_on_the_host(tmp_path, conn_ids):
     assert f"python {remote / 'environments'}/" in line  # the environment built on the host
     record = launcher.collect_outputs(handle) / "logs" / "environment.txt"
     assert "pyjokes==0.8.3" in record.read_text()
+
+
+@pytest.mark.slow
+def test_downloaded_inputs_reach_every_host_once_and_are_cached_there(tmp_path, conn_ids, hosts, capfd):
+    (tmp_path / "store" / "digits" / "images").mkdir(parents=True)
+    (tmp_path / "store" / "digits" / "train.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "store" / "digits" / "images" / "0.txt").write_text("zero")
+    store = ObjectStore(tmp_path / "store")
+    job = TrainingJob(
+        framework="tensorflow",
+        source_directory=str(TEST_SCRIPTS),
+        entry_script="reads_inputs.py",
+        distribution=MultiWorkerMirrored(worker_count=2),
+        inputs=[
+            Input(name="digits", uri=store.url("digits/"), argument="--data-folder"),
+            Input(name="labels", uri=(tmp_path / "store" / "digits" / "train.csv").as_uri()),
+        ],
+    )
+    remote = tmp_path / "remote"
+    launcher = SSHLauncher(
+        ssh_conn_ids=conn_ids,
+        work_root=str(tmp_path / "worker"),
+        remote_root=str(remote / "runs"),
+        inputs_root=str(tmp_path / "worker-cache"),
+    )
+    found = []
+    try:
+        for attempt in range(2):
+            capfd.readouterr()
+            handle = launcher.submit(job, launcher.plan(job, f"ssh-inputs-{attempt}"), extra_env={})
+            said = capfd.readouterr().out
+            lines = []
+            wait_for_job(launcher, handle, lines.append, timeout=120)
+            print("\n".join(map(str, lines)))
+            found.append(
+                {
+                    line.replica: json.loads(line.text[len("inputs: ") :])
+                    for line in lines
+                    if line.text.startswith("inputs: ")
+                }
+            )
+            how = "put on" if attempt == 0 else "cached on"
+            for host in hosts.hosts[:2]:  # the two the workers run on
+                for name in ("digits", "labels"):
+                    assert f"Input {name}: {how} host {host.address} " in said, (name, host.address)
+            launcher.collect_outputs(handle)
+    finally:
+        store.close()
+    for attempt, run in enumerate(found):
+        assert sorted(run) == ["worker-0", "worker-1"]
+        for seen in run.values():
+            assert seen["digits"]["files"] == {"images/0.txt": "zero", "train.csv": "a,b\n1,2\n"}
+            assert seen["digits"]["path"] == f"{remote}/runs/ssh-inputs-{attempt}/inputs/digits/digits"
+            assert seen["labels"]["files"] == {"train.csv": "a,b\n1,2\n"}
+    assert store.downloads("digits/train.csv") == 1  # fetched once by the worker, then from its cache
+    cached = [p.name for p in (remote / "inputs").iterdir() if not p.name.endswith(".lock")]
+    assert len(cached) == 2  # one entry per input, though both hosts share the disk here

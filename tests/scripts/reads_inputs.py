@@ -19,5 +19,6 @@ found = {
     for name, value in os.environ.items()
     if name.startswith("DNNTRAIN_INPUT_")
 }
+print("inputs: " + json.dumps(found, sort_keys=True), flush=True)
 Path("outputs").mkdir(exist_ok=True)
 Path("outputs/inputs.json").write_text(json.dumps({"inputs": found, "argv": sys.argv[1:]}))

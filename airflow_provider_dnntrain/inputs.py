@@ -154,6 +154,38 @@ def fetch_all(job: TrainingJob, cache_root: Path) -> dict[str, tuple[ResolvedInp
     return fetched
 
 
+def pod_sources(job: TrainingJob, expires_in: float) -> str:
+    """What pods fetch the job's downloads from, as JSON: each input's cache key, its name and files
+    with a URL a pod can GET (an object store's signed URL, valid ``expires_in`` seconds; a web
+    server's own, with the connection's headers). ``InputUnavailable`` for a store that signs none."""
+    from airflow.sdk import ObjectStoragePath
+
+    from airflow_provider_dnntrain.fs.http import request_headers
+
+    sources = []
+    for item in downloads(job):
+        resolved = resolve(item)
+        headers: dict[str, str] = {}
+        if item.scheme in ("http", "https"):
+            urls = [name for _, name, _ in resolved.files]
+            headers = request_headers(item.conn_id)
+        else:
+            fs = ObjectStoragePath(item.uri, conn_id=item.conn_id).fs
+            try:
+                urls = [fs.sign(name, expiration=int(expires_in)) for _, name, _ in resolved.files]
+            except NotImplementedError:
+                raise InputUnavailable(
+                    f"inputs.{item.name}: pods cannot fetch {shown(item.uri)} ({item.scheme}:// gives no "
+                    "signed URLs): use an object store that does (s3://, gs://, https://...), or a volume "
+                    "claim (uri='pvc://<claim>/<path>', mode='mount')"
+                ) from None
+        files = [[rel, url] for (rel, _, _), url in zip(resolved.files, urls, strict=True)]
+        sources.append(
+            {"name": item.name, "key": resolved.key, "leaf": item.leaf, "headers": headers, "files": files}
+        )
+    return json.dumps({"inputs": sources})
+
+
 def _size(count: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if count < 1024 or unit == "GB":

@@ -16,12 +16,19 @@ from pathlib import Path
 
 
 class ObjectStore:
-    def __init__(self, root: Path, *, bind: str = "127.0.0.1", credentials: tuple[str, str] | None = None):
+    def __init__(
+        self,
+        root: Path,
+        *,
+        bind: str = "127.0.0.1",
+        port: int = 0,
+        credentials: tuple[str, str] | None = None,
+    ):
         self.root = root
         self.requests: list[tuple[str, str]] = []  # (method, path)
         self._lock = threading.Lock()
         handler = partial(_Handler, store=self, directory=str(root))
-        self._server = http.server.ThreadingHTTPServer((bind, 0), handler)
+        self._server = http.server.ThreadingHTTPServer((bind, port), handler)
         self._server.daemon_threads = True
         self.credentials = credentials
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)

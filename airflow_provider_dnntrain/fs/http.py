@@ -4,25 +4,33 @@ and password: basic authentication; extra ``headers``: sent with every request).
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 schemes = ["http", "https"]
+
+
+def request_headers(conn_id: str | None) -> dict[str, str]:
+    """The headers every request carries for the connection: its extra ``headers``, and basic
+    authentication from its login and password."""
+    if not conn_id:
+        return {}
+    from airflow.sdk import BaseHook
+
+    connection = BaseHook.get_connection(conn_id)
+    headers = dict(connection.extra_dejson.get("headers", {}))
+    if connection.login:
+        pair = f"{connection.login}:{connection.password or ''}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
+    return headers
 
 
 def get_fs(conn_id: str | None, storage_options: dict[str, Any] | None = None):
     from fsspec.implementations.http import HTTPFileSystem
 
     options = dict(storage_options or {})
-    if conn_id:
-        import aiohttp
-        from airflow.sdk import BaseHook
-
-        connection = BaseHook.get_connection(conn_id)
+    if headers := request_headers(conn_id):
         client = dict(options.get("client_kwargs") or {})
-        headers = {**connection.extra_dejson.get("headers", {}), **client.get("headers", {})}
-        if headers:
-            client["headers"] = headers
-        if connection.login:
-            client["auth"] = aiohttp.BasicAuth(connection.login, connection.password or "")
+        client["headers"] = {**headers, **client.get("headers", {})}
         options["client_kwargs"] = client
     return HTTPFileSystem(**options)

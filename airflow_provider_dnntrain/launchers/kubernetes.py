@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from airflow_provider_dnntrain import inputs
 from airflow_provider_dnntrain.launchers.base import (
     ENTRY_SCRIPT_VAR,
     LAUNCH_ID_VAR,
@@ -40,6 +41,13 @@ from airflow_provider_dnntrain.launchers.base import (
     LogLine,
 )
 from airflow_provider_dnntrain.launchers.kubernetes_files import default_image, run_bundle, ssh_files
+from airflow_provider_dnntrain.launchers.kubernetes_inputs import (
+    INPUTS_FOLDER,
+    SOURCES_KEY,
+    check_inputs,
+    input_volumes,
+    place_inputs,
+)
 from airflow_provider_dnntrain.launchers.kubernetes_job import (
     KubernetesJobHandle,
     cursors_patch,
@@ -84,6 +92,7 @@ _DELETE_WAIT_SECONDS = 60
 _EXEC_TIMEOUT_SECONDS = 120
 _CONNECTIONS = 1100  # log streams of the widest runs, and the calls
 _CREATING_AT_ONCE = 16  # pods created in parallel: a wide run starts in round trips / 16
+_SIGNED_URL_SECONDS = 6 * 3600  # how long pods may take to fetch an input, besides starting
 
 
 class KubernetesLauncher(Launcher):
@@ -110,6 +119,11 @@ class KubernetesLauncher(Launcher):
     is served to them by an ``mlflow server`` this task runs, listening on ``tracking_bind``, at
     ``tracking_address`` (``host:port`` where pods reach this worker; default: the connection's extra
     ``tracking_address``, else this worker's address towards the API server, on a free port).
+
+    Inputs: each pod fetches the job's downloads itself, from URLs this worker resolves with the
+    input's connection (signed ones for object stores), into ``inputs_cache_claim`` (a
+    ReadWriteMany claim every run shares, so a node fetches an input once) or else the pod's own
+    ``emptyDir``; ``pvc://<claim>/<path>`` inputs are that claim, mounted read-only.
     """
 
     name = "kubernetes"
@@ -135,6 +149,7 @@ class KubernetesLauncher(Launcher):
         tracking_address: str | None = None,
         tracking_bind: str = "0.0.0.0",
         kubeflow: bool = False,
+        inputs_cache_claim: str | None = None,
         **pod_options: Any,
     ) -> None:
         self.kubernetes_conn_id = kubernetes_conn_id
@@ -161,6 +176,7 @@ class KubernetesLauncher(Launcher):
         self.tracking_address = tracking_address
         self.tracking_bind = tracking_bind
         self.kubeflow = kubeflow
+        self.inputs_cache_claim = inputs_cache_claim
 
     # -- the cluster ----------------------------------------------------------------------------
 
@@ -209,6 +225,10 @@ class KubernetesLauncher(Launcher):
             )
         if self.kubeflow:
             check_kubeflow(job)
+        check_inputs(job)
+
+    def inputs_folder(self, run_id: str) -> str:
+        return INPUTS_FOLDER
 
     def plan(self, job: TrainingJob, run_id: str) -> JobPlan:
         return self._plan(job, run_id, self._namespace())
@@ -218,6 +238,7 @@ class KubernetesLauncher(Launcher):
 
     def _plan(self, job: TrainingJob, run_id: str, namespace: str) -> JobPlan:
         self.validate(job)
+        job = place_inputs(job)
         if self.kubeflow:
             kind = kubeflow_kind(job.framework, job.distribution.kind)
             placement: Any = KubeflowPlacement(run_id, namespace, kind)
@@ -230,9 +251,10 @@ class KubernetesLauncher(Launcher):
         plan = self.preview(job, run_id)
         settings = self._settings(job, plan, self.namespace or "default", {})
         secrets = {name: "***" for name in job.environment.secrets}
-        objects = render_run(
-            plan, settings, run_bundle(check_source(job), plan, job.resume_from), secret_data(secrets, {})
-        )
+        data = secret_data(secrets, {})
+        if inputs.downloads(job):
+            data[SOURCES_KEY] = "***"
+        objects = render_run(plan, settings, run_bundle(check_source(job), plan, job.resume_from), data)
         if self.kubeflow:
             workload = self._workload(job, plan, settings, objects.owner_reference)
             objects = dataclasses.replace(objects, service=None, pods=[], pod_group=None, extra=[workload])
@@ -244,6 +266,7 @@ class KubernetesLauncher(Launcher):
         return render_kubeflow_job(plan, settings, kind, owner_ref)
 
     def _settings(self, job: TrainingJob, plan: JobPlan, namespace: str, launch_env: Mapping[str, str]):
+        volumes, mounts = input_volumes(job, job_name(plan.run_id), self.inputs_cache_claim)
         return RunSettings(
             namespace=namespace,
             image=job.environment.image or self.pod_options.image or default_image(job),
@@ -258,6 +281,8 @@ class KubernetesLauncher(Launcher):
             grace_seconds=int(self.stop_grace_seconds),
             gang=self.gang,
             pod_template=self._pod_template(),
+            input_volumes=volumes,
+            input_mounts=mounts,
         )
 
     def _pod_template(self) -> dict | None:
@@ -325,6 +350,8 @@ class KubernetesLauncher(Launcher):
     def _create_run(self, handle, job, plan, source, launch_env, secrets) -> None:
         keys = ssh_files(handle.job) if ssh_nodes(plan) else {}
         data = secret_data(secrets, keys)
+        if inputs.downloads(job):  # signed URLs and connection headers: credentials, so in the Secret
+            data[SOURCES_KEY] = inputs.pod_sources(job, self.startup_timeout_seconds + _SIGNED_URL_SECONDS)
         bundle = run_bundle(source, plan, job.resume_from)
         settings = self._settings(job, plan, handle.namespace, launch_env)
         owner = render_run(plan, settings, bundle, data).owner

@@ -13,12 +13,15 @@ every replica of a type, and the training operator's variables are the pod's own
 With ``--rank-logs DIR``, ``run`` and ``sshd`` stay as the parent of the command and print the lines
 that ranks started in this pod write to per-rank files, as ``[rank.N] line``.
 ``pack``: the outputs and logs folders as a base64 tar on stdout.
+Unpacking also fetches the job's downloaded inputs (``input-sources/inputs.json``, from the run's
+Secret) into the inputs cache volume, once per cache, and links ``inputs/<name>`` to them.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import io
 import json
 import os
@@ -32,6 +35,9 @@ import time
 BUNDLE = os.path.dirname(os.path.abspath(__file__))
 SSH_DIR = "/dnntrain/ssh"
 SSH = "/usr/bin/ssh"
+INPUT_SOURCES = "/dnntrain/input-sources/inputs.json"
+INPUTS_CACHE = "/dnntrain/inputs-cache"
+FETCH_TIMEOUT_SECONDS = 300  # without a byte
 PEER_WAIT_SECONDS = 600
 
 
@@ -49,6 +55,60 @@ def unpack() -> None:
             handle.write(text)
     # The bundle holds the replica site's sitecustomize.py: first on the path, in every pod alike.
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (BUNDLE, os.environ.get("PYTHONPATH")) if p)
+    fetch_inputs(workdir)
+
+
+def fetch_inputs(workdir: str) -> None:
+    if not os.path.exists(INPUT_SOURCES):
+        return
+    import host_cache  # beside this file, in the bundle
+
+    with open(INPUT_SOURCES) as listing:
+        sources = json.load(listing)["inputs"]
+    for source in sources:
+        began = time.monotonic()
+        try:
+            fetched = host_cache.make_once(INPUTS_CACHE, source["key"], functools.partial(_download, source))
+        except (OSError, ValueError) as error:
+            sys.exit(f"dnntrain: inputs.{source['name']}: fetching failed: {error}")
+        host_cache.link(
+            os.path.join(INPUTS_CACHE, source["key"]), os.path.join(workdir, "inputs", source["name"])
+        )
+        how = f"fetched in {time.monotonic() - began:.2f} s" if fetched else "cached"
+        print(f"dnntrain: input {source['name']}: {how}", flush=True)
+
+
+def _download(source: dict, scratch: str) -> None:
+    """Every file of the input, 8 at a time (an object store serves files in parallel)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    leaf = os.path.join(scratch, source["leaf"])
+    with ThreadPoolExecutor(8) as pool:
+        done = pool.map(
+            lambda entry: _download_file(
+                entry[1], os.path.join(leaf, entry[0]) if entry[0] else leaf, source["headers"]
+            ),
+            source["files"],
+        )
+        list(done)  # raises the first failure
+
+
+def _download_file(url: str, target: str, headers: dict) -> None:
+    import shutil
+    import urllib.parse
+    import urllib.request
+
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shown = urllib.parse.urlsplit(url)._replace(query="").geturl()  # a signature is a credential
+    try:
+        request = urllib.request.Request(url, headers=headers)
+        with (
+            urllib.request.urlopen(request, timeout=FETCH_TIMEOUT_SECONDS) as response,
+            open(target, "wb") as out,
+        ):
+            shutil.copyfileobj(response, out, 1 << 20)
+    except OSError as error:
+        raise OSError(f"{shown}: {error}") from None
 
 
 def ssh_client_config(peers: list[str]) -> None:

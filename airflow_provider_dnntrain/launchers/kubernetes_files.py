@@ -10,7 +10,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from airflow_provider_dnntrain.launchers import kubernetes_bootstrap
+from airflow_provider_dnntrain.launchers import host_cache, kubernetes_bootstrap
 from airflow_provider_dnntrain.launchers.base import REPLICA_SITE, REPLICA_SITE_MODULES
 from airflow_provider_dnntrain.source import snapshot as copy_snapshot
 from airflow_provider_dnntrain.spec import TrainingJob
@@ -36,6 +36,7 @@ def run_bundle(source: Path, plan: JobPlan, resume: str | None = None) -> dict[s
     return {
         "source.tar.gz": buffer.getvalue(),
         "bootstrap.py": Path(kubernetes_bootstrap.__file__).read_bytes(),
+        "host_cache.py": Path(host_cache.__file__).read_bytes(),  # the bootstrap's, for inputs
         **{name: (REPLICA_SITE / name).read_bytes() for name in REPLICA_SITE_MODULES},
         "files.json": json.dumps(files).encode(),
     }

@@ -206,7 +206,11 @@ def _worker_template(plan: JobPlan, settings: RunSettings, job: str) -> dict:
         "command": literal([settings.python, BOOTSTRAP, "unpack"]),
         "workingDir": main["workingDir"],
         "env": main["env"],
-        "volumeMounts": [m for m in main["volumeMounts"] if m["name"] in ("bundle", "workdir")],
+        "volumeMounts": [
+            mount
+            for mount in main["volumeMounts"]
+            if mount["name"] in ("bundle", "workdir") or mount in settings.input_mounts
+        ],
         "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
     }
     for key in ("imagePullPolicy", "securityContext"):

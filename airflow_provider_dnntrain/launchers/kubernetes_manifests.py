@@ -104,6 +104,8 @@ class RunSettings:
     grace_seconds: int = 10
     gang: Gang | None = None
     pod_template: dict | None = None  # pod_template_file / full_pod_spec, as the API's JSON
+    input_volumes: list[dict] = field(default_factory=list)  # kubernetes_inputs.input_volumes
+    input_mounts: list[dict] = field(default_factory=list)  # in every container running the bootstrap
 
 
 def render_run(
@@ -250,6 +252,7 @@ def pod_spec(
             {"name": "bundle", "configMap": {"name": job}},
             {"name": "workdir", "emptyDir": {}},
             *_ssh_volume(plan, job),
+            *settings.input_volumes,
             *options.volumes,
         ],
     }
@@ -294,6 +297,7 @@ def main_container(
             {"name": "bundle", "mountPath": BUNDLE_MOUNT, "readOnly": True},
             {"name": "workdir", "mountPath": WORKDIR},
             *([{"name": "ssh", "mountPath": SSH_MOUNT, "readOnly": True}] if ssh_nodes(plan) else []),
+            *settings.input_mounts,
             *options.volume_mounts,
         ],
     }

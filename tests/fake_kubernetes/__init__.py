@@ -111,6 +111,19 @@ class FakeCluster:
         """Where pods reach a tracking store served on this machine's 127.0.0.1:<gateway_port>."""
         return f"{GATEWAY}:{self.gateway_port}"
 
+    @contextlib.contextmanager
+    def shared_address(self):
+        """``(address, port)`` where this machine and the pods alike reach a server listening here on
+        ``0.0.0.0:<port>``, as both would reach a store on the cluster's network: the gateway's address,
+        added to this machine's loopback while the context lasts (pods arrive through the gateway)."""
+        add = ["ip", "addr", "add", f"{GATEWAY}/32", "dev", "lo"]
+        added = subprocess.run(add, capture_output=True, timeout=30).returncode == 0
+        try:
+            yield GATEWAY, self.gateway_port
+        finally:
+            if added:
+                subprocess.run(["ip", "addr", "del", f"{GATEWAY}/32", "dev", "lo"], capture_output=True)
+
     # -- looking at it -----------------------------------------------------------------------------
 
     def api(self, path: str, method: str = "GET") -> dict:

@@ -77,6 +77,7 @@ def resolve(item: Input):
     try:
         source = ObjectStoragePath(item.uri, conn_id=item.conn_id)
         fs, path = source.fs, source.path
+        fs.invalidate_cache()  # a listing this process saw earlier may be stale: versions are the point
         if item.scheme in ("http", "https"):  # a web server's folder is its index page: said by the URI
             folder = item.uri.endswith("/")
             found = fs.find(path, detail=True) if folder else {path: fs.info(path)}

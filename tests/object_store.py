@@ -90,3 +90,43 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
         if path.is_file():
             self.send_header("ETag", '"' + hashlib.md5(path.read_bytes()).hexdigest() + '"')
         super().end_headers()
+
+
+class S3Store:
+    """An S3 server (moto's) a test starts, with one bucket, reached through an Airflow connection of
+    the amazon provider's type, as a user's store would be."""
+
+    def __init__(
+        self, *, bind: str = "127.0.0.1", port: int = 0, address: str | None = None, bucket: str = "datasets"
+    ):
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address=bind, port=port, verbose=False)
+        self._server.start()
+        self.endpoint = f"http://{address or bind}:{self._server.get_host_and_port()[1]}"
+        self.bucket = bucket
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="test-key",
+            aws_secret_access_key="test-secret",
+            region_name="us-east-1",
+        )
+        self.client.create_bucket(Bucket=bucket)
+
+    def put(self, key: str, body: str) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=body.encode())
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def connection(self, secret: str = "test-secret") -> str:
+        """The connection's JSON (``AIRFLOW_CONN_<ID>``)."""
+        import json
+
+        extra = {"endpoint_url": self.endpoint, "region_name": "us-east-1"}
+        return json.dumps({"conn_type": "aws", "login": "test-key", "password": secret, "extra": extra})
+
+    def close(self) -> None:
+        self._server.stop()

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 from airflow_helpers import TEST_DAGS, load_dag, xcom
-from object_store import ObjectStore
+from object_store import ObjectStore, S3Store
 from pydantic import ValidationError
 
-from airflow_provider_dnntrain import inputs
+from airflow_provider_dnntrain import inputs, tracking
 from airflow_provider_dnntrain.inputs import InputUnavailable
-from airflow_provider_dnntrain.spec import Input
+from airflow_provider_dnntrain.launchers.local import LocalLauncher
+from airflow_provider_dnntrain.spec import Input, TrainingJob
 
 TRAIN = "a,b\n1,2\n"
 
@@ -69,6 +70,26 @@ def test_a_folder_is_fetched_whole(store, tmp_path, where):
         "digits/train.csv",
     ]
     assert (entry / "digits" / "images" / "0.txt").read_text() == "zero"
+
+
+def test_an_s3_folder_comes_through_the_airflow_connection_keyed_by_its_etags(tmp_path, monkeypatch):
+    s3 = S3Store()
+    monkeypatch.setenv("AIRFLOW_CONN_S3_HERE", s3.connection())
+    try:
+        s3.put("digits/train.csv", TRAIN)
+        s3.put("digits/images/0.txt", "zero")
+        item, cache = digits(s3.uri("digits/"), conn_id="s3_here"), tmp_path / "cache"
+        first = inputs.resolve(item)
+        entry, fetched = inputs.fetch(first, cache)
+        assert fetched and (entry / "digits" / "train.csv").read_text() == TRAIN
+        assert (entry / "digits" / "images" / "0.txt").read_text() == "zero"
+        assert inputs.fetch(inputs.resolve(item), cache) == (entry, False)
+        s3.put("digits/train.csv", TRAIN + "3,4\n")
+        changed, fetched = inputs.fetch(inputs.resolve(item), cache)
+        assert fetched and changed != entry
+        assert (changed / "digits" / "train.csv").read_text() == TRAIN + "3,4\n"
+    finally:
+        s3.close()
 
 
 def test_two_tasks_needing_one_new_input_fetch_it_once(store, tmp_path):
@@ -138,6 +159,16 @@ def test_modes_and_uris_are_checked_when_the_job_is_made():
         Input(name="digits")
     with pytest.raises(ValidationError, match=r"inputs\.digits\.uri: 'pvc:///x' names no claim"):
         digits("pvc:///x", mode="mount")
+    claimed = TrainingJob(
+        framework="pytorch",
+        source_directory="src",
+        entry_script="train.py",
+        inputs=[digits("pvc://datasets/digits", mode="mount")],
+    )
+    with pytest.raises(
+        ValueError, match=r"inputs\.digits\.uri: pvc:// names a Kubernetes volume claim; the loc"
+    ):
+        LocalLauncher().validate(claimed)
 
 
 def test_a_training_task_reads_its_inputs_from_the_hosts_cache(store, airflow_db):
@@ -157,3 +188,6 @@ def test_a_training_task_reads_its_inputs_from_the_hosts_cache(store, airflow_db
     assert store.downloads("digits/train.csv") == 1  # the second run found it in the cache
     cached = Path(found["digits"]["path"]).resolve()
     assert cached.is_relative_to(inputs.default_cache_root().resolve())
+    client = tracking.client(tracking.resolve_tracking_uri())
+    params = client.get_run(xcom(dag_run, "train")["tracking_run_id"]).data.params
+    assert params["inputs.digits"] == conf["uri"] and params["inputs.labels"] == conf["labels"]

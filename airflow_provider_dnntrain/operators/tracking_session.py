@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from airflow_provider_dnntrain.inputs import shown
 from airflow_provider_dnntrain.launchers.base import JobHandle, JobState, JobStatus, Launcher
 from airflow_provider_dnntrain.spec import Environment, TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan
@@ -132,6 +133,7 @@ class TrackingSession:
                     "world_size": plan.world_size,
                     **{f"distribution.{k}": v for k, v in job.distribution.model_dump().items()},
                     **{f"resources.{k}": v for k, v in job.resources.model_dump().items()},
+                    **{f"inputs.{i.name}": shown(i.uri) if i.uri else i.path for i in job.inputs},
                 }
                 self._tracking.describe_run(run, tags, params)
                 closed = self._tracking.close_abandoned_tries(run, self.task_instance)

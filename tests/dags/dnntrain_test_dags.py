@@ -207,5 +207,4 @@ with DAG("dnntrain_test_downloaded_inputs", schedule=None, start_date=START):
             Input(name="digits", uri="{{ dag_run.conf['uri'] }}", argument="--data-folder"),
             Input(name="labels", uri="{{ dag_run.conf['labels'] }}", mode="mount"),
         ],
-        tracking=False,
     )

@@ -10,7 +10,7 @@ import pytest
 from fake_kubernetes import NAMESPACE, FakeCluster, assert_nothing_left, fake_launcher
 from fake_kubernetes import run_job as run
 from launchers.test_kubernetes_manifests import validate_all
-from object_store import ObjectStore
+from object_store import ObjectStore, S3Store
 
 from airflow_provider_dnntrain.launchers import kubernetes_bootstrap
 from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
@@ -175,3 +175,22 @@ def test_without_a_cache_claim_each_pod_fetches_into_its_own_volume(cluster, mon
         }
     assert store.downloads("train.csv") == 2
     assert_nothing_left(cluster)
+
+
+@pytest.mark.slow
+def test_pods_fetch_from_s3_by_the_urls_the_worker_signed(cluster, monkeypatch, tmp_path):
+    launcher = fake_launcher(cluster, monkeypatch, tmp_path)
+    with cluster.shared_address() as (address, port):
+        s3 = S3Store(bind="0.0.0.0", port=port, address=address)
+        monkeypatch.setenv("AIRFLOW_CONN_S3_FOR_PODS", s3.connection())
+        try:
+            s3.put("digits/train.csv", TRAIN)
+            job = reading(Input(name="digits", uri=s3.uri("digits/"), conn_id="s3_for_pods"))
+            handle, lines = run(launcher, job, "k8s-inputs-s3")
+        finally:
+            s3.close()
+    for seen in found_by(lines).values():
+        assert seen["digits"] == {"path": "/dnntrain/run/inputs/digits/digits", "files": {"train.csv": TRAIN}}
+    logged = "\n".join(map(str, lines)) + handle.plan.to_json()
+    assert "Signature=" not in logged and "test-secret" not in logged  # signed URLs stay in the Secret
+    assert_nothing_left(cluster)  # which went with the run

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -207,8 +209,23 @@ def test_a_job_runs_in_its_environment_built_on_the_host(tmp_path, conn_ids):
     assert "pyjokes==0.8.3" in record.read_text()
 
 
+@contextlib.contextmanager
+def logged(name: str):
+    """The records one logger emits meanwhile (whatever Airflow did to logging's configuration)."""
+    records, handler, logger = [], logging.Handler(logging.INFO), logging.getLogger(name)
+    handler.emit = records.append
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 @pytest.mark.slow
-def test_downloaded_inputs_reach_every_host_once_and_are_cached_there(tmp_path, conn_ids, hosts, capfd):
+def test_downloaded_inputs_reach_every_host_once_and_are_cached_there(tmp_path, conn_ids, hosts):
     (tmp_path / "store" / "digits" / "images").mkdir(parents=True)
     (tmp_path / "store" / "digits" / "train.csv").write_text("a,b\n1,2\n")
     (tmp_path / "store" / "digits" / "images" / "0.txt").write_text("zero")
@@ -233,9 +250,9 @@ def test_downloaded_inputs_reach_every_host_once_and_are_cached_there(tmp_path, 
     found = []
     try:
         for attempt in range(2):
-            capfd.readouterr()
-            handle = launcher.submit(job, launcher.plan(job, f"ssh-inputs-{attempt}"), extra_env={})
-            said = capfd.readouterr().out
+            with logged("airflow_provider_dnntrain.launchers.ssh") as records:
+                handle = launcher.submit(job, launcher.plan(job, f"ssh-inputs-{attempt}"), extra_env={})
+            said = "\n".join(record.getMessage() for record in records)
             lines = []
             wait_for_job(launcher, handle, lines.append, timeout=120)
             print("\n".join(map(str, lines)))

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
 from airflow_provider_dnntrain.launchers.host_cache import entry, make_once
@@ -94,13 +94,15 @@ def resolve(item: Input):
         raise InputUnavailable(
             f"inputs.{item.name}: cannot read {shown(item.uri)}: {_failure(item, error)}"
         ) from None
-    if not found:
-        raise InputUnavailable(f"inputs.{item.name}: {shown(item.uri)} is an empty folder")
     base = path.rstrip("/")
     files = sorted(
         (name[len(base) :].lstrip("/") if folder else "", name, int(info.get("size") or 0))
         for name, info in found.items()
+        # A web server's index links outside the folder too (nginx's "../"): not part of it.
+        if not folder or (name.startswith(base + "/") and ".." not in PurePosixPath(name[len(base) :]).parts)
     )
+    if not files:
+        raise InputUnavailable(f"inputs.{item.name}: {shown(item.uri)} is an empty folder")
     versions = [[rel, size, _version(found[name])] for rel, name, size in files]
     content = json.dumps({"uri": item.uri.rstrip("/"), "files": versions})
     return ResolvedInput(item, hashlib.sha256(content.encode()).hexdigest()[:24], folder, files)

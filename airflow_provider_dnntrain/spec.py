@@ -172,6 +172,8 @@ class Input(_Spec):
             return self
         if "{{" in self.uri:  # a template, checked once rendered
             return self
+        if self.leaf in (".", ".."):
+            raise ValueError(f"inputs.{self.name}.uri: {self.uri!r} must end with a name, not {self.leaf!r}")
         scheme = self.scheme
         if self.mode == "mount":
             if scheme not in ("", "file", "pvc"):

@@ -72,6 +72,15 @@ def test_a_folder_is_fetched_whole(store, tmp_path, where):
     assert (entry / "digits" / "images" / "0.txt").read_text() == "zero"
 
 
+def test_a_web_folder_is_what_its_index_links_inside_it(store, tmp_path):
+    (store.root / "outside.txt").write_text("not the input's")
+    index = '<a href="../">../</a> <a href="train.csv">t</a> <a href="../outside.txt">o</a>'  # as nginx lists
+    (store.root / "digits" / "index.html").write_text(index)
+    entry, _ = inputs.fetch(inputs.resolve(digits(store.url("digits/"))), tmp_path / "cache")
+    assert sorted(str(p.relative_to(entry)) for p in entry.rglob("*")) == ["digits", "digits/train.csv"]
+    assert store.downloads("outside.txt") == 0
+
+
 def test_an_s3_folder_comes_through_the_airflow_connection_keyed_by_its_etags(tmp_path, monkeypatch):
     s3 = S3Store()
     monkeypatch.setenv("AIRFLOW_CONN_S3_HERE", s3.connection())
@@ -155,6 +164,8 @@ def test_modes_and_uris_are_checked_when_the_job_is_made():
         digits("s3://bucket/digits", mode="mount")
     with pytest.raises(ValidationError, match=r"inputs\.digits\.uri: '/data/digits' is not a URI to"):
         digits("/data/digits")
+    with pytest.raises(ValidationError, match=r"inputs\.digits\.uri: 'http://h/x/\.\.' must end with a name"):
+        digits("http://h/x/..")
     with pytest.raises(ValidationError, match=r"inputs\.digits: give a uri"):
         Input(name="digits")
     with pytest.raises(ValidationError, match=r"inputs\.digits\.uri: 'pvc:///x' names no claim"):

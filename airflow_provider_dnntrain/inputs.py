@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
@@ -36,6 +37,9 @@ _VERSION_FIELDS = (
     "updated",
     "mtime",
 )
+
+
+_FETCHING_AT_ONCE = 8
 
 
 class InputUnavailable(RuntimeError):
@@ -125,7 +129,10 @@ def fetch(resolved: ResolvedInput, cache_root: Path) -> tuple[Path, bool]:
         targets = [str(leaf / rel) if rel else str(leaf) for rel, _, _ in resolved.files]
         for target in targets:
             Path(target).parent.mkdir(parents=True, exist_ok=True)
-        fs.get([name for _, name, _ in resolved.files], targets)
+        # File by file, some at once: fs.get would first ask of each whether it is a folder (a web
+        # server's file is read whole for that).
+        with ThreadPoolExecutor(_FETCHING_AT_ONCE) as pool:
+            list(pool.map(fs.get_file, [name for _, name, _ in resolved.files], targets))
 
     began = time.monotonic()
     try:

@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
+from airflow_provider_dnntrain.launchers.base import default_work_root
 from airflow_provider_dnntrain.launchers.host_cache import entry, make_once
 from airflow_provider_dnntrain.spec import Input, TrainingJob
 
@@ -50,13 +50,11 @@ class InputUnavailable(RuntimeError):
 class ResolvedInput:
     item: Input
     key: str
-    folder: bool
     files: list[tuple[str, str, int]]  # (name under the leaf, the store's path, size if known)
 
 
 def default_cache_root() -> Path:
-    home = os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
-    return Path(home) / "dnntrain" / "inputs"
+    return default_work_root().parent / "inputs"
 
 
 def shown(uri: str) -> str:
@@ -74,7 +72,7 @@ def _failure(item: Input, error: Exception) -> str:
     return str(error).replace(userinfo, "***") if userinfo else str(error)
 
 
-def resolve(item: Input):
+def resolve(item: Input) -> ResolvedInput:
     """What the input's URI holds now, and its cache key; ``InputUnavailable`` if it holds nothing."""
     from airflow.sdk import ObjectStoragePath
 
@@ -109,7 +107,7 @@ def resolve(item: Input):
         raise InputUnavailable(f"inputs.{item.name}: {shown(item.uri)} is an empty folder")
     versions = [[rel, size, _version(found[name])] for rel, name, size in files]
     content = json.dumps({"uri": item.uri.rstrip("/"), "files": versions})
-    return ResolvedInput(item, hashlib.sha256(content.encode()).hexdigest()[:24], folder, files)
+    return ResolvedInput(item, hashlib.sha256(content.encode()).hexdigest()[:24], files)
 
 
 def _version(info: dict) -> str | None:

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import http.server
 import threading
+import uuid
 from functools import partial
 from pathlib import Path
 
@@ -93,19 +94,18 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
 
 
 class S3Store:
-    """An S3 server (moto's) a test starts, with one bucket, reached through an Airflow connection of
-    the amazon provider's type, as a user's store would be."""
+    """An S3 server (moto's) a test starts, with a bucket of its own (moto's servers in one process share
+    their objects), reached through an Airflow connection of the amazon provider's type, as a user's
+    store would be."""
 
-    def __init__(
-        self, *, bind: str = "127.0.0.1", port: int = 0, address: str | None = None, bucket: str = "datasets"
-    ):
+    def __init__(self, *, bind: str = "127.0.0.1", port: int = 0, address: str | None = None):
         import boto3
         from moto.server import ThreadedMotoServer
 
         self._server = ThreadedMotoServer(ip_address=bind, port=port, verbose=False)
         self._server.start()
         self.endpoint = f"http://{address or bind}:{self._server.get_host_and_port()[1]}"
-        self.bucket = bucket
+        self.bucket = f"datasets-{uuid.uuid4().hex[:8]}"
         self.client = boto3.client(
             "s3",
             endpoint_url=self.endpoint,
@@ -113,7 +113,7 @@ class S3Store:
             aws_secret_access_key="test-secret",
             region_name="us-east-1",
         )
-        self.client.create_bucket(Bucket=bucket)
+        self.client.create_bucket(Bucket=self.bucket)
 
     def put(self, key: str, body: str) -> None:
         self.client.put_object(Bucket=self.bucket, Key=key, Body=body.encode())

@@ -44,6 +44,7 @@ def test_a_file_is_fetched_once_and_keeps_its_name(store, tmp_path):
     resolved = inputs.resolve(digits(store.url("digits/train.csv")))
     entry, fetched = inputs.fetch(resolved, cache)
     assert fetched and (entry / "train.csv").read_text() == TRAIN
+    assert cache.stat().st_mode & 0o777 == 0o700  # a private dataset stays the owner's
     again = inputs.resolve(digits(store.url("digits/train.csv")))
     assert again.key == resolved.key
     assert inputs.fetch(again, cache) == (entry, False)

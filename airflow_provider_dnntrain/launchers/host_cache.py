@@ -32,7 +32,7 @@ def make_once(root: str, key: str, make: Callable[[str], None]) -> bool:
     target = entry(root, key)
     if os.path.isdir(target):  # complete: only ever renamed into place whole
         return False
-    os.makedirs(root, exist_ok=True)
+    os.makedirs(root, mode=0o700, exist_ok=True)  # made here: the owner's only (data may be private)
     with open(os.path.join(root, f"{key}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # someone else making the same entry: wait for them
         if os.path.isdir(target):

@@ -208,9 +208,12 @@ class Input(_Spec):
         return PurePosixPath(urlsplit(self.uri or "").path).name or "data"
 
     def replica_path(self) -> str | None:
-        """Where the script finds it, as far as the job says (a download's is set by the launcher)."""
-        if self.path is not None or self.uri is None or self.downloads or self.scheme == "pvc":
+        """Where the script finds it, as far as the job says: None until a launcher places a download or
+        a claim."""
+        if self.path is not None or self.uri is None:
             return self.path
+        if self.downloads or self.scheme == "pvc":
+            return None
         return urlsplit(self.uri).path if self.scheme == "file" else self.uri
 
 

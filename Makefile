@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS := mlflow,tensorflow,torch,ssh,kubernetes,s3,examples,test
+EXTRAS := tensorflow,torch,ssh,kubernetes,s3,examples,test
 # Open MPI and a compiler for Horovod (built from source by scripts/build-horovod.sh, wheel cached);
 # sshd, ssh and ip for the test hosts (tests/ssh_hosts.py: sshd in network namespaces).
 DEBIAN_PACKAGES := openmpi-bin libopenmpi-dev cmake g++ make openssh-server openssh-client iproute2

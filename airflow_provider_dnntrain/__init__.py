@@ -22,5 +22,14 @@ def get_provider_info() -> dict:
                 ],
             }
         ],
+        "triggers": [
+            {
+                "integration-name": "DNN Train",
+                "python-modules": [
+                    "airflow_provider_dnntrain.triggers.ssh",
+                    "airflow_provider_dnntrain.triggers.kubernetes",
+                ],
+            }
+        ],
         "connection-types": [],
     }

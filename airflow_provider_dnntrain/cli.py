@@ -29,7 +29,7 @@ def render_command(args: argparse.Namespace) -> int:
     job = load_job(Path(args.job_file))
     check_source(job)
     if args.launcher == "kubernetes":
-        from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
+        from airflow_provider_dnntrain.backends.kubernetes.launcher import KubernetesLauncher
 
         options = {"image": args.image} if args.image else {}
         launcher = KubernetesLauncher(namespace=args.namespace, python=args.python, **options)

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit, urlunsplit
 
-from airflow_provider_dnntrain.launchers.base import default_work_root
-from airflow_provider_dnntrain.launchers.host_cache import entry, make_once
+from airflow_provider_dnntrain.backends.common.folders import beside_runs
+from airflow_provider_dnntrain.backends.common.host_cache import entry, make_once
 from airflow_provider_dnntrain.spec import Input, TrainingJob
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class ResolvedInput:
 
 
 def default_cache_root() -> Path:
-    return default_work_root().parent / "inputs"
+    return beside_runs("inputs")
 
 
 def shown(uri: str) -> str:

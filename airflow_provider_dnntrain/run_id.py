@@ -21,3 +21,8 @@ def make_run_id(dag_id: str, task_id: str, airflow_run_id: str, map_index: int, 
     room = MAX_LENGTH - _HASH_LENGTH - 1 - len(f"-t{try_number}")
     readable = readable[:room].strip("-") or "run"
     return f"{readable}-t{try_number}-{digest}"
+
+
+def run_id_of_try(ti, try_number: int | None = None) -> str:
+    """The run id of a task instance's try (``try_number``; default: the one running)."""
+    return make_run_id(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, try_number or ti.try_number)

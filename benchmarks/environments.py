@@ -38,9 +38,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from airflow_provider_dnntrain.launchers.base import wait_for_job
-    from airflow_provider_dnntrain.launchers.environments import ensure_environment
-    from airflow_provider_dnntrain.launchers.local import LocalLauncher
+    from airflow_provider_dnntrain.backends.base import wait_for_job
+    from airflow_provider_dnntrain.backends.common.environments import ensure_environment
+    from airflow_provider_dnntrain.launchers import LocalLauncher
     from airflow_provider_dnntrain.spec import TrainingJob
 
     with tempfile.TemporaryDirectory() as scratch:

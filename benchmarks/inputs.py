@@ -55,7 +55,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from airflow_provider_dnntrain import inputs
-    from airflow_provider_dnntrain.launchers.local_ports import free_port
+    from airflow_provider_dnntrain.backends.common.ports import free_port
     from airflow_provider_dnntrain.spec import Input
 
     with tempfile.TemporaryDirectory() as scratch:

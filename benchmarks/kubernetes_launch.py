@@ -30,9 +30,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from fake_kubernetes import FakeCluster  # noqa: E402
 
-from airflow_provider_dnntrain.launchers.base import wait_for_job  # noqa: E402
-from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher  # noqa: E402
-from airflow_provider_dnntrain.launchers.local import LocalLauncher  # noqa: E402
+from airflow_provider_dnntrain.backends.base import wait_for_job  # noqa: E402
+from airflow_provider_dnntrain.launchers import KubernetesLauncher, LocalLauncher  # noqa: E402
 from airflow_provider_dnntrain.spec import MultiWorkerMirrored, TrainingJob  # noqa: E402
 
 TEST_SCRIPTS = REPO / "tests" / "scripts"
@@ -41,7 +40,7 @@ WINDOW_SECONDS = 5.0
 OURS_DAG = """
 import pendulum
 from airflow.sdk import DAG
-from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
+from airflow_provider_dnntrain.launchers import KubernetesLauncher
 from airflow_provider_dnntrain.operators import PyTorchTrainOperator
 from airflow_provider_dnntrain.spec import TorchDistributed
 with DAG("parse_ours", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC")):

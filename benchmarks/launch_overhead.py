@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from airflow_provider_dnntrain.launchers.base import wait_for_job
-from airflow_provider_dnntrain.launchers.local import LocalLauncher
+from airflow_provider_dnntrain.backends.base import wait_for_job
+from airflow_provider_dnntrain.launchers import LocalLauncher
 from airflow_provider_dnntrain.spec import MultiWorkerMirrored, TorchDistributed, TrainingJob
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,8 +25,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from ssh_hosts import SSHHosts  # noqa: E402
 
-from airflow_provider_dnntrain.launchers.base import wait_for_job  # noqa: E402
-from airflow_provider_dnntrain.launchers.ssh import SSHLauncher  # noqa: E402
+from airflow_provider_dnntrain.backends.base import wait_for_job  # noqa: E402
+from airflow_provider_dnntrain.launchers import SSHLauncher  # noqa: E402
 from airflow_provider_dnntrain.spec import MultiWorkerMirrored, TorchDistributed, TrainingJob  # noqa: E402
 
 EXAMPLE_SCRIPTS = REPO / "dags" / "scripts"

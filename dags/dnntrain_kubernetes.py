@@ -26,7 +26,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import DAG, Param
 
-from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
+from airflow_provider_dnntrain.launchers import KubernetesLauncher
 from airflow_provider_dnntrain.operators import (
     PyTorchHorovodOperator,
     PyTorchTrainOperator,

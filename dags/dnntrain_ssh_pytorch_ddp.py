@@ -19,7 +19,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import DAG, Param
 
-from airflow_provider_dnntrain.launchers.ssh import SSHLauncher
+from airflow_provider_dnntrain.launchers import SSHLauncher
 from airflow_provider_dnntrain.operators import PyTorchTrainOperator, RegisterModelOperator
 from airflow_provider_dnntrain.spec import TorchDistributed
 

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from airflow_provider_dnntrain import inputs, tracking
 from airflow_provider_dnntrain.inputs import InputUnavailable
-from airflow_provider_dnntrain.launchers.local import LocalLauncher
+from airflow_provider_dnntrain.launchers import LocalLauncher
 from airflow_provider_dnntrain.spec import Input, TrainingJob
 
 TRAIN = "a,b\n1,2\n"

@@ -12,7 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-from airflow_provider_dnntrain.launchers.local import REPLICA_SITE
+from airflow_provider_dnntrain.backends.common.replica import REPLICA_SITE
 
 SHOW = "import json, os; print(json.dumps({{k: os.environ.get(k) for k in {keys!r}}}))"
 KEYS = ["MLFLOW_RUN_ID", "MLFLOW_RUN_CONTEXT", "MLFLOW_EXPERIMENT_ID", "API_TOKEN"]

@@ -8,8 +8,8 @@ import tarfile
 from pathlib import Path
 
 from airflow_provider_dnntrain import source as source_module
-from airflow_provider_dnntrain.launchers.kubernetes_files import run_bundle
-from airflow_provider_dnntrain.launchers.ssh import _bundle as ssh_bundle
+from airflow_provider_dnntrain.backends.kubernetes.files import run_bundle
+from airflow_provider_dnntrain.backends.ssh.shipping import bundle as ssh_bundle
 from airflow_provider_dnntrain.source import snapshot
 from airflow_provider_dnntrain.spec import TrainingJob
 from airflow_provider_dnntrain.topology import render_plan

@@ -1,0 +1,31 @@
+"""The launchers a DAG names in ``launcher=``: ``from airflow_provider_dnntrain.launchers import
+LocalLauncher, SSHLauncher, KubernetesLauncher``.
+
+Each lives in its backend's package (``backends/local``, ``backends/ssh``, ``backends/kubernetes``) and
+is imported when first named here, so a DAG file that uses one launcher does not pay for the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from airflow_provider_dnntrain.backends.base import Launcher
+    from airflow_provider_dnntrain.backends.kubernetes.launcher import KubernetesLauncher
+    from airflow_provider_dnntrain.backends.local.launcher import LocalLauncher
+    from airflow_provider_dnntrain.backends.ssh.launcher import SSHLauncher
+
+_HOMES = {
+    "Launcher": "airflow_provider_dnntrain.backends.base",
+    "LocalLauncher": "airflow_provider_dnntrain.backends.local.launcher",
+    "SSHLauncher": "airflow_provider_dnntrain.backends.ssh.launcher",
+    "KubernetesLauncher": "airflow_provider_dnntrain.backends.kubernetes.launcher",
+}
+__all__ = ["KubernetesLauncher", "Launcher", "LocalLauncher", "SSHLauncher"]
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,11 +1,17 @@
-"""A template context for previewing a task outside a run: what ``airflow tasks render`` builds, without
-a metadata database, for a given ``conf`` and logical date."""
+"""A training task's dry run: its plan (and a backend's objects) with the templates rendered in the
+context ``airflow tasks render`` would build - without a metadata database - for a given ``conf`` and
+logical date."""
 
 from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
 from typing import Any
+
+import yaml
+
+from airflow_provider_dnntrain.operators.job_fields import JOB_FIELDS
+from airflow_provider_dnntrain.run_id import make_run_id
 
 
 def preview_context(task, conf: dict[str, Any] | None, logical_date: datetime | None) -> dict[str, Any]:
@@ -46,3 +52,27 @@ def preview_context(task, conf: dict[str, Any] | None, logical_date: datetime | 
         _ti_context_from_server=TIRunContext(dag_run=dag_run, max_tries=task.retries),
     )
     return ti.get_template_context()
+
+
+def dry_run(task, conf: dict[str, Any] | None, logical_date: datetime | None) -> dict:
+    """What ``task.dry_run()`` prints and returns (see there)."""
+    fields = None
+    if task.has_dag():
+        context = preview_context(task, dict(conf or {}), logical_date)
+        jinja_env = task.get_template_env()
+        fields = {
+            name: task.render_template(getattr(task, name), context, jinja_env, set())
+            for name in (*JOB_FIELDS, "inputs")
+        }
+    job = task.build_job(fields)
+    task._check_source(job)
+    run_id = make_run_id(task.dag_id, task.task_id, "dry-run", -1, 1)
+    launcher = task._launcher()
+    plan = launcher.preview(job, run_id)
+    print(plan.to_json())
+    shown = plan.to_dict()
+    objects = launcher.preview_objects(job, run_id)
+    if objects is not None:
+        print(yaml.safe_dump_all(objects, sort_keys=False))
+        shown["objects"] = objects
+    return shown

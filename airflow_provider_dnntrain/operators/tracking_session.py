@@ -12,8 +12,8 @@ import threading
 import time
 from pathlib import Path
 
+from airflow_provider_dnntrain.backends.base import JobFailed, JobHandle, JobState, JobStatus, Launcher
 from airflow_provider_dnntrain.inputs import shown
-from airflow_provider_dnntrain.launchers.base import JobHandle, JobState, JobStatus, Launcher
 from airflow_provider_dnntrain.spec import Environment, TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan
 
@@ -196,3 +196,42 @@ def framework_version(python: str, framework: str) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     return result.stdout.strip() or "unknown"
+
+
+def training_result(run_id: str, artifacts: Path, session: TrackingSession | None, metrics: dict) -> dict:
+    """What a training task returns (its XCom): the run, where its outputs are, and its tracking."""
+    run = session.run if session else None
+    return {
+        "run_id": run_id,
+        "status": "succeeded",
+        "outputs": str(artifacts / "outputs"),
+        "artifact_uri": session.public(run.artifact_uri) if run else None,
+        "tracking_uri": run.tracking_uri if run else None,
+        "tracking_run_id": run.mlflow_run_id if run else None,
+        "metrics": metrics,
+    }
+
+
+def outcome_of(error: BaseException, killed: bool) -> tuple[str, str]:
+    """The tracking run's status for a run ended by ``error`` (``killed``: the task was stopped), and why."""
+    if killed:
+        return "KILLED", "the Airflow task was stopped (on_kill)"
+    if isinstance(error, JobFailed):
+        cancelled = error.status.state is JobState.CANCELLED
+        return ("KILLED" if cancelled else "FAILED"), error.status.message
+    return "FAILED", f"{type(error).__name__}: {error}"
+
+
+def finish_run(session, launcher: Launcher, handle, outcome: str, reason: str, *, failing: bool, log):
+    """Collect the chief's outputs and logs (a failed run keeps them for whoever debugs it) and close the
+    tracking run: the outputs' folder and the run's metrics. While a failure propagates (``failing``), a
+    problem here is logged, not raised over it."""
+    try:
+        artifacts = launcher.collect_outputs(handle) if handle is not None else None
+        metrics = session.finish(artifacts, outcome, reason) if session else {}
+        return artifacts, metrics
+    except Exception:
+        if not failing:
+            raise
+        log.exception("Could not record the end of run; the run itself ended: %s", reason)
+        return None, {}

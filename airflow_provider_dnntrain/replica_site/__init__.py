@@ -1,0 +1,1 @@
+"""What runs first in every replica's Python processes (``sitecustomize``), and Azure ML's ``Run``."""

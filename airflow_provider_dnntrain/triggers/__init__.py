@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from airflow_provider_dnntrain.launchers.base import JobState, JobStatus
+from airflow_provider_dnntrain.backends.base import JobState, JobStatus
 
 
 def job_deadline(timeout: float | None, deadline: float | None) -> float | None:
@@ -32,3 +32,15 @@ def job_event(handle: Any, status: JobStatus) -> dict[str, Any]:
         "exit_code": status.exit_code,
         "tails": {name: list(tail) for name, tail in handle.tails.items()},
     }
+
+
+def job_status_of(event: dict[str, Any]) -> JobStatus:
+    """The job's outcome as a trigger's event (:func:`job_event`) carries it."""
+    failed = event.get("failed_replica")
+    return JobStatus(
+        JobState(event["status"]),
+        event["message"],
+        failed_replica=failed,
+        exit_code=event.get("exit_code"),
+        last_lines=event.get("tails", {}).get(failed or "", []),
+    )

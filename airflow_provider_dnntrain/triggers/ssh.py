@@ -11,9 +11,9 @@ from typing import Any
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from airflow_provider_dnntrain.launchers.base import JobState, JobStatus
-from airflow_provider_dnntrain.launchers.ssh_job import SSHJobHandle
-from airflow_provider_dnntrain.launchers.ssh_remote_async import AsyncRemoteHost
+from airflow_provider_dnntrain.backends.base import JobState, JobStatus
+from airflow_provider_dnntrain.backends.ssh.job import SSHJobHandle
+from airflow_provider_dnntrain.backends.ssh.remote_async import AsyncRemoteHost
 from airflow_provider_dnntrain.triggers import job_deadline, job_event, past_deadline
 
 _ACK_SECONDS = 10

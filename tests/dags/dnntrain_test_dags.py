@@ -9,7 +9,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import DAG
 
-from airflow_provider_dnntrain.launchers.local import LocalLauncher
+from airflow_provider_dnntrain.launchers import LocalLauncher
 from airflow_provider_dnntrain.operators import (
     PyTorchHorovodOperator,
     PyTorchTrainOperator,

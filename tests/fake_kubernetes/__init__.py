@@ -58,7 +58,7 @@ class FakeCluster:
         self.kubeconfig = self.root / "kubeconfig.yaml"
 
     def start(self) -> FakeCluster:
-        from airflow_provider_dnntrain.launchers.local_ports import free_port
+        from airflow_provider_dnntrain.backends.common.ports import free_port
 
         self.root.mkdir(parents=True, exist_ok=True)
         self._created_roots = [Path(p) for p in MOUNT_ROOTS if not Path(p).exists()]
@@ -223,7 +223,7 @@ def _namespace_pids(namespace: str) -> list[int]:
 def run_job(launcher, job, run_id: str, timeout: float = 240):
     """Submit ``job`` through ``launcher`` and wait for it; the handle and every line logged (printed,
     for a failing test's output)."""
-    from airflow_provider_dnntrain.launchers.base import wait_for_job
+    from airflow_provider_dnntrain.backends.base import wait_for_job
 
     handle = launcher.submit(job, launcher.plan(job, run_id), extra_env={})
     lines = []
@@ -236,7 +236,7 @@ def run_job(launcher, job, run_id: str, timeout: float = 240):
 
 def wait_in_background(launcher, handle):
     """wait_for_job in a thread; its lines and its outcome (the status, or the exception)."""
-    from airflow_provider_dnntrain.launchers.base import wait_for_job
+    from airflow_provider_dnntrain.backends.base import wait_for_job
 
     lines, outcome = [], {}
 
@@ -261,7 +261,7 @@ def wait_until_ready(lines: list, count: int, timeout: float = 60) -> None:
 def fake_launcher(cluster: FakeCluster, monkeypatch, work_root, **options):
     """A KubernetesLauncher on ``cluster`` through the connection a user would define, with the tests'
     short intervals (``options`` on top)."""
-    from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
+    from airflow_provider_dnntrain.backends.kubernetes.launcher import KubernetesLauncher
 
     monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_FAKE", cluster.airflow_connection())
     settings = {"poll_interval": 0.5, "stop_grace_seconds": 5, "startup_timeout_seconds": 20, **options}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import DAG
 
-from airflow_provider_dnntrain.launchers.kubernetes import KubernetesLauncher
+from airflow_provider_dnntrain.launchers import KubernetesLauncher
 from airflow_provider_dnntrain.operators import PyTorchTrainOperator
 from airflow_provider_dnntrain.spec import TorchDistributed
 

@@ -109,7 +109,7 @@ def test_dry_run_prints_the_plan(capsys):
 
 def test_import_needs_no_training_framework():
     code = (
-        "import sys, airflow_provider_dnntrain.operators, airflow_provider_dnntrain.launchers.local;"
+        "import sys, airflow_provider_dnntrain.operators, airflow_provider_dnntrain.backends.local.launcher;"
         "print(sorted(m for m in ('tensorflow', 'torch', 'mlflow') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -476,7 +476,7 @@ def kill_ranks_after_epoch(epoch: int, stop: threading.Event) -> dict:
     mid-way, as on a lost machine); what was seen, for the test."""
     import torch
 
-    from airflow_provider_dnntrain.launchers.base import default_work_root
+    from airflow_provider_dnntrain.backends.common.folders import default_work_root
 
     seen = {}
     pattern = "dnntrain-test-resume-interrupted-*-t1-*/replicas/node-0"

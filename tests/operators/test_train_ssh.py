@@ -20,7 +20,7 @@ from hostile import HOSTILE_ARGUMENTS, PWNED
 from ssh_hosts import SSHHosts
 
 from airflow_provider_dnntrain import tracking
-from airflow_provider_dnntrain.launchers.ssh import SSHLauncher
+from airflow_provider_dnntrain.launchers import SSHLauncher
 from airflow_provider_dnntrain.operators import PyTorchTrainOperator
 from airflow_provider_dnntrain.spec import TorchDistributed
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import sys
 
-from airflow_provider_dnntrain.launchers.base import wait_for_job
-from airflow_provider_dnntrain.launchers.local import LocalLauncher
+from airflow_provider_dnntrain.backends.base import wait_for_job
+from airflow_provider_dnntrain.launchers import LocalLauncher
 from airflow_provider_dnntrain.spec import TrainingJob
 
 

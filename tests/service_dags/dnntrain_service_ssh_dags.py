@@ -9,7 +9,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import DAG
 
-from airflow_provider_dnntrain.launchers.ssh import SSHLauncher
+from airflow_provider_dnntrain.launchers import SSHLauncher
 from airflow_provider_dnntrain.operators import PyTorchTrainOperator
 from airflow_provider_dnntrain.spec import TorchDistributed
 

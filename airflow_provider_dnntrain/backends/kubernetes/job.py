@@ -1,0 +1,117 @@
+"""A Kubernetes run in this process: what is saved of it (:class:`KubernetesRun`), and what lives only
+here - its pods' logs as they are followed (one thread per pod), what was learnt of its pods, the
+settings its pods were rendered with, the tracking store served to them, and how it is ending."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_provider_dnntrain.backends.base import JobHandle, JobState, JobStatus
+from airflow_provider_dnntrain.backends.common.lines import Redactor
+from airflow_provider_dnntrain.backends.kubernetes.logs import PodLogs, follow_in_thread
+from airflow_provider_dnntrain.backends.kubernetes.manifests import CURSORS_ANNOTATION
+from airflow_provider_dnntrain.backends.kubernetes.run import KubernetesRun
+from airflow_provider_dnntrain.backends.kubernetes.status import PodWatch, evaluate
+from airflow_provider_dnntrain.topology import JobPlan
+
+
+@dataclass(eq=False)
+class KubernetesJobHandle(JobHandle):
+    run: KubernetesRun
+    redactor: Redactor
+    logs: PodLogs = field(init=False)
+    watch: PodWatch = field(default_factory=PodWatch)
+    status: JobStatus = field(default_factory=lambda: JobStatus(JobState.RUNNING))
+    settings: Any = None  # the RunSettings its pods are rendered with
+    pod_manifests: list[dict] = field(default_factory=list)  # created once pending values are given
+    provided: dict[str, str] = field(default_factory=dict)  # pending values given so far
+    relay: Any = None  # the StoreServer serving the embedded tracking store to the pods, if any
+    last_poll: float = 0.0
+    cancelled: bool = False
+    stopped: bool = False
+    _readers: dict[str, threading.Thread] = field(default_factory=dict)
+    _responses: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.logs = PodLogs(self.run, self.redactor)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    @property
+    def plan(self) -> JobPlan:
+        return self.run.plan
+
+    @property
+    def namespace(self) -> str:
+        return self.run.namespace
+
+    @property
+    def selector(self) -> str:
+        return self.run.selector
+
+    @property
+    def tails(self):
+        return self.logs.tails
+
+    def ended(self, replica: str) -> bool:
+        """Whether a replica's log has nothing more to give: its container ended, or the run stopped."""
+        return self.watch.exit_codes.get(replica) is not None or self.stopped
+
+    def evaluate(self, pods: list[Any], startup_timeout: float, workload: dict | None = None) -> JobStatus:
+        return evaluate(self.run, self.watch, pods, startup_timeout, workload)
+
+    # -- logs -----------------------------------------------------------------------------------
+
+    def follow(self, core, pod: str) -> None:
+        """Start reading ``pod``'s log in a thread of its own, unless one already does."""
+        if pod in self._readers or self.logs.closing.is_set():
+            return
+        follower = self.logs.follower(pod, self.ended)
+        reader = threading.Thread(
+            target=follow_in_thread,
+            args=(core, follower, self._responses.append),
+            name=f"log-{pod}",
+            daemon=True,
+        )
+        self._readers[pod] = reader
+        reader.start()
+
+    def finish_reading(self, timeout: float) -> None:
+        """Let every reader reach the end of its (ended) pod's log, then stop the rest."""
+        deadline = time.monotonic() + timeout
+        for reader in list(self._readers.values()):
+            reader.join(max(0.0, deadline - time.monotonic()))
+        self.logs.closing.set()
+        for response in list(self._responses):
+            # Shut, not released to the pool: a reader may still be in the middle of it.
+            with contextlib.suppress(Exception):  # already closed
+                response.shutdown()
+            with contextlib.suppress(Exception):
+                response.close()
+
+    def cursors_patch(self) -> dict:
+        """The patch that leaves how far each pod's log was logged on the run's owner."""
+        return {"metadata": {"annotations": {CURSORS_ANNOTATION: json.dumps(self.logs.cursor_state())}}}
+
+    # -- surviving the task process -------------------------------------------------------------
+
+    def to_state(self) -> dict:
+        self.run.cursors = self.logs.cursor_state()
+        self.run.pods_created = self.watch.created_at is not None
+        return self.run.to_state()
+
+    @classmethod
+    def from_state(cls, state: dict, secrets: list[str]) -> KubernetesJobHandle:
+        run = KubernetesRun.from_state(state)
+        return cls(
+            run=run,
+            redactor=Redactor(secrets),
+            watch=PodWatch(time.monotonic() if run.pods_created else None),
+        )

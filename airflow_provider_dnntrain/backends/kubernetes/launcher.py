@@ -1,0 +1,409 @@
+"""Kubernetes: every replica in a pod of its own, behind a per-run headless Service.
+
+The cluster is reached through the cncf-kubernetes provider's ``KubernetesHook`` (its connection:
+in-cluster, a kubeconfig file or inline kubeconfig, a context). A run's objects are owned by its
+ConfigMap (which also carries the source snapshot): deleting it garbage-collects every other one, so
+a stop - or a cancel from a task that is about to be killed - is one request. While the job runs,
+one list call per poll (by the run's label) gives every pod's state; each pod's log is followed by
+one stream of its own (``logs.py``). The chief's outputs are copied out of its pod through ``exec``
+into a sidecar that keeps its working directory, as KubernetesPodOperator's XCom sidecar does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Collection, Iterable, Mapping
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from airflow_provider_dnntrain.backends.base import JobState, JobStatus, Launcher, LogLine, secret_values
+from airflow_provider_dnntrain.backends.common.lines import Redactor
+from airflow_provider_dnntrain.backends.common.replica import launch_env
+from airflow_provider_dnntrain.backends.common.tracking_server import (
+    StoreServer,
+    needs_relay,
+    refuse_deferral_through_worker,
+)
+from airflow_provider_dnntrain.backends.kubernetes import creation
+from airflow_provider_dnntrain.backends.kubernetes.cluster import DELETE_WAIT_SECONDS, Cluster
+from airflow_provider_dnntrain.backends.kubernetes.inputs import (
+    INPUTS_FOLDER,
+    check_inputs,
+)
+from airflow_provider_dnntrain.backends.kubernetes.job import KubernetesJobHandle
+from airflow_provider_dnntrain.backends.kubernetes.kubeflow import (
+    check_kubeflow,
+    kubeflow_kind,
+)
+from airflow_provider_dnntrain.backends.kubernetes.manifests import (
+    CURSORS_ANNOTATION,
+    job_name,
+    outputs_host,
+    pod_name,
+)
+from airflow_provider_dnntrain.backends.kubernetes.options import GangScheduler, PodOptions
+from airflow_provider_dnntrain.backends.kubernetes.planning import PodPlacement, render_pod_plan
+from airflow_provider_dnntrain.backends.kubernetes.run import KubernetesRun
+from airflow_provider_dnntrain.backends.kubernetes.settings import PodDefaults
+from airflow_provider_dnntrain.backends.kubernetes.status import main_container_started
+from airflow_provider_dnntrain.backends.kubernetes.tracking import serve_store
+from airflow_provider_dnntrain.source import check_source
+from airflow_provider_dnntrain.spec import TrainingJob
+from airflow_provider_dnntrain.topology import JobPlan
+
+log = logging.getLogger(__name__)
+
+
+class KubernetesLauncher(Launcher):
+    """Run every replica as a pod on a Kubernetes cluster.
+
+    Connection: ``kubernetes_conn_id`` (the cncf-kubernetes provider's), or ``in_cluster`` /
+    ``config_file`` / ``cluster_context`` as ``KubernetesHook`` takes them. ``namespace``: default the
+    connection's, else ``default``. Pods: ``image`` (default: the job environment's, else the project's
+    training image for the framework and device), and KubernetesPodOperator's knobs by its names
+    (``labels``, ``annotations``, ``node_selector``, ``affinity``, ``tolerations``, ``volumes``,
+    ``volume_mounts``, ``service_account_name``, ``image_pull_secrets``, ``image_pull_policy``,
+    ``security_context``, ``container_security_context``, ``container_resources``,
+    ``priority_class_name``, ``schedulername``, ``init_containers``, ``env_vars``), with
+    ``pod_template_file`` / ``full_pod_spec`` as a base and ``role_options`` per role (``{"ps": {...}}``).
+    ``gang_scheduling``: ``kueue`` (with ``queue_name``), ``volcano`` or ``coscheduling``, so that all
+    pods start together or none does.
+
+    ``kubeflow=True``: the job goes to the cluster as a TFJob, PyTorchJob or (Horovod, with
+    ``runner='mpirun'``) MPIJob (``kubeflow.org/v1``) that the Kubeflow training operator runs (it makes
+    the pods); it is waited on, logged and cleaned up the same way, and the operator's verdict fails the
+    run too.
+
+    Tracking from pods: a tracking server the pods reach is passed on as it is; the embedded store
+    is served to them by an ``mlflow server`` this task runs, listening on ``tracking_bind``, at
+    ``tracking_address`` (``host:port`` where pods reach this worker; default: the connection's extra
+    ``tracking_address``, else this worker's address towards the API server, on a free port).
+
+    Inputs: each pod fetches the job's downloads itself, from URLs this worker resolves with the
+    input's connection (signed ones for object stores), into ``inputs_cache_claim`` (a
+    ReadWriteMany claim every run shares, so a node fetches an input once) or else the pod's own
+    ``emptyDir``; ``pvc://<claim>/<path>`` inputs are that claim, mounted read-only.
+    """
+
+    name = "kubernetes"
+
+    def __init__(
+        self,
+        *,
+        kubernetes_conn_id: str | None = "kubernetes_default",
+        namespace: str | None = None,
+        in_cluster: bool | None = None,
+        config_file: str | None = None,
+        cluster_context: str | None = None,
+        python: str = "python",
+        role_options: Mapping[str, PodOptions | Mapping[str, Any]] | None = None,
+        pod_template_file: str | None = None,
+        full_pod_spec: Any = None,
+        gang_scheduling: GangScheduler | None = None,
+        queue_name: str | None = None,
+        startup_timeout_seconds: float = 120.0,
+        poll_interval: float = 1.0,
+        stop_grace_seconds: float = 10.0,
+        work_root: str | None = None,
+        tracking_address: str | None = None,
+        tracking_bind: str = "0.0.0.0",
+        kubeflow: bool = False,
+        inputs_cache_claim: str | None = None,
+        **pod_options: Any,
+    ) -> None:
+        self.kubernetes_conn_id = kubernetes_conn_id
+        self.namespace = namespace
+        self.in_cluster = in_cluster
+        self.config_file = config_file
+        self.cluster_context = cluster_context
+        self.pods = PodDefaults.from_arguments(
+            python=python,
+            role_options=role_options,
+            pod_template_file=pod_template_file,
+            full_pod_spec=full_pod_spec,
+            gang_scheduling=gang_scheduling,
+            queue_name=queue_name,
+            inputs_cache_claim=inputs_cache_claim,
+            pod_options=pod_options,
+        )
+        self.startup_timeout_seconds = startup_timeout_seconds
+        self.poll_interval = poll_interval
+        self.stop_grace_seconds = stop_grace_seconds
+        self.work_root = Path(work_root) if work_root else None
+        self.tracking_address = tracking_address
+        self.tracking_bind = tracking_bind
+        self.kubeflow = kubeflow
+
+    # -- the cluster ----------------------------------------------------------------------------
+
+    @cached_property
+    def hook(self):
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+        return KubernetesHook(
+            conn_id=self.kubernetes_conn_id,
+            in_cluster=self.in_cluster,
+            config_file=self.config_file,
+            cluster_context=self.cluster_context,
+        )
+
+    @cached_property
+    def cluster(self) -> Cluster:
+        return Cluster(self.hook)
+
+    @property
+    def core(self):
+        return self.cluster.core
+
+    def _namespace(self) -> str:
+        if self.namespace is None:
+            self.namespace = self.hook.get_namespace() or "default"
+        return self.namespace
+
+    # -- plan -----------------------------------------------------------------------------------
+
+    def placement(self, run_id: str) -> PodPlacement:
+        return PodPlacement(run_id)
+
+    def interpreter(self, job: TrainingJob) -> str:
+        return self.pods.interpreter(job)
+
+    def validate(self, job: TrainingJob) -> None:
+        if job.environment.has_packages:
+            raise ValueError(
+                "environment.pip_packages: Kubernetes replicas run their image as it is; build an image that "
+                "has the packages (FROM dnntrain-torch:cpu, RUN pip install ...) and name it in "
+                "environment.image"
+            )
+        if self.kubeflow:
+            check_kubeflow(job)
+        check_inputs(job)
+
+    def inputs_folder(self, run_id: str) -> str:
+        return INPUTS_FOLDER
+
+    def plan(self, job: TrainingJob, run_id: str) -> JobPlan:
+        return self._plan(job, run_id, self._namespace())
+
+    def preview(self, job: TrainingJob, run_id: str) -> JobPlan:
+        return self._plan(job, run_id, self.namespace or "default")
+
+    def _plan(self, job: TrainingJob, run_id: str, namespace: str) -> JobPlan:
+        self.validate(job)
+        return render_pod_plan(job, run_id, namespace, self.interpreter(job), self.kubeflow)
+
+    def preview_objects(self, job: TrainingJob, run_id: str) -> list[dict]:
+        """Every object a run would create, secrets masked and the bundle's files shown by size."""
+        plan = self.preview(job, run_id)
+        settings = self._settings(job, plan, self.namespace or "default", {})
+        return creation.preview(job, plan, settings, check_source(job), self.kubeflow)
+
+    def _settings(self, job: TrainingJob, plan: JobPlan, namespace: str, launch_env: Mapping[str, str]):
+        return self.pods.run_settings(job, plan, namespace, launch_env, self.stop_grace_seconds)
+
+    # -- submit ---------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        job: TrainingJob,
+        plan: JobPlan,
+        extra_env: Mapping[str, str],
+        *,
+        pending_env: Collection[str] = (),
+    ) -> KubernetesJobHandle:
+        source = check_source(job)
+        run_dir = self.fresh_run_dir(plan.run_id)
+        (run_dir / "plan.json").write_text(plan.to_json())
+        secrets = secret_values(job)
+        run = KubernetesRun(
+            run_id=plan.run_id,
+            plan=plan,
+            job=job_name(plan.run_id),
+            namespace=self._namespace(),
+            run_dir=run_dir,
+            launch_id=uuid.uuid4().hex,
+            awaiting=set(pending_env),
+        )
+        if self.kubeflow:
+            kind = kubeflow_kind(job.framework, job.distribution.kind)
+            run.container = kind.container
+            run.workload = {"group": kind.group, "version": kind.version, "plural": kind.plural}
+        handle = KubernetesJobHandle(run=run, redactor=Redactor(list(secrets.values())))
+        self._remove_run(handle, wait=True)  # what an earlier submit of this run id left
+        run.launch_env = {**extra_env, **launch_env(run.launch_id, job.entry_script, plan.chief.name)}
+        tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
+        if tracking_uri and needs_relay(tracking_uri):
+            handle.relay, run.relay_uri = self._serve_tracking(tracking_uri, run_dir)
+            run.launch_env["MLFLOW_TRACKING_URI"], run.relay_port = run.relay_uri, handle.relay.target[1]
+        try:
+            handle.settings = self._settings(job, plan, run.namespace, run.launch_env)
+            creation.create_run(self.cluster, handle, job, source, secrets, self.startup_timeout_seconds)
+        except BaseException:
+            self.stop(handle, grace_seconds=0)
+            raise
+        return handle
+
+    def _serve_tracking(self, tracking_uri: str, run_dir: Path) -> tuple[StoreServer, str]:
+        """The embedded store, served to the pods by an ``mlflow server`` on this worker."""
+        extra = self.hook.conn_extras.get("tracking_address") if self.kubernetes_conn_id else None
+        address = self.tracking_address or extra
+        api_server = "" if address else self.hook.api_client.configuration.host
+        log_file = run_dir.with_suffix(".tracking-server.log")
+        return serve_store(tracking_uri, log_file, address, self.tracking_bind, api_server)
+
+    def provide_env(self, handle: KubernetesJobHandle, values: Mapping[str, str]) -> None:
+        if handle.relay is not None and "MLFLOW_RUN_ID" in values:
+            handle.relay.start()
+        if handle.watch.created_at is not None:  # a run taken over: its pods had them from the start
+            return
+        handle.provided.update(values)
+        handle.run.awaiting -= set(values)
+        if not handle.run.awaiting and not handle.cancelled:
+            creation.create_pods(self.cluster, handle)
+
+    # -- surviving the task process -------------------------------------------------------------
+
+    def state(self, handle: KubernetesJobHandle) -> dict:
+        return handle.to_state()
+
+    def reattach(self, state: dict, job: TrainingJob, extra_env: Mapping[str, str]) -> KubernetesJobHandle:
+        """Take over a run another process started (a retry after its worker died, a deferral's end):
+        its objects are found by name and checked by the owner's uid; pods not created yet are created
+        once the pending values come; an embedded store is served again on the port the pods use."""
+        from kubernetes.client.exceptions import ApiException
+
+        handle = KubernetesJobHandle.from_state(state, list(secret_values(job).values()))
+        run = handle.run
+        handle.settings = self._settings(job, run.plan, run.namespace, run.launch_env)
+        try:
+            owner = self.cluster.read_owner(run)
+        except ApiException as error:
+            if error.status == 404:
+                raise RuntimeError(f"run {run.run_id}: its objects are gone from the cluster") from None
+            raise
+        if owner.metadata.uid != run.owner_uid:
+            raise RuntimeError(f"run {run.run_id}: its owner was replaced by another launch")
+        saved = (owner.metadata.annotations or {}).get(CURSORS_ANNOTATION)
+        if saved:
+            handle.logs.take_cursors(json.loads(saved))
+        if handle.watch.created_at is None and self.cluster.list_pods(run):  # made after the state was kept
+            handle.watch.created_at, run.awaiting = time.monotonic(), set()
+        tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
+        if run.relay_port and tracking_uri and needs_relay(tracking_uri):
+            log_file = run.run_dir.with_suffix(".tracking-server.log")
+            handle.relay = StoreServer(tracking_uri, log_file, listen=(self.tracking_bind, run.relay_port))
+        else:
+            run.relay_port = None
+        return handle
+
+    def check_deferrable(self, extra_env: Mapping[str, str]) -> None:
+        refuse_deferral_through_worker(extra_env, "the pods")
+
+    def trigger(self, handle: KubernetesJobHandle, job: TrainingJob, timeout: float | None):
+        from airflow_provider_dnntrain.triggers.kubernetes import KubernetesJobTrigger
+
+        handle.finish_reading(timeout=0)  # the trigger reads on from the cursors
+        return KubernetesJobTrigger(
+            state=handle.to_state(),
+            secrets=list(secret_values(job).values()),
+            connection={
+                "conn_id": self.kubernetes_conn_id,
+                "in_cluster": self.in_cluster,
+                "config_file": self.config_file,
+                "cluster_context": self.cluster_context,
+            },
+            poll_interval=self.poll_interval,
+            startup_timeout=self.startup_timeout_seconds,
+            timeout=timeout,
+        )
+
+    # -- observe --------------------------------------------------------------------------------
+
+    def poll(self, handle: KubernetesJobHandle) -> JobStatus:
+        if handle.cancelled:
+            return JobStatus(JobState.CANCELLED, f"job {handle.run_id} was cancelled")
+        if handle.watch.created_at is None or handle.status.state.finished:
+            return handle.status
+        if time.monotonic() - handle.last_poll < self.poll_interval:
+            return handle.status
+        handle.last_poll = time.monotonic()
+        pods = self.cluster.list_pods(handle.run)
+        for pod in pods:
+            if main_container_started(pod, handle.run.container):
+                handle.follow(self.core, pod.metadata.name)
+        workload = self.cluster.read_workload(handle.run)
+        handle.status = handle.evaluate(pods, self.startup_timeout_seconds, workload)
+        if handle.logs.cursors_due():
+            self._save_cursors(handle)
+        return handle.status
+
+    def _save_cursors(self, handle: KubernetesJobHandle) -> None:
+        """How far each pod's log was logged, on the run's owner: a try that takes the run over after
+        this worker died repeats at most the lines of the last few seconds."""
+        try:
+            self.cluster.save_cursors(handle.run, handle.cursors_patch())
+        except Exception as error:  # the next save tries again; the job goes on
+            log.debug("Run %s: could not save log cursors: %s", handle.run_id, error)
+
+    def stream_logs(self, handle: KubernetesJobHandle, timeout: float) -> Iterable[LogLine]:
+        if not handle.logs.has_lines() and timeout > 0:
+            time.sleep(min(timeout, max(0.0, handle.last_poll + self.poll_interval - time.monotonic())))
+        return handle.logs.take_lines()
+
+    def tail(self, handle: KubernetesJobHandle, replica: str) -> list[str]:
+        return list(handle.tails.get(replica, []))
+
+    # -- stop -----------------------------------------------------------------------------------
+
+    def cancel(self, handle: KubernetesJobHandle) -> None:
+        """One request, in the background: the owner goes, and the cluster deletes the rest."""
+        handle.cancelled = True
+        threading.Thread(target=self._remove_run, args=(handle,), daemon=True).start()
+
+    def stop(self, handle: KubernetesJobHandle, grace_seconds: float) -> None:
+        """Save the chief's outputs, then delete every object of the run and wait until its pods are
+        gone (raise naming any still there)."""
+        if handle.stopped:
+            return
+        if handle.watch.created_at is not None and not handle.cancelled:
+            self._save_outputs(handle)
+        handle.stopped = True
+        if handle.run.workload is not None:  # first, or its operator would make the pods again
+            self.cluster.delete_workload(handle.run)
+        self.cluster.delete_pods(handle.run, grace_seconds)
+        left = self.cluster.wait_until_gone(handle.run, grace_seconds + DELETE_WAIT_SECONDS)
+        handle.finish_reading(timeout=5)
+        self._remove_run(handle, wait=False)
+        if handle.relay is not None:
+            handle.relay.close()
+        if left:
+            raise RuntimeError(f"run {handle.run_id}: pods still there after deletion: {', '.join(left)}")
+
+    def _remove_run(self, handle: KubernetesJobHandle, wait: bool = False) -> None:
+        """Delete the run's owner: the cluster's garbage collector deletes everything it owns."""
+        self.cluster.delete_owner(handle.run)
+        if wait and self.cluster.wait_until_gone(handle.run, self.stop_grace_seconds + DELETE_WAIT_SECONDS):
+            raise RuntimeError(f"run {handle.run_id}: the pods of an earlier launch are still there")
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    def _save_outputs(self, handle: KubernetesJobHandle) -> None:
+        """The chief's ``./outputs`` and ``./logs``, through ``exec`` into the pod's outputs sidecar."""
+        chief = pod_name(outputs_host(handle.plan))
+        try:
+            self.cluster.copy_outputs(
+                handle.run, chief, handle.settings.python, handle.run.run_dir / "artifacts"
+            )
+        except Exception as error:
+            log.warning("Run %s: could not copy the outputs out of pod %s: %s", handle.run_id, chief, error)
+
+    def collect_outputs(self, handle: KubernetesJobHandle) -> Path:
+        artifacts = handle.run.run_dir / "artifacts"
+        for sub in ("outputs", "logs"):
+            (artifacts / sub).mkdir(parents=True, exist_ok=True)
+        return artifacts

@@ -1,0 +1,85 @@
+"""How a Kubernetes launcher's pods are made whatever the run - KubernetesPodOperator's knobs for every
+pod and per role, a pod template, gang scheduling, the inputs cache claim - and the settings one run's
+pods are rendered with."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from airflow_provider_dnntrain.backends.kubernetes.files import default_image
+from airflow_provider_dnntrain.backends.kubernetes.inputs import input_volumes
+from airflow_provider_dnntrain.backends.kubernetes.manifests import Gang, RunSettings, job_name
+from airflow_provider_dnntrain.backends.kubernetes.options import GangScheduler, PodOptions, to_api_json
+from airflow_provider_dnntrain.spec import TrainingJob
+from airflow_provider_dnntrain.topology import JobPlan
+
+
+@dataclass(frozen=True)
+class PodDefaults:
+    python: str  # the image's interpreter, unless the job's environment names one
+    options: PodOptions = field(default_factory=PodOptions)
+    role_options: Mapping[str, PodOptions] = field(default_factory=dict)
+    pod_template_file: str | None = None
+    full_pod_spec: Any = None
+    gang: Gang | None = None
+    inputs_cache_claim: str | None = None
+
+    @classmethod
+    def from_arguments(
+        cls,
+        *,
+        role_options: Mapping[str, PodOptions | Mapping[str, Any]] | None,
+        gang_scheduling: GangScheduler | None,
+        queue_name: str | None,
+        pod_options: Mapping[str, Any],
+        **fields: Any,
+    ) -> PodDefaults:
+        """From the launcher's arguments; ``ValueError`` naming an option that is not one."""
+        try:
+            options = PodOptions(**pod_options)
+            roles = {
+                role: o if isinstance(o, PodOptions) else PodOptions(**o)
+                for role, o in (role_options or {}).items()
+            }
+        except Exception as error:  # pydantic names the field
+            raise ValueError(f"kubernetes launcher: {error}") from None
+        gang = Gang(gang_scheduling, queue_name) if gang_scheduling else None
+        return cls(options=options, role_options=roles, gang=gang, **fields)
+
+    def interpreter(self, job: TrainingJob) -> str:
+        return job.environment.python or self.python
+
+    def run_settings(
+        self, job: TrainingJob, plan: JobPlan, namespace: str, launch_env: Mapping[str, str], grace: float
+    ) -> RunSettings:
+        """What the run's pods are rendered with (``grace``: their termination grace period)."""
+        volumes, mounts = input_volumes(job, job_name(plan.run_id), self.inputs_cache_claim)
+        return RunSettings(
+            namespace=namespace,
+            image=job.environment.image or self.options.image or default_image(job),
+            python=self.interpreter(job),
+            options=self.options,
+            role_options=self.role_options,
+            launch_env=dict(launch_env),
+            secret_names=sorted(job.environment.secrets),
+            use_gpu=job.resources.use_gpu,
+            cpu=job.resources.cpu,
+            memory=job.resources.memory,
+            grace_seconds=int(grace),
+            gang=self.gang,
+            pod_template=self._pod_template(),
+            input_volumes=volumes,
+            input_mounts=mounts,
+        )
+
+    def _pod_template(self) -> dict | None:
+        if self.full_pod_spec is not None:
+            return to_api_json(self.full_pod_spec)
+        if self.pod_template_file:
+            import yaml
+
+            return yaml.safe_load(Path(self.pod_template_file).read_text())
+        return None

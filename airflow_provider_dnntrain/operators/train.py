@@ -56,19 +56,10 @@ class DnnTrainOperator(BaseOperator):
     """
 
     framework: ClassVar[str]
-    template_fields: Sequence[str] = (
-        *JOB_FIELDS,
-        "inputs",
-        "tracking_uri",
-        "experiment_name",
-        "resume_from",
+    template_fields: Sequence[str] = (*JOB_FIELDS, "inputs", "tracking_uri", "experiment_name", "resume_from")
+    template_fields_renderers = dict.fromkeys(
+        ("arguments", "environment_variables", "secret_variables", "inputs"), "json"
     )
-    template_fields_renderers = {
-        "arguments": "json",
-        "environment_variables": "json",
-        "secret_variables": "json",
-        "inputs": "json",
-    }
     ui_color = "#d6eaf8"
 
     def __init__(

@@ -5,6 +5,7 @@ settings its pods were rendered with, the tracking store served to them, and how
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import threading
 import time
@@ -35,7 +36,7 @@ class KubernetesJobHandle(JobHandle):
     cancelled: bool = False
     stopped: bool = False
     _readers: dict[str, threading.Thread] = field(default_factory=dict)
-    _responses: list[Any] = field(default_factory=list)
+    _responses: dict[str, Any] = field(default_factory=dict)  # each pod's stream open last
 
     def __post_init__(self) -> None:
         self.logs = PodLogs(self.run, self.redactor)
@@ -76,7 +77,7 @@ class KubernetesJobHandle(JobHandle):
         follower = self.logs.follower(pod, self.ended)
         reader = threading.Thread(
             target=follow_in_thread,
-            args=(core, follower, self._responses.append),
+            args=(core, follower, functools.partial(self._responses.__setitem__, pod)),
             name=f"log-{pod}",
             daemon=True,
         )
@@ -89,7 +90,7 @@ class KubernetesJobHandle(JobHandle):
         for reader in list(self._readers.values()):
             reader.join(max(0.0, deadline - time.monotonic()))
         self.logs.closing.set()
-        for response in list(self._responses):
+        for response in list(self._responses.values()):
             # Shut, not released to the pool: a reader may still be in the middle of it.
             with contextlib.suppress(Exception):  # already closed
                 response.shutdown()

@@ -18,6 +18,7 @@ import pytest
 from airflow_helpers import wait_for
 from airflow_services import AirflowServices
 from fake_kubernetes import FakeCluster
+from service_dags.dnntrain_service_kubernetes_dags import GO_AHEAD
 
 from airflow_provider_dnntrain import tracking
 from airflow_provider_dnntrain.run_id import make_run_id
@@ -111,6 +112,11 @@ def test_a_dead_worker_is_taken_over_by_the_next_try_without_a_second_job(servic
     for process in (worker, supervisor):  # the worker dies: task process and its supervisor
         os.kill(process.pid, signal.SIGKILL)
     wait_for(lambda: services.task(RESUMED, run_id, "train")["try_number"] == 2, 120, "the next try")
+    # Once the next try serves the store to the pods again, the ranks may go on (they would sleep 120 s).
+    second_try = lambda: services.task_log(RESUMED, run_id, "train", try_number=2)  # noqa: E731
+    wait_for(lambda: "Tracking run" in second_try(), 120, "the next try to take over")
+    for workdir in cluster.workdirs("dnntrain-service-k8s-resumed"):
+        (workdir / GO_AHEAD).touch()
     state = services.wait_for_run(RESUMED, run_id, timeout=240)
     task = services.task(RESUMED, run_id, "train")
     assert state == "success" and task["try_number"] == 2, services.log("scheduler")[-3000:]

@@ -16,6 +16,7 @@ import psutil
 import pytest
 from airflow_helpers import wait_for
 from airflow_services import AirflowServices
+from service_dags.dnntrain_service_ssh_dags import GO_AHEAD
 from ssh_hosts import SSHHosts
 
 from airflow_provider_dnntrain import tracking
@@ -110,6 +111,11 @@ def test_a_dead_worker_is_taken_over_by_the_next_try_without_a_second_job(servic
     wait_for(lambda: try_running(services, run_id, 2), 120, "the next try to run")
     wait_for(lambda: task_process(hosts) is not None, 60, "the next try to connect")
     assert rank_pids(hosts) == ranks  # taken over: the same ranks, no second job
+    # Once the next try relays the store to the hosts again, the ranks may go on (they would sleep 120 s).
+    second_try = lambda: services.task_log(RESUMED, run_id, "train", try_number=2)  # noqa: E731
+    wait_for(lambda: "Tracking run" in second_try(), 120, "the next try to take over")
+    for workdir in REMOTE_RUNS.glob("dnntrain-service-ssh-resumed-*/replicas/*"):
+        (workdir / GO_AHEAD).touch()
     state = services.wait_for_run(RESUMED, run_id, timeout=240)
     task = services.task(RESUMED, run_id, "train")
     assert state == "success" and task["try_number"] == 2, services.log("scheduler")[-3000:]

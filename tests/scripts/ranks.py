@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--late", action="store_true", help="log the metrics after the sleep, not before")
     parser.add_argument("--spawn", action="store_true", help="start a child that sleeps")
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--until", help="...but no longer than until this file is in the working directory")
     parser.add_argument("--ticks", type=int, default=0, help="then print this many numbered lines...")
     parser.add_argument("--tick-seconds", type=float, default=0.5, help="...this far apart")
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM, as TensorFlow does")
@@ -52,12 +53,19 @@ def main() -> None:
     if args.log_metrics and not args.late:
         log_metrics(args.log_metrics)
     print(f"rank {RANK} ready", flush=True)
-    time.sleep(args.sleep)
+    sleep(args.sleep, args.until)
     for tick in range(args.ticks):
         print(f"rank {RANK} tick {tick} of {args.ticks}", flush=True)
         time.sleep(args.tick_seconds)
     if args.log_metrics and args.late:
         log_metrics(args.log_metrics)
+
+
+def sleep(seconds: float, until: str | None) -> None:
+    """``seconds``, or less once ``until`` exists (a test's go-ahead)."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0 and not (until and Path(until).exists()):
+        time.sleep(min(left, 0.2) if until else left)
 
 
 def log_metrics(steps: int) -> None:

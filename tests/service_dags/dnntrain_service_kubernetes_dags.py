@@ -16,6 +16,7 @@ from airflow_provider_dnntrain.spec import TorchDistributed
 
 SCRIPTS = str(Path(__file__).resolve().parents[1] / "scripts")
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
+GO_AHEAD = "go-ahead"  # a rank that waits for it ends its sleep once the test puts it in its folder
 
 
 def kubernetes_dag(
@@ -35,12 +36,22 @@ def kubernetes_dag(
 
 
 # A worker that dies mid-run: the next try takes the pods over.
-resumed = kubernetes_dag("dnntrain_service_k8s_resumed", 50, retries=1, retry_delay=timedelta(seconds=1))
+resumed = kubernetes_dag(
+    "dnntrain_service_k8s_resumed",
+    120,  # or until the test says the next try has taken over (GO_AHEAD in the ranks' folder)
+    arguments=("--until", GO_AHEAD, "--late", "--log-metrics", "3"),
+    retries=1,
+    retry_delay=timedelta(seconds=1),
+)
 # Waits on the triggerer; the test marks it failed while deferred.
 deferred = kubernetes_dag("dnntrain_service_k8s_deferred", 600, deferrable=True, tracking=False)
 # Numbered lines while the triggerer is restarted: each must reach the task log once.
 ticking = kubernetes_dag(
-    "dnntrain_service_k8s_ticking", 0, arguments=("--ticks", "90"), deferrable=True, tracking=False
+    "dnntrain_service_k8s_ticking",
+    0,
+    arguments=("--ticks", "90", "--tick-seconds", "0.25"),
+    deferrable=True,
+    tracking=False,
 )
 # Ended from outside while they run: marked failed or success, timed out; the stubborn ones' ranks
 # ignore SIGTERM (as TensorFlow does), so only the pod's grace period ends them.

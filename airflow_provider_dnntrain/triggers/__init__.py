@@ -8,6 +8,11 @@ from typing import Any
 from airflow_provider_dnntrain.backends.base import JobState, JobStatus
 
 
+def serialized(trigger, *names: str) -> tuple[str, dict[str, Any]]:
+    """What ``serialize`` returns: the trigger's class path, and its attributes ``names`` (its arguments)."""
+    return f"{type(trigger).__module__}.{type(trigger).__qualname__}", {n: getattr(trigger, n) for n in names}
+
+
 def job_deadline(timeout: float | None, deadline: float | None) -> float | None:
     """Wall clock, so that a trigger re-created on another triggerer keeps the job's deadline."""
     if deadline is not None:

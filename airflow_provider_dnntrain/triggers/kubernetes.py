@@ -18,10 +18,13 @@ from airflow_provider_dnntrain.backends.kubernetes.job import KubernetesJobHandl
 from airflow_provider_dnntrain.backends.kubernetes.logs import follow_on_loop
 from airflow_provider_dnntrain.backends.kubernetes.manifests import CURSORS_ANNOTATION
 from airflow_provider_dnntrain.backends.kubernetes.status import deleted_workload, main_container_started
-from airflow_provider_dnntrain.triggers import job_deadline, job_event, past_deadline
+from airflow_provider_dnntrain.triggers import job_deadline, job_event, past_deadline, serialized
 
 _SAVE_CURSORS_SECONDS = 10
 _DRAIN_SECONDS = 10
+
+# What re-creates the trigger on any triggerer: its arguments, serialized.
+ARGUMENTS = ("state", "secrets", "connection", "poll_interval", "startup_timeout", "timeout", "deadline")
 
 
 class KubernetesJobTrigger(BaseTrigger):
@@ -48,23 +51,7 @@ class KubernetesJobTrigger(BaseTrigger):
         self.deadline = job_deadline(timeout, deadline)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "state": self.state,
-                "secrets": self.secrets,
-                "connection": self.connection,
-                "poll_interval": self.poll_interval,
-                "startup_timeout": self.startup_timeout,
-                "timeout": self.timeout,
-                "deadline": self.deadline,
-            },
-        )
-
-    def _hook(self):
-        from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook
-
-        return AsyncKubernetesHook(**self.connection)
+        return serialized(self, *ARGUMENTS)
 
     async def on_kill(self) -> None:
         """The task was marked failed or success, or cleared, while deferred: delete the run's owner

@@ -14,9 +14,20 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_provider_dnntrain.backends.base import JobState, JobStatus
 from airflow_provider_dnntrain.backends.ssh.job import SSHJobHandle
 from airflow_provider_dnntrain.backends.ssh.remote_async import AsyncRemoteHost
-from airflow_provider_dnntrain.triggers import job_deadline, job_event, past_deadline
+from airflow_provider_dnntrain.triggers import job_deadline, job_event, past_deadline, serialized
 
 _ACK_SECONDS = 10
+
+# What re-creates the trigger on any triggerer: its arguments, serialized.
+ARGUMENTS = (
+    "state",
+    "secrets",
+    "poll_interval",
+    "unreachable_timeout",
+    "timeout",
+    "deadline",
+    "grace_seconds",
+)
 
 
 class SSHJobTrigger(BaseTrigger):
@@ -44,18 +55,7 @@ class SSHJobTrigger(BaseTrigger):
         self.deadline = job_deadline(timeout, deadline)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return (
-            f"{type(self).__module__}.{type(self).__qualname__}",
-            {
-                "state": self.state,
-                "secrets": self.secrets,
-                "poll_interval": self.poll_interval,
-                "unreachable_timeout": self.unreachable_timeout,
-                "timeout": self.timeout,
-                "deadline": self.deadline,
-                "grace_seconds": self.grace_seconds,
-            },
-        )
+        return serialized(self, *ARGUMENTS)
 
     async def on_kill(self) -> None:
         """The task was marked failed or success, or cleared, while deferred: stop every replica."""

@@ -223,13 +223,12 @@ class SSHLauncher(Launcher):
         placed = job.with_inputs_in(posixpath.join(job_dir, "inputs"))
         if not job.environment.has_packages:
             return self._render(placed, run_id, placement, self.interpreter(job))
-        python, settings = self.interpreter(job), self.uv_settings
-        built = raise_first(
-            on_each(
-                hosts,
-                lambda h: shipping.build_environment(h, job, job_dir, python, self.remote_root, settings),
-            )
-        )
+        python = self.interpreter(job)
+
+        def build(host: RemoteHost) -> str:
+            return shipping.build_environment(host, job, job_dir, python, self.remote_root, self.uv_settings)
+
+        built = raise_first(on_each(hosts, build))
         pythons = {h.spec.peer_address: built[h.label] for h in hosts}
         return render_on_hosts(placed, run_id, placement, pythons[hosts[0].spec.peer_address], pythons)
 

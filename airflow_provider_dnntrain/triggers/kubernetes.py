@@ -53,6 +53,11 @@ class KubernetesJobTrigger(BaseTrigger):
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return serialized(self, *ARGUMENTS)
 
+    def _hook(self):
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import AsyncKubernetesHook
+
+        return AsyncKubernetesHook(**self.connection)
+
     async def on_kill(self) -> None:
         """The task was marked failed or success, or cleared, while deferred: delete the run's owner
         (the cluster deletes every pod, the Service and the Secret with it)."""

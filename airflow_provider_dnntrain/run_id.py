@@ -25,4 +25,5 @@ def make_run_id(dag_id: str, task_id: str, airflow_run_id: str, map_index: int, 
 
 def run_id_of_try(ti, try_number: int | None = None) -> str:
     """The run id of a task instance's try (``try_number``; default: the one running)."""
-    return make_run_id(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, try_number or ti.try_number)
+    number = ti.try_number if try_number is None else try_number
+    return make_run_id(ti.dag_id, ti.task_id, ti.run_id, ti.map_index, number)

@@ -21,13 +21,11 @@ class InvalidTrainingJob(ValueError):
 
 
 def build_job(task_id: str, **fields: Any) -> TrainingJob:
-    try:
-        return TrainingJob(**fields)
-    except ValidationError as error:
-        raise InvalidTrainingJob(f"task {task_id!r}: invalid training job: {_describe(error)}") from None
+    return build_distribution(task_id, TrainingJob, **fields)
 
 
 def build_distribution(task_id: str, model: type, **fields: Any):
+    """``model(**fields)`` (a distribution, or the job), or ``InvalidTrainingJob`` naming the field."""
     try:
         return model(**fields)
     except ValidationError as error:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,7 +15,6 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 from airflow_provider_dnntrain.backends.base import JobState, JobStatus
 from airflow_provider_dnntrain.backends.kubernetes.job import KubernetesJobHandle
 from airflow_provider_dnntrain.backends.kubernetes.logs import follow_on_loop
-from airflow_provider_dnntrain.backends.kubernetes.manifests import CURSORS_ANNOTATION
 from airflow_provider_dnntrain.backends.kubernetes.status import deleted_workload, main_container_started
 from airflow_provider_dnntrain.triggers import job_deadline, job_event, past_deadline, serialized
 
@@ -128,10 +126,7 @@ class KubernetesJobTrigger(BaseTrigger):
 async def _resume_cursors(core, handle: KubernetesJobHandle) -> None:
     """Start from where an earlier watcher of the run (a trigger on a stopped triggerer) got to."""
     with contextlib.suppress(Exception):
-        owner = await core.read_namespaced_config_map(handle.run.job, handle.run.namespace)
-        saved = (owner.metadata.annotations or {}).get(CURSORS_ANNOTATION)
-        if saved:
-            handle.logs.take_cursors(json.loads(saved))
+        handle.take_saved_cursors(await core.read_namespaced_config_map(handle.run.job, handle.run.namespace))
 
 
 async def _read_workload(api, handle: KubernetesJobHandle) -> dict | None:

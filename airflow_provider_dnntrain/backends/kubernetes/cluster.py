@@ -85,8 +85,20 @@ class Cluster:
     def list_pods(self, run: KubernetesRun) -> list:
         return self.core.list_namespaced_pod(run.namespace, label_selector=run.selector).items
 
-    def read_owner(self, run: KubernetesRun):
-        return self.core.read_namespaced_config_map(run.job, run.namespace)
+    def owner_of(self, run: KubernetesRun):
+        """The run's ConfigMap, which owns everything else: ``RuntimeError`` when it is gone, or is
+        another launch's (a different uid)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            owner = self.core.read_namespaced_config_map(run.job, run.namespace)
+        except ApiException as error:
+            if error.status == 404:
+                raise RuntimeError(f"run {run.run_id}: its objects are gone from the cluster") from None
+            raise
+        if owner.metadata.uid != run.owner_uid:
+            raise RuntimeError(f"run {run.run_id}: its owner was replaced by another launch")
+        return owner
 
     def read_workload(self, run: KubernetesRun) -> dict | None:
         """The run's Kubeflow job (its status: the training operator's verdict), if it has one."""

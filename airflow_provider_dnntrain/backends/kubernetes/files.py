@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from airflow_provider_dnntrain.backends.common import host_cache
+from airflow_provider_dnntrain.backends.common.keys import ed25519_pair
 from airflow_provider_dnntrain.backends.common.replica import REPLICA_SITE, REPLICA_SITE_MODULES
 from airflow_provider_dnntrain.backends.kubernetes import bootstrap
 from airflow_provider_dnntrain.source import snapshot as copy_snapshot
@@ -45,21 +46,8 @@ def run_bundle(source: Path, plan: JobPlan, resume: str | None = None) -> dict[s
 
 def ssh_files(job: str) -> dict[str, str]:
     """A key pair and a host key for this run only (deleted with its Secret)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    def pair() -> tuple[str, str]:
-        key = Ed25519PrivateKey.generate()
-        private = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-        )
-        public = key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-        return private.decode(), public.decode()
-
-    client_key, client_public = pair()
-    host_key, host_public = pair()
+    client_key, client_public = ed25519_pair()
+    host_key, host_public = ed25519_pair()
     return {
         "id": client_key,
         "authorized_keys": f"{client_public} dnntrain-{job}\n",

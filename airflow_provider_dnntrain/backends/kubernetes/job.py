@@ -97,6 +97,13 @@ class KubernetesJobHandle(JobHandle):
             with contextlib.suppress(Exception):
                 response.close()
 
+    def take_saved_cursors(self, owner) -> None:
+        """Start from where an earlier watcher of the run got to: the cursors it left on the run's
+        owner (the API's ConfigMap object)."""
+        saved = (owner.metadata.annotations or {}).get(CURSORS_ANNOTATION)
+        if saved:
+            self.logs.take_cursors(json.loads(saved))
+
     def cursors_patch(self) -> dict:
         """The patch that leaves how far each pod's log was logged on the run's owner."""
         return {"metadata": {"annotations": {CURSORS_ANNOTATION: json.dumps(self.logs.cursor_state())}}}

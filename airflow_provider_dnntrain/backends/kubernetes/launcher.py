@@ -11,7 +11,6 @@ into a sidecar that keeps its working directory, as KubernetesPodOperator's XCom
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -41,7 +40,6 @@ from airflow_provider_dnntrain.backends.kubernetes.kubeflow import (
     kubeflow_kind,
 )
 from airflow_provider_dnntrain.backends.kubernetes.manifests import (
-    CURSORS_ANNOTATION,
     job_name,
     outputs_host,
     pod_name,
@@ -145,12 +143,16 @@ class KubernetesLauncher(Launcher):
     def hook(self):
         from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
 
-        return KubernetesHook(
-            conn_id=self.kubernetes_conn_id,
-            in_cluster=self.in_cluster,
-            config_file=self.config_file,
-            cluster_context=self.cluster_context,
-        )
+        return KubernetesHook(**self._connection())
+
+    def _connection(self) -> dict:
+        """How ``KubernetesHook`` here, and ``AsyncKubernetesHook`` on the triggerer, reach the cluster."""
+        return {
+            "conn_id": self.kubernetes_conn_id,
+            "in_cluster": self.in_cluster,
+            "config_file": self.config_file,
+            "cluster_context": self.cluster_context,
+        }
 
     @cached_property
     def cluster(self) -> Cluster:
@@ -275,22 +277,10 @@ class KubernetesLauncher(Launcher):
         """Take over a run another process started (a retry after its worker died, a deferral's end):
         its objects are found by name and checked by the owner's uid; pods not created yet are created
         once the pending values come; an embedded store is served again on the port the pods use."""
-        from kubernetes.client.exceptions import ApiException
-
         handle = KubernetesJobHandle.from_state(state, list(secret_values(job).values()))
         run = handle.run
         handle.settings = self._settings(job, run.plan, run.namespace, run.launch_env)
-        try:
-            owner = self.cluster.read_owner(run)
-        except ApiException as error:
-            if error.status == 404:
-                raise RuntimeError(f"run {run.run_id}: its objects are gone from the cluster") from None
-            raise
-        if owner.metadata.uid != run.owner_uid:
-            raise RuntimeError(f"run {run.run_id}: its owner was replaced by another launch")
-        saved = (owner.metadata.annotations or {}).get(CURSORS_ANNOTATION)
-        if saved:
-            handle.logs.take_cursors(json.loads(saved))
+        handle.take_saved_cursors(self.cluster.owner_of(run))
         if handle.watch.created_at is None and self.cluster.list_pods(run):  # made after the state was kept
             handle.watch.created_at, run.awaiting = time.monotonic(), set()
         tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
@@ -311,12 +301,7 @@ class KubernetesLauncher(Launcher):
         return KubernetesJobTrigger(
             state=handle.to_state(),
             secrets=list(secret_values(job).values()),
-            connection={
-                "conn_id": self.kubernetes_conn_id,
-                "in_cluster": self.in_cluster,
-                "config_file": self.config_file,
-                "cluster_context": self.cluster_context,
-            },
+            connection=self._connection(),
             poll_interval=self.poll_interval,
             startup_timeout=self.startup_timeout_seconds,
             timeout=timeout,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime
 import posixpath
 
+from airflow_provider_dnntrain.backends.common.keys import ed25519_pair
 from airflow_provider_dnntrain.backends.ssh.remote import RemoteHost
 
 KEY_FILE = "ssh/id_ed25519"
@@ -27,17 +28,10 @@ def key_marker(launch_id: str) -> str:
 
 def run_key_pair(launch_id: str) -> tuple[bytes, str]:
     """(private key in OpenSSH format, authorized_keys line) of a fresh Ed25519 key for one run."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    private, public = ed25519_pair()
     expiry = (datetime.datetime.now(datetime.UTC) + KEY_LIFETIME).strftime("%Y%m%d%H%MZ")
-    line = f'restrict,expiry-time="{expiry}" {public.decode()} {key_marker(launch_id)}'
-    return private, line
+    line = f'restrict,expiry-time="{expiry}" {public} {key_marker(launch_id)}'
+    return private.encode(), line
 
 
 def peer_port(host: RemoteHost) -> int:

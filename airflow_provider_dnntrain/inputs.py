@@ -76,6 +76,7 @@ def resolve(item: Input) -> ResolvedInput:
     """What the input's URI holds now, and its cache key; ``InputUnavailable`` if it holds nothing."""
     from airflow.sdk import ObjectStoragePath
 
+    check_destination(item)
     try:
         source = ObjectStoragePath(item.uri, conn_id=item.conn_id)
         fs, path = source.fs, source.path
@@ -108,6 +109,20 @@ def resolve(item: Input) -> ResolvedInput:
     versions = [[rel, size, _version(found[name])] for rel, name, size in files]
     content = json.dumps({"uri": item.uri.rstrip("/"), "files": versions})
     return ResolvedInput(item, hashlib.sha256(content.encode()).hexdigest()[:24], files)
+
+
+def check_destination(item: Input) -> None:
+    """A web server's input with a connection: only on the connection's own server (``ValueError``
+    naming the input otherwise), so a URI from conf cannot take its credentials elsewhere."""
+    if item.scheme in ("http", "https"):
+        from airflow_provider_dnntrain.fs.http import check_destination as on_its_server
+
+        on_its_server(item.conn_id, item.uri, f"inputs.{item.name}")
+
+
+def check_destinations(job: TrainingJob) -> None:
+    for item in downloads(job):
+        check_destination(item)
 
 
 def _version(info: dict) -> str | None:

@@ -35,16 +35,19 @@ def snapshot(source: Path, destination: Path, resume: str | None = None) -> int:
     top-level outputs/ or logs/ left by a manual run (each run starts with its own); the bytes copied.
     ``resume``: an earlier run's outputs, copied in as ``resume/`` (every backend ships the snapshot).
     A large snapshot is copied anyway, with a warning that says how large it is."""
+    source = source.resolve()
     ignored = _ignore_spec(source)
     copied = 0
     for folder, dirs, files in os.walk(source, followlinks=True):
         relative = Path(folder).relative_to(source)
         dirs[:] = sorted(d for d in dirs if not _skipped(relative / d, True, ignored))
+        files = [name for name in files if not _skipped(relative / name, False, ignored)]
+        for name in [*dirs, *files]:
+            _refuse_link_out(source, relative / name)
         (destination / relative).mkdir(parents=True, exist_ok=True)
         for name in files:
-            if not _skipped(relative / name, False, ignored):
-                shutil.copy2(Path(folder) / name, destination / relative / name)
-                copied += (destination / relative / name).stat().st_size
+            shutil.copy2(Path(folder) / name, destination / relative / name)
+            copied += (destination / relative / name).stat().st_size
     if resume:
         shutil.rmtree(destination / RESUME_FOLDER, ignore_errors=True)
         shutil.copytree(resume, destination / RESUME_FOLDER)
@@ -59,6 +62,17 @@ def snapshot(source: Path, destination: Path, resume: str | None = None) -> int:
             source / IGNORE_FILE,
         )
     return copied
+
+
+def _refuse_link_out(source: Path, relative: Path) -> None:
+    """A symbolic link is followed only where it stays inside the source directory: one that leads out
+    (a home directory, ``~/.ssh``) would ship what it leads to to every replica."""
+    path = source / relative
+    if path.is_symlink() and not path.resolve().is_relative_to(source):
+        raise ValueError(
+            f"source_directory: {relative.as_posix()} links to {path.resolve()}, outside {source}; copy "
+            f"what the job needs into the source directory, or list the link in {IGNORE_FILE}"
+        )
 
 
 def _ignore_spec(source: Path):

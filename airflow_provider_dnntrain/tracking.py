@@ -156,8 +156,10 @@ RUN_VARIABLES = ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", PARENT_RUN_VAR)
 def replica_env(target: TrackingTarget) -> dict[str, str]:
     """What every replica needs from the start; once :data:`RUN_VARIABLES` arrive, the primary process
     (global rank 0, or the chief) logs to the run and every other one to a child run of its own.
-    Credentials are not here: they travel as the job's secrets."""
-    return {"MLFLOW_TRACKING_URI": target.uri}
+    Credentials are not here: they travel as the job's secrets. Metrics are logged asynchronously, in
+    batches (MLflow's own queue, flushed when the process exits): a script that logs every batch does
+    not wait for a round trip to a remote store each time."""
+    return {"MLFLOW_TRACKING_URI": target.uri, "MLFLOW_ENABLE_ASYNC_LOGGING": "true"}
 
 
 def start_run(

@@ -140,10 +140,8 @@ def test_credentials_come_from_the_airflow_connection_and_stay_out_of_messages(t
     try:
         with pytest.raises(InputUnavailable, match=r"csv does not exist, or cannot be read with no conn"):
             inputs.resolve(digits(store.url("private/train.csv")))
-        monkeypatch.setenv(
-            "AIRFLOW_CONN_STORE_READER",
-            json.dumps({"conn_type": "http", "login": "reader", "password": "s3cr3t-pw"}),
-        )
+        reader = {"conn_type": "http", "host": "127.0.0.1", "login": "reader", "password": "s3cr3t-pw"}
+        monkeypatch.setenv("AIRFLOW_CONN_STORE_READER", json.dumps({**reader, "port": store.port}))
         entry, _ = inputs.fetch(
             inputs.resolve(digits(store.url("private/train.csv"), conn_id="store_reader")), tmp_path / "cache"
         )
@@ -154,6 +152,40 @@ def test_credentials_come_from_the_airflow_connection_and_stay_out_of_messages(t
         assert "s3cr3t-pw" not in str(raised.value) and "***@127.0.0.1" in str(raised.value)
     finally:
         store.close()
+
+
+@pytest.mark.parametrize(
+    ("connection", "uri", "refusal"),
+    [
+        (
+            {"host": "127.0.0.1", "port": 8080},
+            "http://anyone.example/x.csv",
+            "is for http(s)://127.0.0.1:8080",
+        ),
+        ({"host": "127.0.0.1", "port": 8080}, "http://127.0.0.1:9999/x.csv", "its credentials are not sent"),
+        ({"host": "https://data.example"}, "http://data.example/x.csv", "is for https://data.example:443"),
+        ({"host": "data.example", "schema": "https"}, "http://data.example/x.csv", "is for https://"),
+        ({}, "http://127.0.0.1:8080/x.csv", "'web' names no host"),
+        ({"host": "data.example"}, "https://data.example/x.csv", None),
+        ({"host": "DATA.example", "schema": "https"}, "https://data.example:443/x.csv", None),
+        ({"host": "https://data.example:8443"}, "https://reader@data.example:8443/x.csv", None),
+    ],
+)
+def test_credentials_go_only_to_their_connections_server(monkeypatch, connection, uri, refusal):
+    secret = {"conn_type": "http", "login": "reader", "password": "s3cr3t-pw", **connection}
+    monkeypatch.setenv("AIRFLOW_CONN_WEB", json.dumps(secret))
+    item = digits(uri, conn_id="web")
+    if refusal is None:
+        inputs.check_destination(item)
+        return
+    with pytest.raises(ValueError, match=r"^inputs\.digits: connection 'web' ") as raised:
+        inputs.check_destination(item)
+    assert refusal in str(raised.value) and "s3cr3t-pw" not in str(raised.value)
+
+
+def test_a_connection_without_credentials_goes_anywhere(monkeypatch):
+    monkeypatch.setenv("AIRFLOW_CONN_PUBLIC", json.dumps({"conn_type": "http", "host": "mirror.example"}))
+    inputs.check_destination(digits("http://elsewhere.example/x.csv", conn_id="public"))
 
 
 def test_modes_and_uris_are_checked_when_the_job_is_made():

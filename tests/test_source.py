@@ -7,6 +7,8 @@ import logging
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from airflow_provider_dnntrain import source as source_module
 from airflow_provider_dnntrain.backends.kubernetes.files import run_bundle
 from airflow_provider_dnntrain.backends.ssh.shipping import bundle as ssh_bundle
@@ -119,3 +121,27 @@ def test_an_earlier_runs_outputs_ship_as_resume_on_every_backend(tmp_path):
     bundle = run_bundle(source, plan, job.resume_from)
     with tarfile.open(fileobj=io.BytesIO(bundle["source.tar.gz"])) as tar:
         assert {m.name.removeprefix("./") for m in tar.getmembers() if m.isfile()} == EXPECTED | resumed
+
+
+def test_a_link_out_of_the_source_directory_is_refused_naming_it(tmp_path):
+    source, outside = tmp_path / "src", tmp_path / "home" / ".ssh"
+    source.mkdir()
+    outside.mkdir(parents=True)
+    (outside / "id_ed25519").write_text("PRIVATE KEY")
+    (source / "train.py").write_text("print('hi')")
+    (source / "data").mkdir()
+    (source / "data" / "table.csv").write_text("a,b")
+    (source / "also-table.csv").symlink_to(source / "data" / "table.csv")  # inside: followed
+    snapshot(source, tmp_path / "first")
+    assert (tmp_path / "first" / "also-table.csv").read_text() == "a,b"
+    (source / "keys").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"source_directory: keys links to .*/home/\.ssh, outside .*/src"):
+        snapshot(source, tmp_path / "second")
+    assert not (tmp_path / "second" / "keys").exists()
+    (source / "key").symlink_to(outside / "id_ed25519")
+    (source / ".dnntrainignore").write_text("keys\n")
+    with pytest.raises(ValueError, match=r"source_directory: key links to"):
+        snapshot(source, tmp_path / "third")
+    (source / "key").unlink()
+    snapshot(source, tmp_path / "fourth")  # a link the ignore file lists is not shipped, so not refused
+    assert not (tmp_path / "fourth" / "keys").exists()

@@ -35,7 +35,10 @@ def test_start_run_is_idempotent_per_run_id(store):
     other = tracking.start_run(store, "exp", "run-b", {})
     assert first.mlflow_run_id == again.mlflow_run_id != other.mlflow_run_id
     assert tracking.client(store).get_run(first.mlflow_run_id).data.params == {"lr": "0.1", "epochs": "3"}
-    assert tracking.replica_env(first.target) == {"MLFLOW_TRACKING_URI": store}
+    assert tracking.replica_env(first.target) == {
+        "MLFLOW_TRACKING_URI": store,
+        "MLFLOW_ENABLE_ASYNC_LOGGING": "true",
+    }
     assert first.run_env() == {
         "MLFLOW_RUN_ID": first.mlflow_run_id,
         "MLFLOW_EXPERIMENT_ID": first.experiment_id,

@@ -42,6 +42,7 @@ each launcher in its package, behind an interface of its own here.
 from __future__ import annotations
 
 import enum
+import logging
 import shutil
 import sys
 import time
@@ -53,6 +54,8 @@ from pathlib import Path
 from airflow_provider_dnntrain.backends.common.folders import default_work_root
 from airflow_provider_dnntrain.spec import TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan, Placement, placeholder_placement, render_plan
+
+log = logging.getLogger(__name__)
 
 
 def secret_values(job: TrainingJob) -> dict[str, str]:
@@ -293,8 +296,10 @@ def wait_for_job(
                 status = JobStatus(JobState.FAILED, f"job {handle.run_id} timed out after {timeout:.0f}s")
         if on_finished is not None:
             on_finished(status)
-    finally:
-        _stop_and_drain(launcher, handle, on_log)
+    except BaseException:
+        _stop_after_error(launcher, handle, on_log)
+        raise
+    _stop_and_drain(launcher, handle, on_log)
     return _settle(launcher, handle, status)
 
 
@@ -309,6 +314,15 @@ def _stop_and_drain(launcher: Launcher, handle: JobHandle, on_log: Callable[[Log
     launcher.stop(handle, grace_seconds=launcher.stop_grace_seconds)
     for line in launcher.stream_logs(handle, timeout=0):
         on_log(line)
+
+
+def _stop_after_error(launcher: Launcher, handle: JobHandle, on_log: Callable[[LogLine], None]) -> None:
+    """Stop while an error propagates: a failure to stop is logged, and the first error is the one
+    raised (an API server that is down fails the wait first, then the stop too)."""
+    try:
+        _stop_and_drain(launcher, handle, on_log)
+    except Exception:
+        log.exception("Run %s: stopping it failed too", handle.run_id)
 
 
 def _settle(launcher: Launcher, handle: JobHandle, status: JobStatus) -> JobStatus:

@@ -224,14 +224,25 @@ def outcome_of(error: BaseException, killed: bool) -> tuple[str, str]:
 
 def finish_run(session, launcher: Launcher, handle, outcome: str, reason: str, *, failing: bool, log):
     """Collect the chief's outputs and logs (a failed run keeps them for whoever debugs it) and close the
-    tracking run: the outputs' folder and the run's metrics. While a failure propagates (``failing``), a
+    tracking run: the outputs' folder and the run's metrics. Outputs that cannot be collected fail a
+    run that succeeded (its tracking run is not FINISHED). While a failure propagates (``failing``), a
     problem here is logged, not raised over it."""
+    lost = None
     try:
         artifacts = launcher.collect_outputs(handle) if handle is not None else None
-        metrics = session.finish(artifacts, outcome, reason) if session else {}
-        return artifacts, metrics
-    except Exception:
+    except Exception as error:
+        artifacts, lost = None, error
         if not failing:
+            outcome, reason = "FAILED", f"the outputs could not be collected: {error}"
+    try:
+        metrics = session.finish(artifacts, outcome, reason) if session else {}
+    except Exception:
+        if not failing and lost is None:
             raise
         log.exception("Could not record the end of run; the run itself ended: %s", reason)
-        return None, {}
+        metrics = {}
+    if lost is not None:
+        if not failing:
+            raise lost
+        log.warning("The outputs of the run could not be collected: %s", lost)
+    return artifacts, metrics

@@ -19,6 +19,7 @@ from airflow_provider_dnntrain.backends.base import (
     end_job,
     wait_for_job,
 )
+from airflow_provider_dnntrain.inputs import check_destinations
 from airflow_provider_dnntrain.operators import job_state
 from airflow_provider_dnntrain.operators.job_fields import (
     JOB_FIELDS,
@@ -140,8 +141,11 @@ class DnnTrainOperator(BaseOperator):
             self._check_source(job)
 
     def _check_source(self, job: TrainingJob) -> None:
+        """The code is there and the inputs' credentials go only to their connections' servers,
+        before anything starts."""
         try:
             check_source(job)
+            check_destinations(job)
         except ValueError as error:
             raise InvalidTrainingJob(f"task {self.task_id!r}: invalid training job: {error}") from None
 

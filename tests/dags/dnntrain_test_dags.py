@@ -126,6 +126,16 @@ with DAG("dnntrain_test_templated_inputs", schedule=None, start_date=START):
         tracking=False,
     )
 
+# A UI trigger's conf names where the data is: the connection's credentials must not follow it elsewhere.
+with DAG("dnntrain_test_conf_input_uri", schedule=None, start_date=START):
+    TensorFlowTrainOperator(
+        task_id="train",
+        source_directory=SCRIPTS,
+        entry_script="replica.py",
+        inputs=[Input(name="train_data", uri="{{ dag_run.conf['data'] }}", conn_id="web_reader")],
+        tracking=False,
+    )
+
 # Every rank logs `loss`: the run must hold rank 0's only, each other rank a child run of its own.
 RANKS_LOGGING = {"source_directory": SCRIPTS, "entry_script": "ranks.py", "arguments": ["--log-metrics", "6"]}
 

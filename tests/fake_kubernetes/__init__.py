@@ -162,6 +162,36 @@ class FakeCluster:
     def requests(self) -> dict[str, int]:
         return self.api("/fake/requests")
 
+    def faults(self, **settings) -> None:
+        """Misbehave from now on (``faults.Faults``' fields; none: behave again)."""
+        self._post("/fake/faults", settings)
+
+    def role(self, rules: list[dict] | None) -> None:
+        """Bind the token to a Role with these rules (``None``: allow everything again)."""
+        self._post("/fake/rbac", {"rules": rules})
+
+    def injected(self) -> dict:
+        """The faults injected so far, and the requests RBAC denied."""
+        return self.api("/fake/faults")
+
+    @contextlib.contextmanager
+    def misbehaving(self, rules: list[dict] | None = None, **faults):
+        """Faults and a Role for a test's while; the cluster behaves again after it."""
+        self.faults(**faults)
+        self.role(rules)
+        try:
+            yield self
+        finally:
+            self.faults()
+            self.role(None)
+
+    def _post(self, path: str, body: dict) -> None:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(), method="POST"
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            response.read()
+
     def evict(self, pod: str, namespace: str = NAMESPACE) -> None:
         self.api(f"/fake/evict/{namespace}/{pod}", method="POST")
 

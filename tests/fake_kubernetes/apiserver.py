@@ -36,7 +36,10 @@ from pathlib import Path
 
 from aiohttp import web
 from fake_kubelet import KINDS, Cluster, status_error  # beside this script, on its path
+from fake_scheduler import FakeScheduler
 from fake_store import TOKEN
+from faults import Faults, Rbac, middleware, owner_references_allowed
+from faults import routes as fault_routes
 
 # -- HTTP -------------------------------------------------------------------------------------------
 
@@ -52,7 +55,7 @@ def list_kind(scope: tuple, items: list[dict]) -> str:
     return f"{kind}List"
 
 
-def routes(cluster: Cluster) -> web.Application:
+def routes(cluster: Cluster, faults: Faults, rbac: Rbac) -> web.Application:
     @web.middleware
     async def authenticate(request: web.Request, handler):
         if request.path.startswith("/fake/"):
@@ -71,7 +74,9 @@ def routes(cluster: Cluster) -> web.Application:
         scope = scope_of(request)
         selector = request.query.get("labelSelector", "")
         if request.method == "POST":
-            return cluster.create(scope, await request.json())
+            return await owner_references_allowed(request, rbac) or cluster.create(
+                scope, await request.json()
+            )
         if request.method == "DELETE":
             grace = request.query.get("gracePeriodSeconds")
             body = await _body(request)
@@ -85,7 +90,7 @@ def routes(cluster: Cluster) -> web.Application:
             )
         if (request.query.get("watch") or "").lower() in ("true", "1"):
             return await watch(request, scope, selector)
-        items = cluster.store.listed(scope, selector)
+        items = [o for o in cluster.store.listed(scope, selector) if _fields_match(o, request.query)]
         meta = {"resourceVersion": str(cluster.store.version)}
         body = {"kind": list_kind(scope, items), "apiVersion": "v1", "metadata": meta, "items": items}
         return web.json_response(body)
@@ -165,6 +170,7 @@ def routes(cluster: Cluster) -> web.Application:
         response = web.StreamResponse()
         response.content_type = "text/plain"
         await response.prepare(request)
+        cut_at = time.monotonic() + faults.cut_logs_after if faults.cut_logs_after else None
 
         def shown(lines: list[bytes]) -> bytes:
             kept = []
@@ -184,6 +190,11 @@ def routes(cluster: Cluster) -> web.Application:
             while follow:
                 ended = container.done.is_set()
                 chunk = log.read()
+                if cut_at is not None and time.monotonic() > cut_at:
+                    faults.injected["log stream cut"] += 1
+                    first = (partial + chunk).split(b"\n")[0]
+                    await _cut(request, response, shown([first]) if first else b"")
+                    return response
                 if chunk:
                     partial += chunk
                     *lines, partial = partial.split(b"\n")
@@ -214,11 +225,21 @@ def routes(cluster: Cluster) -> web.Application:
             stderr=asyncio.subprocess.PIPE,
         )
 
+        cut = faults.cut_exec()
+
         async def relay(stream, channel: int) -> None:
             while data := await stream.read(65536):
+                if cut and channel == 1:  # half of it, and the connection is gone
+                    await socket_.send_bytes(bytes([channel]) + data[: len(data) // 2])
+                    request.transport.close()
+                    return
                 await socket_.send_bytes(bytes([channel]) + data)
 
         await asyncio.gather(relay(process.stdout, 1), relay(process.stderr, 2))
+        if cut:
+            process.kill()
+            await process.wait()
+            return socket_
         code = await process.wait()
         if code == 0:
             result = {"metadata": {}, "status": "Success"}
@@ -242,7 +263,10 @@ def routes(cluster: Cluster) -> web.Application:
     async def requests_made(request: web.Request) -> web.Response:
         return web.json_response(dict(cluster.requests))
 
-    app = web.Application(middlewares=[authenticate], client_max_size=8 * 1024 * 1024)
+    app = web.Application(
+        middlewares=[authenticate, middleware(faults, rbac)], client_max_size=8 * 1024 * 1024
+    )
+    fault_routes(app, faults, rbac)
     core = "/api/v1/namespaces/{namespace}/{plural}"
     custom = "/apis/{group}/{version}/namespaces/{namespace}/{plural}"
     for base in (core, custom):
@@ -253,6 +277,25 @@ def routes(cluster: Cluster) -> web.Application:
     app.router.add_post("/fake/evict/{namespace}/{name}", evict)
     app.router.add_get("/fake/requests", requests_made)
     return app
+
+
+async def _cut(request: web.Request, response: web.StreamResponse, line: bytes) -> None:
+    """Cut the stream as a dropped connection does: in the middle of a line, with no end."""
+    if line:
+        await response.write(line[: max(1, len(line) // 2)])
+    request.transport.close()
+
+
+def _fields_match(obj: dict, query) -> bool:
+    """A ``fieldSelector`` of ``path.to.field=value`` terms."""
+    for term in filter(None, (query.get("fieldSelector") or "").split(",")):
+        path, _, wanted = term.partition("=")
+        value = obj
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if str(value) != wanted:
+            return False
+    return True
 
 
 def _merge(target: dict, patch: dict) -> None:
@@ -284,7 +327,9 @@ async def serve(args: argparse.Namespace) -> None:
         Path(args.root), args.prefix, args.images.split(","), args.gateway_port, args.training_operator
     )
     await cluster.start_network()
-    runner = web.AppRunner(routes(cluster), access_log=None)
+    faults = Faults()
+    cluster.scheduler = FakeScheduler(cluster, faults)
+    runner = web.AppRunner(routes(cluster, faults, Rbac()), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

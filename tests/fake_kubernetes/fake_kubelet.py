@@ -123,6 +123,7 @@ class Cluster(PodNetwork, TrainingOperator):
         return statuses
 
     async def run_pod(self, key: tuple) -> None:
+        await self.scheduler.wait_to_schedule(key)
         pod = self.store.objects[key]
         runtime = self.runtimes[key]
         waiting = {"waiting": {"reason": "ContainerCreating"}}
@@ -134,6 +135,7 @@ class Cluster(PodNetwork, TrainingOperator):
         scheduled = [{"type": "PodScheduled", "status": "True"}]
         self.set_status(key, phase="Pending", conditions=scheduled, hostIP=GATEWAY, startTime=now_rfc3339())
         self.set_status(key, containerStatuses=self.container_statuses(pod, lambda _: waiting))
+        await self.pull_throttled(key, pod)
         missing = [c for c in pod["spec"]["containers"] if not self.image_exists(c.get("image", ""))]
         if missing:
             await self.fail_pull(key, pod, missing)
@@ -180,6 +182,17 @@ class Cluster(PodNetwork, TrainingOperator):
 
     def entrypoint(self, image: str) -> list[str]:
         return next((argv for name, argv in ENTRYPOINTS.items() if image.split(":")[0] == name), [])
+
+    async def pull_throttled(self, key: tuple, pod: dict) -> None:
+        """Kubelet retrying pulls the registry throttles, until they succeed."""
+        for container in pod["spec"]["containers"]:
+            image = container.get("image", "")
+            while (refusal := self.scheduler.pull_fails(image)) is not None and key in self.store.objects:
+                for reason in ("ErrImagePull", "ImagePullBackOff"):
+                    failing = {"waiting": {"reason": reason, "message": refusal}}
+                    statuses = self.container_statuses(pod, lambda _, failing=failing: failing)
+                    self.set_status(key, containerStatuses=statuses)
+                    await asyncio.sleep(0.5)
 
     async def fail_pull(self, key: tuple, pod: dict, missing: list[dict]) -> None:
         names = {c["name"] for c in missing}
@@ -471,6 +484,7 @@ class Cluster(PodNetwork, TrainingOperator):
         meta.update(namespace=namespace, uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339())
         if plural == "pods":
             obj["status"] = {"phase": "Pending"}
+            obj = self.scheduler.admitted(obj)
         self.store.put(key, obj, "ADDED")
         if plural == "pods":
             number = next(self.pod_numbers)

@@ -9,7 +9,7 @@ import pendulum
 from airflow.sdk import DAG
 
 from airflow_provider_dnntrain.launchers import KubernetesLauncher
-from airflow_provider_dnntrain.operators import PyTorchTrainOperator
+from airflow_provider_dnntrain.operators import PyTorchTrainOperator, RegisterModelOperator
 from airflow_provider_dnntrain.spec import TorchDistributed
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
@@ -21,10 +21,25 @@ def kubernetes_launcher(kubeflow: bool = False) -> KubernetesLauncher:
         stop_grace_seconds=5,
         startup_timeout_seconds=60,
         kubeflow=kubeflow,
+        api_request_timeout=3,  # the fault tests hold some requests longer than this
     )
 
 
 TEST_SCRIPTS = str(Path(__file__).resolve().parents[1] / "scripts")
+EXAMPLE_SCRIPTS = str(Path(__file__).resolve().parents[2] / "dags" / "scripts")
+
+with DAG("dnntrain_kubernetes_ddp_registered", schedule=None, start_date=START):
+    train = PyTorchTrainOperator(
+        task_id="train",
+        source_directory=EXAMPLE_SCRIPTS,
+        entry_script="torch_ddp_digits.py",
+        arguments=["--epochs", "2"],
+        distribution=TorchDistributed(node_count=2, process_count_per_node=1),
+        launcher=kubernetes_launcher(),
+    )
+    RegisterModelOperator(
+        task_id="register", run_id=train.output, model_name="digits-chaos", model_path="model"
+    )
 
 for dag_id, kubeflow in (("dnntrain_kubernetes_deferred", False), ("dnntrain_kubeflow_deferred", True)):
     with DAG(dag_id, schedule=None, start_date=START):
@@ -33,7 +48,7 @@ for dag_id, kubeflow in (("dnntrain_kubernetes_deferred", False), ("dnntrain_kub
             task_id="train",
             source_directory=TEST_SCRIPTS,
             entry_script="ranks.py",
-            arguments=["--ticks", "20", "--tick-seconds", "0.1"],
+            arguments=["--ticks", "40", "--tick-seconds", "0.1"],
             distribution=TorchDistributed(node_count=2, process_count_per_node=1),
             launcher=kubernetes_launcher(kubeflow),
             deferrable=True,

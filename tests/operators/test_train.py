@@ -363,6 +363,20 @@ def test_templates_inside_input_objects_are_rendered():
     )
 
 
+def test_a_conf_uri_elsewhere_does_not_get_the_connections_credentials(monkeypatch, capfd):
+    reader = {"conn_type": "http", "host": "data.internal", "login": "reader", "password": "s3cr3t-pw"}
+    monkeypatch.setenv("AIRFLOW_CONN_WEB_READER", json.dumps(reader))
+    dag = load_dag(TEST_DAGS, "dnntrain_test_conf_input_uri")
+    dag_run = dag.test(run_conf={"data": "http://anyone.example/loot/"})
+    logged = "".join(capfd.readouterr())
+    assert task_instance(dag_run, "train").state == "failed"
+    assert (
+        "inputs.train_data: connection 'web_reader' is for http(s)://data.internal; "
+        "its credentials are not sent to http://anyone.example"
+    ) in logged
+    assert "launcher, plan:" not in logged  # refused before anything started
+
+
 @pytest.mark.slow
 def test_only_rank_zero_logs_to_the_run_and_every_other_rank_gets_its_own_child_run():
     dag = load_dag(TEST_DAGS, "dnntrain_test_rank_metrics")

@@ -100,7 +100,59 @@ def test_a_deferred_wait_streams_every_line_once_and_cleans_up(cluster, capfd, d
     assert task_instance(dag_run, "train").state == "success", logged[-5000:]
     assert "waiting on the triggerer" in logged
     for node, rank in (("node-0", 0), ("node-1", 1)):
-        for tick in range(20):
-            line = f"[{node}] [default0]:rank {rank} tick {tick} of 20"
+        for tick in range(40):
+            line = f"[{node}] [default0]:rank {rank} tick {tick} of 40"
             assert logged.count(line) == 1, (line, logged.count(line))
+    assert_nothing_left(cluster)
+
+
+# -- a cluster that misbehaves ------------------------------------------------------------------------
+
+# A fifth of the API's answers are 429 / 500 / 503 (some after the change was made), some requests
+# are held past the launcher's 3 s timeout, every log stream is cut in the middle of a line after 2 s.
+CHAOS = {"error_rate": 0.2, "delay_rate": 0.03, "delay_seconds": 4, "cut_logs_after": 2}
+
+
+def replica_lines(logged: str, replica: str) -> list[str]:
+    """A replica's lines as the task logged them (the task's own followed by its logger and place)."""
+    return re.findall(rf"\[{replica}\] (.*?)(?:\s+\[[\w.]+\] loc=\S+)?\s*$", logged, re.MULTILINE)
+
+
+def assert_every_line_logged_once(cluster, logged: str, run_id: str, replicas: tuple[str, ...]) -> None:
+    """Each replica's lines in the task log are its pod's log, line for line: none lost, none twice."""
+    from airflow_provider_dnntrain.backends.kubernetes.manifests import job_name
+
+    for replica in replicas:
+        [pod_log] = cluster.root.glob(f"pods/training-{job_name(run_id)}-{replica}-*/base.log")
+        expected = [line.split(" ", 1)[1].rstrip() for line in pod_log.read_text().splitlines()]
+        assert len(expected) > 5
+        assert replica_lines(logged, replica) == expected, replica
+
+
+@pytest.mark.slow
+def test_a_ddp_job_trains_and_registers_while_the_api_fails_and_log_streams_are_cut(cluster, capfd):
+    with cluster.misbehaving(**CHAOS, cut_execs=2):  # the outputs' copy is cut twice too
+        dag_run = load_dag(KUBERNETES_DAGS, "dnntrain_kubernetes_ddp_registered").test()
+        injected = cluster.injected()["injected"]
+    logged = "".join(capfd.readouterr())
+    assert task_instance(dag_run, "register").state == "success", logged[-5000:]
+    result = xcom(dag_run, "train")
+    assert_trained_and_registered(result, xcom(dag_run, "register"), "digits-chaos")
+    assert_every_line_logged_once(cluster, logged, result["run_id"], ("node-0", "node-1"))
+    assert sum(injected.get(str(status), 0) for status in (429, 500, 503)) >= 10, injected
+    assert injected["log stream cut"] >= 2 and injected["exec cut"] == 2, injected
+    assert_nothing_left(cluster)
+
+
+@pytest.mark.slow
+def test_a_deferred_wait_survives_the_faults_and_logs_every_line_once(cluster, capfd):
+    with cluster.misbehaving(**CHAOS):
+        dag_run = load_dag(KUBERNETES_DAGS, "dnntrain_kubernetes_deferred").test()
+        injected = cluster.injected()["injected"]
+    logged = "".join(capfd.readouterr())
+    assert task_instance(dag_run, "train").state == "success", logged[-5000:]
+    assert "waiting on the triggerer" in logged
+    run_id = xcom(dag_run, "train")["run_id"]
+    assert_every_line_logged_once(cluster, logged, run_id, ("node-0", "node-1"))
+    assert injected["log stream cut"] >= 2, injected
     assert_nothing_left(cluster)

@@ -132,6 +132,10 @@ class LineSplitter:
             self._end_line(out)
         return [self._text(raw) for raw in out]
 
+    def discard(self) -> None:
+        """Forget a line begun but not ended (its stream was cut; it will be read again whole)."""
+        self._pending, self._progress, self._shown_progress = b"", None, None
+
     def _end_line(self, out: list[bytes]) -> None:
         if self._pending:
             out.append(self._pending)

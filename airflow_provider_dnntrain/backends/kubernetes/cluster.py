@@ -1,35 +1,46 @@
 """A Kubernetes run's calls to the API server, through the cncf-kubernetes provider's hook: creating the
 run's objects, listing its pods, reading and deleting its Kubeflow job, deleting the run and waiting
-until its pods are gone, and copying the chief's outputs out of its pod through ``exec``."""
+until its pods are gone.
+
+Every call goes through the run's :class:`ApiPatience` (a request timeout; transient failures
+retried). A create is idempotent: an object that already exists and is this launch's (a create
+whose answer was lost) counts as made. Deleting needs no more than the documented Role: where a
+``deletecollection`` is forbidden the pods are deleted one by one.
+"""
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import logging
-import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
-from pathlib import Path
 
-from airflow_provider_dnntrain.backends.kubernetes.manifests import BOOTSTRAP, OUTPUTS_CONTAINER, RunObjects
+from airflow_provider_dnntrain.backends.kubernetes.api import ApiPatience
+from airflow_provider_dnntrain.backends.kubernetes.manifests import (
+    LAUNCH_ANNOTATION,
+    RunObjects,
+)
 from airflow_provider_dnntrain.backends.kubernetes.run import KubernetesRun
 from airflow_provider_dnntrain.backends.kubernetes.status import deleted_workload
 
 log = logging.getLogger(__name__)
 DELETE_WAIT_SECONDS = 60
-_EXEC_TIMEOUT_SECONDS = 120
 _CONNECTIONS = 1100  # log streams of the widest runs, and the calls
 _CREATING_AT_ONCE = 16  # pods created in parallel: a wide run starts in round trips / 16
+_CLASH_SECONDS = 60  # how long an earlier launch's object of the same name may take to go
+
+
+def _status(error: BaseException) -> int | None:
+    return getattr(error, "status", None) if hasattr(error, "reason") else None
 
 
 class Cluster:
-    """The cluster ``hook`` reaches, as a run uses it."""
+    """The cluster ``hook`` reaches, as a run uses it, with ``patience`` for its API server."""
 
-    def __init__(self, hook) -> None:
+    def __init__(self, hook, patience: ApiPatience | None = None) -> None:
         self.hook = hook
+        self.patience = patience or ApiPatience()
 
     @cached_property
     def core(self):
@@ -37,63 +48,126 @@ class Cluster:
         # Every pod's log is one long-lived stream: room for them besides the calls (urllib3 would
         # otherwise warn, into the task log, on every connection past its default ten).
         with contextlib.suppress(AttributeError):
-            core.api_client.rest_client.pool_manager.connection_pool_kw["maxsize"] = _CONNECTIONS
+            pools = core.api_client.rest_client.pool_manager.connection_pool_kw
+            pools["maxsize"] = _CONNECTIONS
+            pools["retries"] = False  # the run's patience retries, and says so only when it matters
         return core
+
+    @cached_property
+    def custom(self):
+        return self.hook.custom_object_client
+
+    def call(self, what: str, function, *args, **kwargs):
+        return self.patience.call(what, function, *args, **kwargs)
 
     # -- creating -------------------------------------------------------------------------------
 
     def create_owner(self, namespace: str, owner: dict) -> str:
         """The run's ConfigMap, which owns everything else; its uid."""
-        return self.core.create_namespaced_config_map(namespace, owner).metadata.uid
+        launch = owner["metadata"]["annotations"][LAUNCH_ANNOTATION]
+        made = self._create_once(
+            f"create configmap {owner['metadata']['name']}",
+            lambda **kw: self.core.create_namespaced_config_map(namespace, owner, **kw),
+            lambda **kw: self.core.read_namespaced_config_map(owner["metadata"]["name"], namespace, **kw),
+            lambda found: (found.metadata.annotations or {}).get(LAUNCH_ANNOTATION) == launch,
+        )
+        return made.metadata.uid
 
     def create_children(self, namespace: str, objects: RunObjects, with_pods_service: bool) -> None:
         """The Secret and, unless a Kubeflow job makes the pods' Services itself, the Service and a
         gang scheduler's PodGroup."""
-        self.core.create_namespaced_secret(namespace, objects.secret)
+        core = self.core
+        self._create_child(
+            core.create_namespaced_secret, core.read_namespaced_secret, namespace, objects.secret
+        )
         if not with_pods_service:
             return
-        self.core.create_namespaced_service(namespace, objects.service)
+        self._create_child(
+            core.create_namespaced_service, core.read_namespaced_service, namespace, objects.service
+        )
         if objects.pod_group is not None:
-            group, version = objects.pod_group["apiVersion"].split("/")
-            self.hook.custom_object_client.create_namespaced_custom_object(
-                group, version, namespace, "podgroups", objects.pod_group
-            )
+            self.create_custom(namespace, "podgroups", objects.pod_group)
 
     def create_pods(self, namespace: str, pods: list[dict]) -> None:
+        core = self.core
+
+        def create(pod: dict) -> None:
+            self._create_child(core.create_namespaced_pod, core.read_namespaced_pod, namespace, pod)
+
         with ThreadPoolExecutor(max_workers=_CREATING_AT_ONCE) as pool:
-            list(pool.map(lambda pod: self.core.create_namespaced_pod(namespace, pod), pods))
+            list(pool.map(create, pods))
+
+    def create_custom(self, namespace: str, plural: str, body: dict) -> None:
+        group, version = body["apiVersion"].split("/")
+        name = body["metadata"]["name"]
+        self._create_once(
+            f"create {plural} {name}",
+            lambda **kw: self.custom.create_namespaced_custom_object(
+                group, version, namespace, plural, body, **kw
+            ),
+            lambda **kw: self.custom.get_namespaced_custom_object(
+                group, version, namespace, plural, name, **kw
+            ),
+            lambda found: _owner_uids(found["metadata"]) == _owner_uids(body["metadata"]),
+        )
 
     def create_workload(self, run: KubernetesRun, workload: dict) -> None:
         """The run's Kubeflow job; a cluster that serves no such kind says to install the operator."""
-        from kubernetes.client.exceptions import ApiException
-
-        w = run.workload
         try:
-            self.hook.custom_object_client.create_namespaced_custom_object(
-                w["group"], w["version"], run.namespace, w["plural"], workload
-            )
-        except ApiException as error:
-            if error.status == 404:
+            self.create_custom(run.namespace, run.workload["plural"], workload)
+        except Exception as error:
+            if _status(error) == 404:
+                w = run.workload
                 raise RuntimeError(
                     f"kubeflow: the cluster serves no {workload['kind']} ({w['group']}/{w['version']} "
                     f"{w['plural']}): install the Kubeflow training operator, or run with kubeflow=False"
                 ) from None
             raise
 
+    def _create_child(self, create, read, namespace: str, body: dict) -> None:
+        """An object the run's owner owns: one already there with the same owner is this one."""
+        name = body["metadata"]["name"]
+        self._create_once(
+            f"create {body['kind'].lower()} {name}",
+            lambda **kw: create(namespace, body, **kw),
+            lambda **kw: read(name, namespace, **kw),
+            lambda found: _owner_uids(found.metadata) == _owner_uids(body["metadata"]),
+        )
+
+    def _create_once(self, what: str, create, read, is_ours):
+        """``create()``'s object; on a clash (409), the object there if ``is_ours(it)`` - a create whose
+        answer was lost - else, once an earlier launch's object of the name has gone, a new one."""
+        deadline = time.monotonic() + _CLASH_SECONDS
+        while True:
+            try:
+                return self.call(what, create)
+            except Exception as error:
+                if _status(error) != 409:
+                    raise
+            with contextlib.suppress(Exception):
+                found = self.call(what, read)
+                if is_ours(found):
+                    return found
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what}: an object of that name, not this run's, is still there")
+            time.sleep(1.0)
+
     # -- reading --------------------------------------------------------------------------------
 
     def list_pods(self, run: KubernetesRun) -> list:
-        return self.core.list_namespaced_pod(run.namespace, label_selector=run.selector).items
+        return self.call(
+            "list pods", self.core.list_namespaced_pod, run.namespace, label_selector=run.selector
+        ).items
 
     def owner_of(self, run: KubernetesRun):
         """The run's ConfigMap, which owns everything else: ``RuntimeError`` when it is gone, or is
         another launch's (a different uid)."""
-        from kubernetes.client.exceptions import ApiException
-
         try:
-            owner = self.core.read_namespaced_config_map(run.job, run.namespace)
-        except ApiException as error:
-            if error.status == 404:
+            owner = self.call(
+                "read the run's configmap", self.core.read_namespaced_config_map, run.job, run.namespace
+            )
+        except Exception as error:
+            if _status(error) == 404:
                 raise RuntimeError(f"run {run.run_id}: its objects are gone from the cluster") from None
             raise
         if owner.metadata.uid != run.owner_uid:
@@ -102,53 +176,98 @@ class Cluster:
 
     def read_workload(self, run: KubernetesRun) -> dict | None:
         """The run's Kubeflow job (its status: the training operator's verdict), if it has one."""
-        from kubernetes.client.exceptions import ApiException
-
         if run.workload is None:
             return None
         w = run.workload
         try:
-            return self.hook.custom_object_client.get_namespaced_custom_object(
-                w["group"], w["version"], run.namespace, w["plural"], run.job
-            )
-        except ApiException as error:
-            if error.status == 404:
+            return self.call(
+                f"read {w['plural']} {run.job}",
+                self.custom.get_namespaced_custom_object,
+                w["group"], w["version"], run.namespace, w["plural"], run.job,
+            )  # fmt: skip
+        except Exception as error:
+            if _status(error) == 404:
                 return deleted_workload()
             raise
 
+    def scaling_up_for(self, run: KubernetesRun, pod: str) -> bool:
+        """Whether the cluster autoscaler said it is adding a node for ``pod`` (its last word on it:
+        ``TriggeredScaleUp``, not ``NotTriggerScaleUp``). A Role without ``events`` says no."""
+        try:
+            events = self.call(
+                f"list events of pod {pod}", self.core.list_namespaced_event, run.namespace,
+                field_selector=f"involvedObject.name={pod}",
+            ).items  # fmt: skip
+        except Exception as error:
+            if _status(error) != 403:
+                raise
+            return False
+        return scaled_up(events)
+
     def save_cursors(self, run: KubernetesRun, patch: dict) -> None:
-        self.core.patch_namespaced_config_map(run.job, run.namespace, patch)
+        """How far each pod's log was logged, on the run's owner: a try that takes the run over after
+        this worker died repeats at most the lines of the last few seconds. A save that fails is
+        tried again at the next; the job goes on."""
+        try:
+            self.core.patch_namespaced_config_map(
+                run.job, run.namespace, patch, _request_timeout=self.patience.timeout
+            )
+        except Exception as error:
+            log.debug("Run %s: could not save log cursors: %s", run.run_id, error)
 
     # -- deleting -------------------------------------------------------------------------------
 
-    def delete_workload(self, run: KubernetesRun) -> None:
-        from kubernetes.client.exceptions import ApiException
+    def delete_run_pods(self, run: KubernetesRun, grace_seconds: float) -> list[str]:
+        """Delete the run's Kubeflow job (first, or its operator would make the pods again) and pods;
+        the pods still there once they had their grace and a minute more (none: all gone)."""
+        if run.workload is not None:
+            self.delete_workload(run)
+        self.delete_pods(run, grace_seconds)
+        return self.wait_until_gone(run, grace_seconds + DELETE_WAIT_SECONDS)
 
+    def delete_workload(self, run: KubernetesRun) -> None:
         w = run.workload
-        try:
-            self.hook.custom_object_client.delete_namespaced_custom_object(
-                w["group"], w["version"], run.namespace, w["plural"], run.job
-            )
-        except ApiException as error:
-            if error.status != 404:
-                raise
+        self._delete(
+            f"delete {w['plural']} {run.job}",
+            self.custom.delete_namespaced_custom_object,
+            w["group"], w["version"], run.namespace, w["plural"], run.job,
+        )  # fmt: skip
 
     def delete_pods(self, run: KubernetesRun, grace_seconds: float) -> None:
-        self.core.delete_collection_namespaced_pod(
-            run.namespace, label_selector=run.selector, grace_period_seconds=int(grace_seconds)
-        )
+        """Every pod of the run: in one request where the Role allows it, else one by one."""
+        grace = int(grace_seconds)
+        try:
+            self.call(
+                "delete pods",
+                self.core.delete_collection_namespaced_pod,
+                run.namespace, label_selector=run.selector, grace_period_seconds=grace,
+            )  # fmt: skip
+            return
+        except Exception as error:
+            if _status(error) != 403:
+                raise
+        for pod in self.list_pods(run):
+            name = pod.metadata.name
+            self._delete(
+                f"delete pod {name}", self.core.delete_namespaced_pod, name, run.namespace,
+                grace_period_seconds=grace,
+            )  # fmt: skip
 
     def delete_owner(self, run: KubernetesRun) -> None:
         """Delete the run's owner: the cluster's garbage collector deletes everything it owns."""
         from kubernetes.client import V1DeleteOptions
-        from kubernetes.client.exceptions import ApiException
 
+        self._delete(
+            "delete the run's configmap",
+            self.core.delete_namespaced_config_map,
+            run.job, run.namespace, body=V1DeleteOptions(propagation_policy="Background"),
+        )  # fmt: skip
+
+    def _delete(self, what: str, function, *args, **kwargs) -> None:
         try:
-            self.core.delete_namespaced_config_map(
-                run.job, run.namespace, body=V1DeleteOptions(propagation_policy="Background")
-            )
-        except ApiException as error:
-            if error.status != 404:
+            self.call(what, function, *args, **kwargs)
+        except Exception as error:
+            if _status(error) != 404:
                 raise
 
     def wait_until_gone(self, run: KubernetesRun, timeout: float) -> list[str]:
@@ -160,37 +279,15 @@ class Cluster:
             time.sleep(0.25)
         return []
 
-    # -- outputs --------------------------------------------------------------------------------
 
-    def copy_outputs(self, run: KubernetesRun, pod: str, python: str, target: Path) -> None:
-        """The outputs and logs the bootstrap packs in ``pod``'s outputs sidecar (with ``python``, as a
-        base64 tar.gz), unpacked into ``target``."""
-        packed = self._exec(run, pod, [python, BOOTSTRAP, "pack"])
-        with tarfile.open(fileobj=io.BytesIO(base64.b64decode(packed)), mode="r:gz") as tar:
-            tar.extractall(target, filter="data")
+def scaled_up(events: list) -> bool:
+    """Whether the autoscaler's last word among ``events`` (the API's, either client's) was a scale-up."""
+    said = [e for e in events if e.reason in ("TriggeredScaleUp", "NotTriggerScaleUp")]
+    said.sort(key=lambda e: str(e.last_timestamp or e.event_time or e.metadata.creation_timestamp or ""))
+    return bool(said) and said[-1].reason == "TriggeredScaleUp"
 
-    def _exec(self, run: KubernetesRun, pod: str, command: list[str]) -> str:
-        from kubernetes.client import CoreV1Api
-        from kubernetes.stream import stream
 
-        # A client of its own: ``stream`` swaps its client's transport for a websocket while it runs.
-        core = CoreV1Api(self.hook.get_conn())
-        client = stream(
-            core.connect_get_namespaced_pod_exec,
-            pod,
-            run.namespace,
-            container=OUTPUTS_CONTAINER,
-            command=command,
-            stderr=True,
-            stdin=False,
-            stdout=True,
-            tty=False,
-            _preload_content=False,
-        )
-        try:
-            client.run_forever(timeout=_EXEC_TIMEOUT_SECONDS)
-            if client.returncode not in (0, None):
-                raise RuntimeError(f"{command[-1]} exited {client.returncode}: {client.read_stderr()}")
-            return client.read_stdout()
-        finally:
-            client.close()
+def _owner_uids(metadata) -> list[str]:
+    """The uids a (dict or API model) object's metadata names as its owners."""
+    references = metadata.get("ownerReferences") if isinstance(metadata, dict) else metadata.owner_references
+    return sorted((r["uid"] if isinstance(r, dict) else r.uid) for r in references or [])

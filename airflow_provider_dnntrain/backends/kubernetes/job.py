@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,9 +17,17 @@ from airflow_provider_dnntrain.backends.base import JobHandle, JobState, JobStat
 from airflow_provider_dnntrain.backends.common.lines import Redactor
 from airflow_provider_dnntrain.backends.kubernetes.logs import PodLogs, follow_in_thread
 from airflow_provider_dnntrain.backends.kubernetes.manifests import CURSORS_ANNOTATION
+from airflow_provider_dnntrain.backends.kubernetes.pending import PodTimeouts
 from airflow_provider_dnntrain.backends.kubernetes.run import KubernetesRun
-from airflow_provider_dnntrain.backends.kubernetes.status import PodWatch, evaluate
+from airflow_provider_dnntrain.backends.kubernetes.status import (
+    PodWatch,
+    evaluate,
+    main_container_started,
+    pods_to_ask_about,
+)
 from airflow_provider_dnntrain.topology import JobPlan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -35,6 +44,7 @@ class KubernetesJobHandle(JobHandle):
     last_poll: float = 0.0
     cancelled: bool = False
     stopped: bool = False
+    outputs_lost: str = ""  # why the chief's outputs could not be copied, if they could not
     _readers: dict[str, threading.Thread] = field(default_factory=dict)
     _responses: dict[str, Any] = field(default_factory=dict)  # each pod's stream open last
 
@@ -65,24 +75,51 @@ class KubernetesJobHandle(JobHandle):
         """Whether a replica's log has nothing more to give: its container ended, or the run stopped."""
         return self.watch.exit_codes.get(replica) is not None or self.stopped
 
-    def evaluate(self, pods: list[Any], startup_timeout: float, workload: dict | None = None) -> JobStatus:
-        return evaluate(self.run, self.watch, pods, startup_timeout, workload)
+    def evaluate(self, pods: list[Any], timeouts: PodTimeouts, workload: dict | None = None) -> JobStatus:
+        return evaluate(self.run, self.watch, pods, timeouts, workload)
+
+    def observe(self, cluster, timeouts: PodTimeouts, gang) -> JobStatus:
+        """One look at the run through ``cluster``: its pods (the logs of those started followed), for
+        pods past their bound to be scheduled whether the autoscaler is adding a node, the Kubeflow
+        job's verdict; the status by gang semantics. Says what waiting pods wait for, now and then."""
+        pods = cluster.list_pods(self.run)
+        for pod in pods:
+            if main_container_started(pod, self.run.container):
+                self.follow(cluster.core, pod.metadata.name, cluster.patience.request_timeout)
+        for pod in pods_to_ask_about(self.watch, pods, timeouts):
+            if cluster.scaling_up_for(self.run, pod):
+                self.watch.scaling_up.add(pod)
+        status = self.evaluate(pods, timeouts, cluster.read_workload(self.run))
+        if note := self.watch.note_due(pods, gang):
+            log.info("Run %s: %s", self.run_id, note)
+        if self.logs.cursors_due():
+            cluster.save_cursors(self.run, self.cursors_patch())
+        return status
 
     # -- logs -----------------------------------------------------------------------------------
 
-    def follow(self, core, pod: str) -> None:
-        """Start reading ``pod``'s log in a thread of its own, unless one already does."""
+    def follow(self, core, pod: str, timeout: float) -> None:
+        """Start reading ``pod``'s log in a thread of its own, unless one already does (``timeout``: the
+        stream's, as ``follow_in_thread`` takes it)."""
         if pod in self._readers or self.logs.closing.is_set():
             return
         follower = self.logs.follower(pod, self.ended)
         reader = threading.Thread(
             target=follow_in_thread,
-            args=(core, follower, functools.partial(self._responses.__setitem__, pod)),
+            args=(core, follower, functools.partial(self._responses.__setitem__, pod), timeout),
             name=f"log-{pod}",
             daemon=True,
         )
         self._readers[pod] = reader
         reader.start()
+
+    def finish_reading_ended(self, timeout: float) -> None:
+        """Let the readers of ended containers' logs reach their end (a stream cut just before a
+        container ended is opened again for the rest)."""
+        deadline = time.monotonic() + timeout
+        for pod, reader in list(self._readers.items()):
+            if self.ended(self.run.replica_of(pod)):
+                reader.join(max(0.0, deadline - time.monotonic()))
 
     def finish_reading(self, timeout: float) -> None:
         """Let every reader reach the end of its (ended) pod's log, then stop the rest."""

@@ -29,6 +29,7 @@ from airflow_provider_dnntrain.backends.common.tracking_server import (
     refuse_deferral_through_worker,
 )
 from airflow_provider_dnntrain.backends.kubernetes import creation
+from airflow_provider_dnntrain.backends.kubernetes.api import ApiPatience
 from airflow_provider_dnntrain.backends.kubernetes.cluster import DELETE_WAIT_SECONDS, Cluster
 from airflow_provider_dnntrain.backends.kubernetes.inputs import (
     INPUTS_FOLDER,
@@ -45,16 +46,18 @@ from airflow_provider_dnntrain.backends.kubernetes.manifests import (
     pod_name,
 )
 from airflow_provider_dnntrain.backends.kubernetes.options import GangScheduler, PodOptions
+from airflow_provider_dnntrain.backends.kubernetes.outputs import OutputsLost, copy_outputs
+from airflow_provider_dnntrain.backends.kubernetes.pending import PodTimeouts
 from airflow_provider_dnntrain.backends.kubernetes.planning import PodPlacement, render_pod_plan
 from airflow_provider_dnntrain.backends.kubernetes.run import KubernetesRun
 from airflow_provider_dnntrain.backends.kubernetes.settings import PodDefaults
-from airflow_provider_dnntrain.backends.kubernetes.status import main_container_started
 from airflow_provider_dnntrain.backends.kubernetes.tracking import serve_store
 from airflow_provider_dnntrain.source import check_source
 from airflow_provider_dnntrain.spec import TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan
 
 log = logging.getLogger(__name__)
+_DRAIN_SECONDS = 10.0  # for the logs of ended containers to be read to their end
 
 
 class KubernetesLauncher(Launcher):
@@ -86,6 +89,10 @@ class KubernetesLauncher(Launcher):
     input's connection (signed ones for object stores), into ``inputs_cache_claim`` (a
     ReadWriteMany claim every run shares, so a node fetches an input once) or else the pod's own
     ``emptyDir``; ``pvc://<claim>/<path>`` inputs are that claim, mounted read-only.
+
+    Real clusters: every API call has ``api_request_timeout`` and is retried while the API is
+    unusable for less than ``api_unavailable_timeout`` (``api.py``). Outputs that cannot be copied fail
+    the run unless ``outputs_required=False``.
     """
 
     name = "kubernetes"
@@ -105,6 +112,8 @@ class KubernetesLauncher(Launcher):
         gang_scheduling: GangScheduler | None = None,
         queue_name: str | None = None,
         startup_timeout_seconds: float = 120.0,
+        schedule_timeout: float | None = None,
+        image_pull_timeout: float = 300.0,
         poll_interval: float = 1.0,
         stop_grace_seconds: float = 10.0,
         work_root: str | None = None,
@@ -112,6 +121,9 @@ class KubernetesLauncher(Launcher):
         tracking_bind: str = "0.0.0.0",
         kubeflow: bool = False,
         inputs_cache_claim: str | None = None,
+        outputs_required: bool = True,
+        api_request_timeout: float = 30.0,
+        api_unavailable_timeout: float = 600.0,
         **pod_options: Any,
     ) -> None:
         self.kubernetes_conn_id = kubernetes_conn_id
@@ -130,12 +142,16 @@ class KubernetesLauncher(Launcher):
             pod_options=pod_options,
         )
         self.startup_timeout_seconds = startup_timeout_seconds
+        self.schedule_timeout = schedule_timeout
+        self.image_pull_timeout = image_pull_timeout
         self.poll_interval = poll_interval
         self.stop_grace_seconds = stop_grace_seconds
         self.work_root = Path(work_root) if work_root else None
         self.tracking_address = tracking_address
         self.tracking_bind = tracking_bind
         self.kubeflow = kubeflow
+        self.outputs_required = outputs_required
+        self.api = ApiPatience(api_request_timeout, api_unavailable_timeout)
 
     # -- the cluster ----------------------------------------------------------------------------
 
@@ -156,7 +172,14 @@ class KubernetesLauncher(Launcher):
 
     @cached_property
     def cluster(self) -> Cluster:
-        return Cluster(self.hook)
+        return Cluster(self.hook, self.api)
+
+    @property
+    def timeouts(self) -> PodTimeouts:
+        queued = self.pods.gang is not None
+        return PodTimeouts(
+            self.startup_timeout_seconds, self.schedule_timeout, self.image_pull_timeout, queued
+        )
 
     @property
     def core(self):
@@ -304,7 +327,9 @@ class KubernetesLauncher(Launcher):
             connection=self._connection(),
             poll_interval=self.poll_interval,
             startup_timeout=self.startup_timeout_seconds,
+            timeouts=self.timeouts.arguments(),
             timeout=timeout,
+            api=self.api.arguments(),
         )
 
     # -- observe --------------------------------------------------------------------------------
@@ -317,23 +342,8 @@ class KubernetesLauncher(Launcher):
         if time.monotonic() - handle.last_poll < self.poll_interval:
             return handle.status
         handle.last_poll = time.monotonic()
-        pods = self.cluster.list_pods(handle.run)
-        for pod in pods:
-            if main_container_started(pod, handle.run.container):
-                handle.follow(self.core, pod.metadata.name)
-        workload = self.cluster.read_workload(handle.run)
-        handle.status = handle.evaluate(pods, self.startup_timeout_seconds, workload)
-        if handle.logs.cursors_due():
-            self._save_cursors(handle)
+        handle.status = handle.observe(self.cluster, self.timeouts, self.pods.gang)
         return handle.status
-
-    def _save_cursors(self, handle: KubernetesJobHandle) -> None:
-        """How far each pod's log was logged, on the run's owner: a try that takes the run over after
-        this worker died repeats at most the lines of the last few seconds."""
-        try:
-            self.cluster.save_cursors(handle.run, handle.cursors_patch())
-        except Exception as error:  # the next save tries again; the job goes on
-            log.debug("Run %s: could not save log cursors: %s", handle.run_id, error)
 
     def stream_logs(self, handle: KubernetesJobHandle, timeout: float) -> Iterable[LogLine]:
         if not handle.logs.has_lines() and timeout > 0:
@@ -355,13 +365,11 @@ class KubernetesLauncher(Launcher):
         gone (raise naming any still there)."""
         if handle.stopped:
             return
+        handle.finish_reading_ended(timeout=_DRAIN_SECONDS)  # before their pods go
         if handle.watch.created_at is not None and not handle.cancelled:
             self._save_outputs(handle)
         handle.stopped = True
-        if handle.run.workload is not None:  # first, or its operator would make the pods again
-            self.cluster.delete_workload(handle.run)
-        self.cluster.delete_pods(handle.run, grace_seconds)
-        left = self.cluster.wait_until_gone(handle.run, grace_seconds + DELETE_WAIT_SECONDS)
+        left = self.cluster.delete_run_pods(handle.run, grace_seconds)
         handle.finish_reading(timeout=5)
         self._remove_run(handle, wait=False)
         if handle.relay is not None:
@@ -378,16 +386,24 @@ class KubernetesLauncher(Launcher):
     # -- outputs --------------------------------------------------------------------------------
 
     def _save_outputs(self, handle: KubernetesJobHandle) -> None:
-        """The chief's ``./outputs`` and ``./logs``, through ``exec`` into the pod's outputs sidecar."""
+        """The chief's ``./outputs`` and ``./logs``, through ``exec`` into the pod's outputs sidecar; what
+        kept them from being copied is kept for :meth:`collect_outputs`."""
         chief = pod_name(outputs_host(handle.plan))
         try:
-            self.cluster.copy_outputs(
-                handle.run, chief, handle.settings.python, handle.run.run_dir / "artifacts"
+            copy_outputs(
+                self.cluster, handle.run, chief, handle.settings.python, handle.run.run_dir / "artifacts"
             )
         except Exception as error:
-            log.warning("Run %s: could not copy the outputs out of pod %s: %s", handle.run_id, chief, error)
+            handle.outputs_lost = f"{type(error).__name__}: {error}"
 
     def collect_outputs(self, handle: KubernetesJobHandle) -> Path:
+        """The copied outputs; ``OutputsLost`` when they could not be copied (a warning instead with
+        ``outputs_required=False``)."""
+        if handle.outputs_lost:
+            message = f"run {handle.run_id}: the chief's outputs were not collected: {handle.outputs_lost}"
+            if self.outputs_required:
+                raise OutputsLost(message)
+            log.warning("%s", message)
         artifacts = handle.run.run_dir / "artifacts"
         for sub in ("outputs", "logs"):
             (artifacts / sub).mkdir(parents=True, exist_ok=True)

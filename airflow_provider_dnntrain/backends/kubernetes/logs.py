@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import math
 import re
@@ -29,7 +28,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from airflow_provider_dnntrain.backends.base import LogLine
-from airflow_provider_dnntrain.backends.common.lines import Redactor
+from airflow_provider_dnntrain.backends.common.lines import LineSplitter, Redactor
 from airflow_provider_dnntrain.backends.kubernetes.run import KubernetesRun
 
 log = logging.getLogger(__name__)
@@ -37,6 +36,7 @@ READ_SIZE = 65536
 REOPEN_SECONDS = 0.5  # after a stream ended early (a dropped connection, a kubelet restart)
 CURSOR_SAVE_SECONDS = 10.0
 _TAIL_LINES = 20
+_STAMP_BYTES = 64  # kubelet's RFC 3339 timestamp, with room
 _RANK_LINE = re.compile(r"^\[(rank\.\d+)\] (.*)$", re.DOTALL)
 
 
@@ -70,6 +70,13 @@ class LogCursor:
 
     def accepts(self, stamp: str) -> bool:
         """Whether a line stamped ``stamp`` is new; if it is, the cursor moves past it."""
+        if self.is_new(stamp):
+            self.commit(stamp)
+            return True
+        return False
+
+    def is_new(self, stamp: str) -> bool:
+        """Whether a line stamped ``stamp``, read after :meth:`resume`, was not logged yet."""
         try:
             moment = Timestamp.parse(stamp)
         except ValueError:
@@ -81,11 +88,18 @@ class LogCursor:
                 self._skip -= 1
                 return False
             self._resume_at = None
-        if self.last and moment == Timestamp.parse(self.last):
+        return True
+
+    def commit(self, stamp: str) -> None:
+        """A new line stamped ``stamp`` was logged whole."""
+        try:
+            same = bool(self.last) and Timestamp.parse(stamp) == Timestamp.parse(self.last)
+        except ValueError:
+            return
+        if same:
             self.at_last += 1
         else:
             self.last, self.at_last = stamp, 1
-        return True
 
     def since_seconds(self) -> int | None:
         """What to ask for when reading again: a little more than needed (clocks differ); the rest is
@@ -126,15 +140,10 @@ class PodLogs:
     def cursor_of(self, pod: str) -> LogCursor:
         return self.cursors.setdefault(pod, LogCursor())
 
-    def take_raw(self, pod: str, raw: list[bytes]) -> None:
-        """New lines of a pod's log (kubelet-stamped), queued for :meth:`take_lines`; what was already
-        logged is skipped by the pod's cursor."""
+    def take_texts(self, pod: str, texts: list[str]) -> None:
+        """New text of a pod's log, queued for :meth:`take_lines`, the pod's cursor as of now with it."""
         cursor, replica = self.cursor_of(pod), self.run.replica_of(pod)
-        taken = []
-        for line in raw:
-            stamp, _, text = line.decode(errors="replace").partition(" ")
-            if cursor.accepts(stamp):
-                taken.append(self._labelled(replica, self.redactor.line(text.rstrip("\r"))))
+        taken = [self._labelled(replica, text) for text in texts]
         with self._lock:
             self._lines.extend(taken)
             self._queued_up_to[pod] = [cursor.last, cursor.at_last]
@@ -182,20 +191,31 @@ class PodLogs:
 
 
 class PodLogFollower:
-    """One pod's log, followed: what to open it with, what its bytes say, and whether to open it again."""
+    """One pod's log, followed: what to open it with, what its bytes say, and whether to open it again.
+
+    Its text goes through the :class:`LineSplitter` every backend uses (lines of any length in bounded
+    pieces, progress bars redrawn with ``\r`` shown every few seconds, secrets masked). A line counts
+    as logged - the pod's cursor moves past it - once its end has been read: a stream cut in the
+    middle of a line is opened again before it, and the line comes whole.
+    """
 
     def __init__(self, logs: PodLogs, pod: str, ended: Callable[[str], bool]) -> None:
         self.logs = logs
         self.pod = pod
         self.replica = logs.run.replica_of(pod)
         self._ended = ended
-        self._partial = b""
+        self._splitter = LineSplitter(logs.redactor)
+        self._head = b""  # the start of a line whose timestamp is not whole yet
+        self._stamp: str | None = None  # the line being read: its timestamp, if it is a new line
+        self._in_line = False
 
     def open_arguments(self) -> dict[str, Any]:
         """``read_namespaced_pod_log``'s arguments besides the pod and the namespace, for a stream that
         starts where the last one stopped (the cursor skips what it repeats)."""
         cursor = self.logs.cursor_of(self.pod)
         cursor.resume()
+        self._head, self._stamp, self._in_line = b"", None, False
+        self._splitter.discard()
         arguments: dict[str, Any] = {
             "follow": True,
             "timestamps": True,
@@ -207,50 +227,101 @@ class PodLogFollower:
         return arguments
 
     def feed(self, chunk: bytes) -> None:
-        self._partial += chunk
-        *complete, self._partial = self._partial.split(b"\n")
-        self.logs.take_raw(self.pod, complete)
+        texts: list[str] = []
+        data = self._head + chunk
+        self._head = b""
+        while data:
+            if not self._in_line:  # a line starts with kubelet's timestamp and a space
+                space = data.find(b" ", 0, _STAMP_BYTES)
+                if space < 0 and len(data) < _STAMP_BYTES:
+                    self._head = data
+                    break
+                stamp = data[:space].decode(errors="replace") if space >= 0 else ""
+                data = data[space + 1 :] if space >= 0 else data
+                self._in_line = True
+                self._stamp = stamp if self.logs.cursor_of(self.pod).is_new(stamp) else None
+            end = data.find(b"\n")
+            piece, data = (data, b"") if end < 0 else (data[: end + 1], data[end + 1 :])
+            if self._stamp is not None:
+                texts.extend(self._splitter.feed(piece))
+            if end >= 0:
+                self._line_ended()
+        self.logs.take_texts(self.pod, texts)
 
-    def stream_ended(self) -> bool:
-        """The stream ended (whole, or cut); whether to open it again: not once the replica's container
-        has ended, whose log has nothing more to give, nor when the run is closing."""
-        if self._partial:
-            self.logs.take_raw(self.pod, [self._partial])
-            self._partial = b""
-        return not (self._ended(self.replica) or self.logs.closing.is_set())
+    def _line_ended(self) -> None:
+        if self._stamp is not None:
+            self.logs.cursor_of(self.pod).commit(self._stamp)
+        self._stamp, self._in_line = None, False
+
+    def stream_ended(self, cut: bool) -> bool:
+        """The stream ended - whole, or ``cut`` (a dropped connection, an error); whether to open it
+        again: always after a cut (a line left half read comes again whole), else not once the
+        replica's container has ended, whose log then has nothing more to give; never when the run is
+        closing."""
+        if not cut and self._in_line:  # the log's last line, with no newline after it
+            if self._stamp is not None:
+                self.logs.take_texts(self.pod, self._splitter.flush())
+            self._line_ended()
+        if self.logs.closing.is_set():
+            return False
+        return cut or not self._ended(self.replica)
 
 
-def follow_in_thread(core, follower: PodLogFollower, opened: Callable[[Any], None]) -> None:
+def follow_in_thread(core, follower: PodLogFollower, opened: Callable[[Any], None], timeout: float) -> None:
     """Drive ``follower`` with the ``kubernetes`` client ``core`` until it is done; ``opened`` hears of
-    every response, so that a stop can shut it."""
+    every response, so that a stop can shut it. ``timeout``: for connecting, and for a stream silent
+    that long (a half-open connection), which is then opened again."""
     namespace = follower.logs.run.namespace
     while True:
+        cut = False
         try:
-            response = core.read_namespaced_pod_log(follower.pod, namespace, **follower.open_arguments())
+            response = core.read_namespaced_pod_log(
+                follower.pod, namespace, _request_timeout=(timeout, timeout), **follower.open_arguments()
+            )
             opened(response)
             for chunk in response.stream(amt=READ_SIZE, decode_content=True):
                 follower.feed(chunk)
         except Exception as error:  # the pod went away, or the connection dropped: the follower decides
             log.debug("log stream of pod %s ended: %r", follower.pod, error)
-        if not follower.stream_ended() or follower.logs.closing.wait(REOPEN_SECONDS):
+            cut = not _gone(error)
+        if not follower.stream_ended(cut) or follower.logs.closing.wait(REOPEN_SECONDS):
             return
 
 
-async def follow_on_loop(core, follower: PodLogFollower, then: Callable[[], None]) -> None:
+async def follow_on_loop(core, follower: PodLogFollower, then: Callable[[], None], timeout: float) -> None:
     """Drive ``follower`` with the ``kubernetes_asyncio`` client ``core`` until it is done; ``then`` after
-    every chunk (the trigger logs what it made at once)."""
+    every chunk (the trigger logs what it made at once). ``timeout`` as for :func:`follow_in_thread`."""
     namespace = follower.logs.run.namespace
     while True:
-        with contextlib.suppress(Exception):  # as above: the follower decides
+        cut = False
+        try:
             response = await core.read_namespaced_pod_log(
-                follower.pod, namespace, **follower.open_arguments()
+                follower.pod, namespace, _request_timeout=(timeout, timeout), **follower.open_arguments()
             )
             async with response:
+                if response.status >= 300:  # kubernetes_asyncio hands streams over unchecked
+                    raise StreamRefused(response.status, await response.text())
                 async for chunk in response.content.iter_any():
                     follower.feed(chunk)
                     then()
-        reopen = follower.stream_ended()
+        except Exception as error:  # as above: the follower decides
+            log.debug("log stream of pod %s ended: %r", follower.pod, error)
+            cut = not _gone(error)
+        reopen = follower.stream_ended(cut)
         then()
         if not reopen:
             return
         await asyncio.sleep(REOPEN_SECONDS)
+
+
+class StreamRefused(Exception):
+    """The API server answered a log stream's request with an error."""
+
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"{status}: {body[:200]}")
+        self.status = status
+
+
+def _gone(error: BaseException) -> bool:
+    """Whether a stream failed because its pod is gone (nothing more to read), not by a fault."""
+    return getattr(error, "status", None) == 404

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_provider_dnntrain.backends.common.replica import LAUNCH_ID_VAR
 from airflow_provider_dnntrain.backends.kubernetes.gang import Gang, join_gang, pod_group
 from airflow_provider_dnntrain.backends.kubernetes.options import PodOptions
 from airflow_provider_dnntrain.topology import JobPlan, Replica
@@ -27,6 +28,7 @@ REPLICA_LABEL = f"{API_GROUP}/replica"
 ROLE_LABEL = f"{API_GROUP}/role"
 # On the run's owner: how far each pod's log was logged, left by a watcher that was stopped.
 CURSORS_ANNOTATION = f"{API_GROUP}/log-cursors"
+LAUNCH_ANNOTATION = f"{API_GROUP}/launch"  # which launch made the owner: a create retried is not a clash
 MAIN_CONTAINER = "base"  # KubernetesPodOperator's name, so pod templates written for it apply
 OUTPUTS_CONTAINER = "outputs"
 BUNDLE_MOUNT = "/dnntrain/bundle"
@@ -100,12 +102,12 @@ def render_run(
     job = job_name(plan.run_id)
     labels = {RUN_LABEL: job}
     owner = _owner(plan, job, settings.namespace, labels, bundle)
+    owner["metadata"]["annotations"] = {LAUNCH_ANNOTATION: settings.launch_env.get(LAUNCH_ID_VAR, "")}
     reference = {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "name": job,
         "uid": owner_uid,
-        "blockOwnerDeletion": True,
         "controller": True,
     }
     children_meta = {"namespace": settings.namespace, "labels": labels, "ownerReferences": [reference]}

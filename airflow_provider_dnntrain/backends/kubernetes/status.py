@@ -8,10 +8,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from airflow_provider_dnntrain.backends.base import JobState, JobStatus, aggregate_status
+from airflow_provider_dnntrain.backends.kubernetes.pending import (
+    FIRST_NOTE_SECONDS,
+    NOTE_SECONDS,
+    PodTimeouts,
+    Waits,
+    pending_failure,
+    unscheduled_too_long,
+    waiting_note,
+)
 from airflow_provider_dnntrain.backends.kubernetes.run import KubernetesRun
-
-_IMAGE_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
-_CONFIG_FAILURES = ("CreateContainerConfigError", "CreateContainerError", "RunContainerError")
 
 
 @dataclass
@@ -22,13 +28,40 @@ class PodWatch:
     created_at: float | None = None
     seen: set[str] = field(default_factory=set)
     exit_codes: dict[str, int | None] = field(default_factory=dict)
+    waits: Waits = field(default_factory=Waits)
+    scaling_up: set[str] = field(default_factory=set)  # pods the cluster autoscaler is adding a node for
 
     def started_long_ago(self, startup_timeout: float) -> bool:
         return self.created_at is not None and time.monotonic() - self.created_at > startup_timeout
 
+    def note_due(self, pods: list[Any], gang) -> str | None:
+        """What the pods that have not started wait for, once a minute while they wait."""
+        now = time.monotonic()
+        if self.created_at is None:
+            return None
+        since_note = now - self.waits.noted_at if self.waits.noted_at else float("inf")
+        if now - self.created_at < FIRST_NOTE_SECONDS or since_note < NOTE_SECONDS:
+            return None
+        note = waiting_note(pods, gang.queue_name if gang is not None else None)
+        if note is not None:
+            self.waits.noted_at = now
+        return note
+
+
+def pods_to_ask_about(watch: PodWatch, pods: list[Any], timeouts: PodTimeouts) -> list[str]:
+    """Pods past their bound to be scheduled, unless the cluster autoscaler is adding a node for them:
+    their events say whether it is."""
+    if watch.created_at is None:
+        return []
+    return [
+        pod.metadata.name
+        for pod in pods
+        if pod.metadata.name not in watch.scaling_up and unscheduled_too_long(pod, watch.created_at, timeouts)
+    ]
+
 
 def evaluate(
-    run: KubernetesRun, watch: PodWatch, pods: list[Any], startup_timeout: float, workload: dict | None = None
+    run: KubernetesRun, watch: PodWatch, pods: list[Any], timeouts: PodTimeouts, workload: dict | None = None
 ) -> JobStatus:
     """Gang semantics over the pods (the API's objects from one list call) and, for a Kubeflow job, its
     conditions (``workload``: the job as the API gave it)."""
@@ -39,7 +72,7 @@ def evaluate(
     replicas = {r.name for r in run.plan.replicas}
     for name in run.pod_names:
         pod = by_name.get(name)
-        failure = _pod_failure(run, watch, name, pod, startup_timeout)
+        failure = _pod_failure(run, watch, name, pod, timeouts)
         if failure is not None:
             return failure
         code = _main_exit_code(pod, run.container)
@@ -81,14 +114,14 @@ def _failed(replica: str, pod: str, what: str, code: int | None = None) -> JobSt
 
 
 def _pod_failure(
-    run: KubernetesRun, watch: PodWatch, name: str, pod, startup_timeout: float
+    run: KubernetesRun, watch: PodWatch, name: str, pod, timeouts: PodTimeouts
 ) -> JobStatus | None:
     """A reason the job cannot go on because of this pod, if it has one."""
     replica = run.replica_of(name)
     if pod is None and run.workload is not None and name not in watch.seen:  # the operator makes it
-        if not watch.started_long_ago(startup_timeout):
+        if not watch.started_long_ago(timeouts.startup):
             return None
-        what = f"was not created by the training operator within {startup_timeout:.0f} s"
+        what = f"was not created by the training operator within {timeouts.startup:.0f} s"
         return _failed(replica, name, f"{what} (is the Kubeflow training operator running?)")
     if pod is None or pod.metadata.deletion_timestamp is not None:
         return _failed(replica, name, "was deleted while the job ran")
@@ -97,18 +130,10 @@ def _pod_failure(
         return _failed(replica, name, f"was stopped by Kubernetes: {status.reason}: {status.message or ''}")
     if status is not None and status.phase == "Failed" and _main_exit_code(pod, run.container) is None:
         return _failed(replica, name, _init_failure(status))
-    for container in status.container_statuses or [] if status else []:
-        waiting = container.state.waiting if container.state else None
-        if waiting is not None and waiting.reason in (*_IMAGE_FAILURES, *_CONFIG_FAILURES):
-            return _failed(
-                replica, name, f"cannot start: {waiting.reason}: {waiting.message or ''}".rstrip(": ")
-            )
-    if status is not None and status.phase == "Pending" and watch.started_long_ago(startup_timeout):
-        reasons = [
-            f"{c.reason}: {c.message}" for c in status.conditions or [] if c.status == "False" and c.reason
-        ]
-        detail = "; ".join(reasons) or "not scheduled or started"
-        return _failed(replica, name, f"was still pending after {startup_timeout:.0f} s ({detail})")
+    if status is not None and status.phase == "Pending":
+        scaling_up = name in watch.scaling_up
+        failure = pending_failure(pod, name, watch.created_at, watch.waits, timeouts, scaling_up)
+        return None if failure is None else _failed(replica, name, failure)
     return None
 
 

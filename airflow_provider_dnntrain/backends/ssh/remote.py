@@ -244,7 +244,9 @@ def _connect(spec: HostSpec, retry_seconds: float):
     )
     if spec.host_key:
         hook.host_key = _parse_host_key(spec.host_key)
-        hook.no_host_key_check = False
+    # Unknown host keys are refused whatever the ssh provider's default (older ones added them), unless
+    # the connection opts out in so many words.
+    hook.no_host_key_check = not spec.host_key and _opted_out_of_host_keys(spec.conn_id)
     deadline = time.monotonic() + retry_seconds
     while True:
         try:
@@ -267,6 +269,14 @@ def _connect(spec: HostSpec, retry_seconds: float):
             if time.monotonic() > deadline:
                 raise HostUnreachable(f"host {spec}: {type(error).__name__}: {error}") from None
         time.sleep(1)
+
+
+def _opted_out_of_host_keys(conn_id: str | None) -> bool:
+    from airflow.sdk import BaseHook
+
+    extra = BaseHook.get_connection(conn_id).extra_dejson if conn_id else {}
+    value = extra.get("no_host_key_check", extra.get("ignore_hostkey_verification"))
+    return str(value).lower() == "true"
 
 
 def _parse_host_key(text: str):

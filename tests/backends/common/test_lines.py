@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tracemalloc
 
-from backends.local.test_launcher import SCRIPTS
+from long_lines import assert_lines_whole_bounded_and_throttled, long_lines_job
 
 from airflow_provider_dnntrain.backends.base import wait_for_job
 from airflow_provider_dnntrain.backends.common.lines import (
@@ -14,7 +14,6 @@ from airflow_provider_dnntrain.backends.common.lines import (
     Redactor,
 )
 from airflow_provider_dnntrain.backends.local.launcher import LocalLauncher
-from airflow_provider_dnntrain.spec import TrainingJob
 
 
 class FakeClock:
@@ -87,20 +86,10 @@ def test_short_values_are_not_masked_like_airflow_does_not():
 
 
 def test_progress_bars_and_long_lines_of_a_real_replica(tmp_path):
-    job = TrainingJob(
-        framework="tensorflow",
-        source_directory=str(SCRIPTS),
-        entry_script="replica.py",
-        arguments=["--progress", "500", "--long-line", "300000", "--partial"],
-    )
+    job = long_lines_job()
     launcher = LocalLauncher(work_root=tmp_path)
     handle = launcher.submit(job, launcher.plan(job, "progress"), extra_env={})
     lines = []
     wait_for_job(launcher, handle, lines.append, timeout=120)
-    texts = [line.text for line in lines]
-    bars = [text for text in texts if "worker-0 epoch" in text]
-    assert 1 <= len(bars) <= 3 and "500/500" in bars[-1]  # not 500 lines, and the end is there
-    long_pieces = [text for text in texts if set(text) == {"y"}]
-    assert sum(map(len, long_pieces)) == 300000 and max(map(len, long_pieces)) <= MAX_LINE_BYTES
-    assert texts[-1] == "worker-0 partial-end"  # nothing lost at the end
+    assert_lines_whole_bounded_and_throttled([line.text for line in lines])
     assert "\r" not in (handle.run_dir / "logs" / "worker-0.log").read_text()

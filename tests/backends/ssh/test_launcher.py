@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from azure_script import assert_ran_as_azure_ml_script_offline
+from long_lines import assert_lines_whole_bounded_and_throttled, long_lines_job
 from object_store import ObjectStore
 from ssh_hosts import SSHHosts
 
@@ -102,6 +103,15 @@ def test_horovod_two_nodes_on_two_hosts_allreduce(tmp_path, conn_ids, hosts, dis
     assert ssh_peers.key_marker(handle.launch_id) not in (hosts.root / "authorized_keys").read_text()
     for host in hosts.hosts:
         assert host.job_processes() == {}, host.name
+
+
+def test_progress_bars_and_long_lines_read_like_on_every_backend(tmp_path, conn_ids):
+    job = long_lines_job()
+    launcher = SSHLauncher(ssh_conn_ids=conn_ids[:1], work_root=str(tmp_path))
+    handle = launcher.submit(job, launcher.plan(job, f"ssh-long-lines-{tmp_path.name}"), extra_env={})
+    lines = []
+    wait_for_job(launcher, handle, lines.append, timeout=120)
+    assert_lines_whole_bounded_and_throttled([line.text for line in lines])
 
 
 def test_a_host_runs_the_interpreter_its_connection_names(tmp_path, hosts, monkeypatch):

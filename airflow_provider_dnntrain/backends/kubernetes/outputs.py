@@ -1,0 +1,91 @@
+"""The chief's ``./outputs`` and ``./logs``, copied out of its pod at the end of a run: the bootstrap in
+the pod's outputs sidecar (which keeps the working directory after the replica ends) packs them, and
+they come out through ``exec``, as KubernetesPodOperator's XCom sidecar does. A copy that fails - a
+cut stream, an API error - is tried again; outputs that never come whole are :class:`OutputsLost`,
+never a silent success."""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import tarfile
+import time
+from pathlib import Path
+
+from airflow_provider_dnntrain.backends.kubernetes.cluster import Cluster
+from airflow_provider_dnntrain.backends.kubernetes.manifests import BOOTSTRAP, OUTPUTS_CONTAINER
+from airflow_provider_dnntrain.backends.kubernetes.run import KubernetesRun
+
+log = logging.getLogger(__name__)
+OUTPUTS_ATTEMPTS = 5
+_BACKOFF_CAP_SECONDS = 8.0
+_EXEC_TIMEOUT_SECONDS = 120
+
+
+class OutputsLost(RuntimeError):
+    """The chief's outputs could not be copied out of its pod."""
+
+
+def copy_outputs(cluster: Cluster, run: KubernetesRun, pod: str, python: str, target: Path) -> None:
+    """The outputs and logs the bootstrap packs in ``pod``'s outputs sidecar (with ``python``, as a
+    base64 tar.gz), unpacked into ``target``; :class:`OutputsLost` naming the last failure when no
+    try gets them whole."""
+    if (waiting := _not_running(cluster, run, pod)) is not None:
+        raise OutputsLost(f"the outputs container of pod {pod} is not running ({waiting})")
+    for attempt in range(OUTPUTS_ATTEMPTS):
+        try:
+            packed = _exec(cluster, run, pod, [python, BOOTSTRAP, "pack"])
+            with tarfile.open(fileobj=io.BytesIO(base64.b64decode(packed)), mode="r:gz") as tar:
+                tar.extractall(target, filter="data")
+            return
+        except Exception as error:
+            failure = f"{type(error).__name__}: {error}"
+            log.warning("Run %s: copying the outputs out of pod %s failed (%s)", run.run_id, pod, failure)
+        time.sleep(min(_BACKOFF_CAP_SECONDS, 0.5 * 2**attempt))
+    raise OutputsLost(f"the outputs of pod {pod} could not be copied in {OUTPUTS_ATTEMPTS} tries: {failure}")
+
+
+def _not_running(cluster: Cluster, run: KubernetesRun, pod: str) -> str | None:
+    """How the pod's outputs container is, unless it runs (a pod that never started has no outputs)."""
+    try:
+        found = cluster.call(f"read pod {pod}", cluster.core.read_namespaced_pod, pod, run.namespace)
+    except Exception as error:
+        return f"the pod cannot be read: {getattr(error, 'status', None) or error}"
+    for status in (found.status.container_statuses or []) if found.status else []:
+        if status.name == OUTPUTS_CONTAINER:
+            if status.state and status.state.running:
+                return None
+            waiting = status.state.waiting if status.state else None
+            return waiting.reason if waiting is not None else "ended"
+    return "not started"
+
+
+def _exec(cluster: Cluster, run: KubernetesRun, pod: str, command: list[str]) -> str:
+    from kubernetes.client import CoreV1Api
+    from kubernetes.stream import stream
+
+    # A client of its own: ``stream`` swaps its client's transport for a websocket while it runs.
+    core = CoreV1Api(cluster.hook.get_conn())
+    client = stream(
+        core.connect_get_namespaced_pod_exec,
+        pod,
+        run.namespace,
+        container=OUTPUTS_CONTAINER,
+        command=command,
+        stderr=True,
+        stdin=False,
+        stdout=True,
+        tty=False,
+        _preload_content=False,
+        _request_timeout=cluster.patience.request_timeout,
+    )
+    try:
+        client.run_forever(timeout=_EXEC_TIMEOUT_SECONDS)
+        if client.returncode is None:  # the stream ended before the command said how it ended
+            raise ConnectionError(f"the exec stream of {command[-1]} ended before the command did")
+        if client.returncode != 0:
+            raise RuntimeError(f"{command[-1]} exited {client.returncode}: {client.read_stderr()}")
+        return client.read_stdout()
+    finally:
+        client.close()

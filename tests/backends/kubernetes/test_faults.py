@@ -1,0 +1,182 @@
+"""The Kubernetes launcher on a cluster that misbehaves on purpose (tests/fake_kubernetes/faults.py):
+answers lost after the change was made, a Role that grants only what docs/kubernetes.md documents,
+an outputs' copy that keeps being cut, an API server down for longer than a run allows."""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from fake_kubernetes import FakeCluster, assert_nothing_left, fake_launcher, wait_in_background
+from fake_kubernetes import run_job as run
+from long_lines import assert_lines_whole_bounded_and_throttled, long_lines_job
+
+from airflow_provider_dnntrain.backends.base import JobFailed
+from airflow_provider_dnntrain.backends.kubernetes.api import ApiUnavailable
+from airflow_provider_dnntrain.backends.kubernetes.outputs import OutputsLost
+from airflow_provider_dnntrain.spec import TorchDistributed, TrainingJob
+
+REPO = Path(__file__).resolve().parents[3]
+TEST_SCRIPTS = REPO / "tests" / "scripts"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with FakeCluster(tmp_path_factory.mktemp("kubernetes") / "cluster") as started:
+        yield started
+
+
+@pytest.fixture
+def launcher(cluster, monkeypatch, tmp_path):
+    return fake_launcher(cluster, monkeypatch, tmp_path, api_request_timeout=3)
+
+
+def ranks_job(*arguments: str) -> TrainingJob:
+    return TrainingJob(
+        framework="pytorch",
+        source_directory=str(TEST_SCRIPTS),
+        entry_script="ranks.py",
+        arguments=list(arguments),
+        distribution=TorchDistributed(node_count=2, process_count_per_node=1),
+    )
+
+
+def documented_role() -> list[dict]:
+    page = (REPO / "docs" / "kubernetes.md").read_text()
+    block = re.search(r"```yaml\n(# dnntrain-launcher-role\.yaml\n.*?)```", page, re.DOTALL).group(1)
+    return yaml.safe_load(block)["rules"]
+
+
+def test_creates_whose_answers_were_lost_are_not_made_twice(cluster, launcher):
+    # The run's ConfigMap, Secret, Service and first pod are made, but the client hears 500 each time.
+    with cluster.misbehaving(lose_answers=4):
+        handle, lines = run(launcher, ranks_job("--ticks", "2"), "lost-answers")
+        injected = cluster.injected()["injected"]
+    assert injected["500 after the change"] == 4
+    assert (launcher.collect_outputs(handle) / "outputs" / "argv-0.json").is_file()
+    assert sum("tick 1 of 2" in line.text for line in lines) == 2
+    assert_nothing_left(cluster)
+
+
+@pytest.mark.parametrize("collection_delete", [True, False], ids=["documented", "no-deletecollection"])
+def test_the_documented_role_is_enough_and_nothing_is_left(cluster, launcher, collection_delete):
+    rules = documented_role()
+    if not collection_delete:
+        for rule in rules:
+            rule["verbs"] = [verb for verb in rule["verbs"] if verb != "deletecollection"]
+    with cluster.misbehaving(rules):
+        handle, _ = run(launcher, ranks_job("--ticks", "2"), f"least-privilege-{collection_delete}")
+        denied = cluster.injected()["denied"]
+    assert denied == ({} if collection_delete else {"deletecollection pods": 1})
+    assert (launcher.collect_outputs(handle) / "outputs" / "argv-0.json").is_file()
+    assert_nothing_left(cluster)
+
+
+def test_an_outputs_copy_that_keeps_being_cut_fails_the_run(cluster, launcher):
+    with cluster.misbehaving(cut_execs=5):
+        handle, _ = run(launcher, ranks_job(), "outputs-cut")
+    with pytest.raises(OutputsLost, match="could not be copied in 5 tries"):
+        launcher.collect_outputs(handle)
+    assert_nothing_left(cluster)
+
+
+def test_outputs_not_required_are_a_warning(cluster, monkeypatch, tmp_path, caplog):
+    launcher = fake_launcher(cluster, monkeypatch, tmp_path, outputs_required=False)
+    with cluster.misbehaving(cut_execs=5):
+        handle, _ = run(launcher, ranks_job(), "outputs-optional")
+    assert launcher.collect_outputs(handle).is_dir()
+    assert "the chief's outputs were not collected" in caplog.text
+    assert_nothing_left(cluster)
+
+
+def test_an_api_down_for_longer_than_allowed_fails_the_run_naming_the_last_error(
+    cluster, monkeypatch, tmp_path
+):
+    launcher = fake_launcher(cluster, monkeypatch, tmp_path, api_unavailable_timeout=3)
+    job = ranks_job("--sleep", "60")
+    handle = launcher.submit(job, launcher.plan(job, "api-down"), extra_env={})
+    thread, lines, outcome = wait_in_background(launcher, handle)
+    while not handle.logs.cursors:  # both pods run
+        time.sleep(0.2)
+    started = time.monotonic()
+    with cluster.misbehaving(error_rate=1.0, statuses=[503]):
+        thread.join(timeout=60)
+    assert isinstance(outcome.get("error"), ApiUnavailable), outcome
+    assert "unusable for 3 s" in str(outcome["error"]) and "503" in str(outcome["error"])
+    assert time.monotonic() - started < 30
+    launcher.cancel(handle)  # the API is back: what the failed run left goes
+    assert_nothing_left(cluster)
+
+
+def test_progress_bars_and_long_lines_read_like_on_every_backend_while_streams_are_cut(cluster, launcher):
+    with cluster.misbehaving(cut_logs_after=1):
+        _, lines = run(launcher, long_lines_job(), "long-lines")
+    assert_lines_whole_bounded_and_throttled([line.text for line in lines])
+    assert_nothing_left(cluster)
+
+
+# -- waiting is not failing ---------------------------------------------------------------------------
+# Each waits several times the launcher's 5 s startup bound: the bound for scheduled -> running.
+
+
+def test_pods_kueue_holds_wait_for_admission_then_train(cluster, monkeypatch, tmp_path, caplog):
+    caplog.set_level("INFO")
+    launcher = fake_launcher(
+        cluster,
+        monkeypatch,
+        tmp_path,
+        gang_scheduling="kueue",
+        queue_name="team-a",
+        startup_timeout_seconds=5,
+    )
+    with cluster.misbehaving(kueue_admit_after=25):
+        handle, lines = run(launcher, ranks_job("--ticks", "2"), "kueue-gated")
+    assert sum("tick 1 of 2" in line.text for line in lines) == 2
+    assert "2 wait to be scheduled: a scheduling gate (queue team-a)" in caplog.text
+    assert_nothing_left(cluster)
+
+
+def test_pods_wait_while_the_autoscaler_adds_a_node(cluster, monkeypatch, tmp_path, caplog):
+    caplog.set_level("INFO")
+    launcher = fake_launcher(cluster, monkeypatch, tmp_path, startup_timeout_seconds=5)
+    with cluster.misbehaving(scale_up_after=20):
+        _, lines = run(launcher, ranks_job("--ticks", "2"), "scale-up")
+    assert sum("tick 1 of 2" in line.text for line in lines) == 2
+    assert "wait to be scheduled: Unschedulable: 0/1 nodes are available: 1 Insufficient cpu." in caplog.text
+    assert_nothing_left(cluster)
+
+
+def test_kubelet_retries_a_throttled_pull_until_the_image_is_there(cluster, monkeypatch, tmp_path):
+    launcher = fake_launcher(
+        cluster, monkeypatch, tmp_path, startup_timeout_seconds=5, image="dnntrain-torch:late"
+    )
+    with cluster.misbehaving(images_appear_after={"dnntrain-torch:late": 15}):
+        _, lines = run(launcher, ranks_job("--ticks", "2"), "image-late")
+    assert sum("tick 1 of 2" in line.text for line in lines) == 2
+    assert_nothing_left(cluster)
+
+
+def test_a_pull_retried_past_the_image_pull_timeout_fails_naming_the_registrys_answer(
+    cluster, monkeypatch, tmp_path
+):
+    launcher = fake_launcher(
+        cluster,
+        monkeypatch,
+        tmp_path,
+        image="dnntrain-torch:never",
+        image_pull_timeout=4,
+        startup_timeout_seconds=60,
+    )
+    started = time.monotonic()
+    with (
+        cluster.misbehaving(images_appear_after={"dnntrain-torch:never": 600}),
+        pytest.raises(
+            JobFailed, match=r"cannot start: (ErrImagePull|ImagePullBackOff): .*429 Too Many .*4 s"
+        ),
+    ):
+        run(launcher, ranks_job(), "image-throttled")
+    assert time.monotonic() - started < 30
+    assert_nothing_left(cluster)

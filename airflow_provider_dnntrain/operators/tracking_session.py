@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from airflow_provider_dnntrain.backends.base import JobFailed, JobHandle, JobState, JobStatus, Launcher
+from airflow_provider_dnntrain.backends.common.tracking_server import store_credentials
 from airflow_provider_dnntrain.inputs import shown
 from airflow_provider_dnntrain.spec import Environment, TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan
@@ -78,15 +79,14 @@ class TrackingSession:
         return self.run
 
     def with_credentials(self, job: TrainingJob) -> TrainingJob:
-        """The job with the tracking credentials as secrets: masked, never in a plan, given to replicas."""
-        if not self.target.credentials:
+        """The job with the tracking credentials as secrets: masked, never in a plan, given to replicas.
+        An embedded store a backend serves to its replicas takes the run's own credential."""
+        credentials = {**self.target.credentials, **store_credentials(self.target.uri, self.run_id)}
+        if not credentials:
             return job
         secrets = {name: value.get_secret_value() for name, value in job.environment.secrets.items()}
         environment = Environment.model_validate(
-            {
-                **job.environment.model_dump(exclude={"secrets"}),
-                "secrets": {**secrets, **self.target.credentials},
-            }
+            {**job.environment.model_dump(exclude={"secrets"}), "secrets": {**secrets, **credentials}}
         )
         return job.model_copy(update={"environment": environment})
 

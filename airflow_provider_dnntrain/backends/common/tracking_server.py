@@ -6,12 +6,20 @@ HTTP from this worker - an ``mlflow server`` run under the reaper, so it ends wi
 happens - once the tracking run exists. How replicas reach it is the backend's business (the SSH
 backend forwards a port on every host to it; pods connect to it directly). A tracking server the
 replicas reach themselves is passed on as it is.
+
+Whoever reaches the served store must not be able to write to it (any pod of the cluster, any user of
+an SSH host): it is MLflow's basic-auth server, whose one user's password is the run's own
+(:func:`store_credentials`), handed to the replicas as a secret like a tracking server's credentials.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import os
+import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +34,8 @@ from airflow_provider_dnntrain.backends.common.replica import REAPER
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _SERVER_START_SECONDS = 60
+STORE_USER = "admin"  # MLflow basic-auth's admin: the one user of a run's served store
+_STORE_KEY = ".dnntrain-store-key"
 
 
 def needs_relay(uri: str) -> bool:
@@ -34,6 +44,39 @@ def needs_relay(uri: str) -> bool:
     if parts.scheme in ("", "file", "sqlite"):
         return True
     return parts.scheme == "http" and parts.hostname in _LOOPBACK
+
+
+def serves_store(uri: str) -> bool:
+    """Whether a tracking URI is a store (not a server) that :class:`StoreServer` serves from here."""
+    return needs_relay(uri) and urlsplit(uri).scheme != "http"
+
+
+def store_credentials(uri: str, run_id: str) -> dict[str, str]:
+    """What replicas write to the served store ``uri`` with: a password for run ``run_id`` only. Every
+    try of the run derives the same one (a try that takes a job over serves the store to replicas that
+    have it), from a key kept beside the store, which only who can read the store can read."""
+    from airflow_provider_dnntrain.tracking import PASSWORD_VAR, USERNAME_VAR
+
+    if not serves_store(uri):
+        return {}
+    return {USERNAME_VAR: STORE_USER, PASSWORD_VAR: store_password(uri, run_id)}
+
+
+def store_password(uri: str, run_id: str) -> str:
+    return hmac.new(_store_key(uri), run_id.encode(), hashlib.sha256).hexdigest()
+
+
+def _store_key(uri: str) -> bytes:
+    parts = urlsplit(uri)
+    path = Path(parts.path if parts.scheme in ("sqlite", "file") else uri)
+    folder = path.parent if parts.scheme == "sqlite" or path.suffix else path
+    folder.mkdir(parents=True, exist_ok=True)
+    key = folder / _STORE_KEY
+    with contextlib.suppress(FileExistsError):
+        descriptor = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as created:
+            created.write(secrets.token_hex(32))
+    return key.read_bytes()
 
 
 def refuse_deferral_through_worker(extra_env: Mapping[str, str], replicas: str) -> None:
@@ -51,9 +94,12 @@ class StoreServer:
     """``uri``'s store served at ``target``: an ``mlflow server`` this process starts for a store
     (``listen``: its address; port 0 for a free one), or the server a loopback ``http`` URI names."""
 
-    def __init__(self, uri: str, log_file: Path, listen: tuple[str, int] = ("127.0.0.1", 0)) -> None:
+    def __init__(
+        self, uri: str, log_file: Path, run_id: str, listen: tuple[str, int] = ("127.0.0.1", 0)
+    ) -> None:
         self.uri = uri
         self.log_file = log_file
+        self.run_id = run_id
         self._server: subprocess.Popen | None = None
         self._watch_fd: int | None = None
         self._starting = threading.Lock()
@@ -81,11 +127,24 @@ class StoreServer:
         command += ["--"]
         command += [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.uri]
         command += ["--host", self.target[0], "--port", str(self.target[1]), "--workers", "1"]
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        command += ["--app-name", "basic-auth"]
+        # The auth app keeps its one user in a database of its own, made afresh for each server.
+        auth = self.log_file.with_suffix(".auth")
+        shutil.rmtree(auth, ignore_errors=True)
+        auth.mkdir(parents=True, mode=0o700)
+        env = {
+            **os.environ,
+            "MLFLOW_AUTH_ADMIN_PASSWORD": store_credentials(self.uri, self.run_id)[
+                "MLFLOW_TRACKING_PASSWORD"
+            ],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        }
         try:
             with open(self.log_file, "ab") as log:
                 self._server = subprocess.Popen(
                     command,
+                    cwd=auth,
+                    env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,

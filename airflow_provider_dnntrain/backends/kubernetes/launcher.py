@@ -263,7 +263,7 @@ class KubernetesLauncher(Launcher):
         run.launch_env = {**extra_env, **launch_env(run.launch_id, job.entry_script, plan.chief.name)}
         tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
         if tracking_uri and needs_relay(tracking_uri):
-            handle.relay, run.relay_uri = self._serve_tracking(tracking_uri, run_dir)
+            handle.relay, run.relay_uri = self._serve_tracking(tracking_uri, run_dir, run.run_id)
             run.launch_env["MLFLOW_TRACKING_URI"], run.relay_port = run.relay_uri, handle.relay.target[1]
         try:
             handle.settings = self._settings(job, plan, run.namespace, run.launch_env)
@@ -273,13 +273,13 @@ class KubernetesLauncher(Launcher):
             raise
         return handle
 
-    def _serve_tracking(self, tracking_uri: str, run_dir: Path) -> tuple[StoreServer, str]:
+    def _serve_tracking(self, tracking_uri: str, run_dir: Path, run_id: str) -> tuple[StoreServer, str]:
         """The embedded store, served to the pods by an ``mlflow server`` on this worker."""
         extra = self.hook.conn_extras.get("tracking_address") if self.kubernetes_conn_id else None
         address = self.tracking_address or extra
         api_server = "" if address else self.hook.api_client.configuration.host
         log_file = run_dir.with_suffix(".tracking-server.log")
-        return serve_store(tracking_uri, log_file, address, self.tracking_bind, api_server)
+        return serve_store(tracking_uri, log_file, run_id, address, self.tracking_bind, api_server)
 
     def provide_env(self, handle: KubernetesJobHandle, values: Mapping[str, str]) -> None:
         if handle.relay is not None and "MLFLOW_RUN_ID" in values:
@@ -309,7 +309,9 @@ class KubernetesLauncher(Launcher):
         tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
         if run.relay_port and tracking_uri and needs_relay(tracking_uri):
             log_file = run.run_dir.with_suffix(".tracking-server.log")
-            handle.relay = StoreServer(tracking_uri, log_file, listen=(self.tracking_bind, run.relay_port))
+            handle.relay = StoreServer(
+                tracking_uri, log_file, run.run_id, (self.tracking_bind, run.relay_port)
+            )
         else:
             run.relay_port = None
         return handle

@@ -11,7 +11,9 @@ from urllib.parse import urlsplit
 from airflow_provider_dnntrain.backends.common.tracking_server import StoreServer
 
 
-def serve_store(tracking_uri: str, log_file: Path, address: str | None, bind: str, api_server: str):
+def serve_store(
+    tracking_uri: str, log_file: Path, run_id: str, address: str | None, bind: str, api_server: str
+):
     """The server for the pods (started once the tracking run exists) and the URI they use.
     ``address``: ``host:port`` where pods reach this worker (port 0: a free one); ``api_server``: the
     cluster's API server URL, whose route gives this worker's address when none is given."""
@@ -21,7 +23,7 @@ def serve_store(tracking_uri: str, log_file: Path, address: str | None, bind: st
             "let it listen on an address they reach, and name that one"
         )
     host, _, port = (address or f"{address_towards(api_server)}:0").rpartition(":")
-    server = StoreServer(tracking_uri, log_file, listen=(bind, int(port)))
+    server = StoreServer(tracking_uri, log_file, run_id, listen=(bind, int(port)))
     return server, f"http://{host}:{server.target[1]}"
 
 

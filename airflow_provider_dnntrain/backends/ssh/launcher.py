@@ -148,7 +148,8 @@ class SSHLauncher(Launcher):
         # Started first: the store's server boots while the source ships.
         relay = None
         if tracking_uri and needs_relay(tracking_uri):
-            relay = TrackingRelay(tracking_uri, self.run_dir(plan.run_id).with_suffix(".tracking-server.log"))
+            log_file = self.run_dir(plan.run_id).with_suffix(".tracking-server.log")
+            relay = TrackingRelay(tracking_uri, log_file, plan.run_id)
         try:
             return self._submit(job, plan, source, extra_env, pending_env, relay)
         except BaseException:
@@ -278,7 +279,8 @@ class SSHLauncher(Launcher):
         handle.provided = secret_values(job)
         tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
         if state.get("relay_port") and tracking_uri and needs_relay(tracking_uri):
-            handle.relay = TrackingRelay(tracking_uri, handle.run_dir.with_suffix(".tracking-server.log"))
+            log_file = handle.run_dir.with_suffix(".tracking-server.log")
+            handle.relay = TrackingRelay(tracking_uri, log_file, handle.run_id)
             handle.relay.forward(handle.reachable(), state["relay_port"])
         return handle
 

@@ -23,8 +23,8 @@ log = logging.getLogger(__name__)
 class TrackingRelay:
     """The store's server on this worker, and the forwards that bring it to every host's loopback."""
 
-    def __init__(self, uri: str, log_file: Path) -> None:
-        self.server = StoreServer(uri, log_file)
+    def __init__(self, uri: str, log_file: Path, run_id: str) -> None:
+        self.server = StoreServer(uri, log_file, run_id)
         self._hosts: list[RemoteHost] = []
         self.remote_port: int | None = None
 

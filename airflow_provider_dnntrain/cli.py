@@ -1,4 +1,5 @@
-"""``dnntrain``: look at a job's plan before launching it, and at the models registered since."""
+"""``dnntrain``: look at a job's plan before launching it, at the models registered since, and clear
+away Kubernetes runs whose tasks are gone."""
 
 from __future__ import annotations
 
@@ -52,6 +53,17 @@ def models_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def gc_command(args: argparse.Namespace) -> int:
+    from airflow_provider_dnntrain.backends.kubernetes.launcher import KubernetesLauncher
+
+    launcher = KubernetesLauncher(kubernetes_conn_id=args.kubernetes_conn_id, namespace=args.namespace)
+    namespace = launcher.namespace or launcher.hook.get_namespace() or "default"
+    for name in launcher.cluster.unwatched_runs(namespace, args.older_than):
+        launcher.cluster.delete_run(namespace, name)
+        print(json.dumps({"deleted": name, "namespace": namespace}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dnntrain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -70,6 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     models = commands.add_parser("models", help="list registered models and their latest version")
     models.add_argument("--tracking-uri", default=None)
     models.set_defaults(func=models_command)
+    gc = commands.add_parser(
+        "gc",
+        help="delete the Kubernetes runs nobody watches any more (their lease was not renewed for "
+        "--older-than seconds: their tasks are gone), and everything they own",
+    )
+    gc.add_argument("--kubernetes-conn-id", default="kubernetes_default")
+    gc.add_argument("--namespace", default=None, help="default: the connection's")
+    gc.add_argument("--older-than", type=float, default=600.0, help="seconds (at least orphan_timeout)")
+    gc.set_defaults(func=gc_command)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

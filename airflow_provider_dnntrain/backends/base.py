@@ -30,8 +30,9 @@ What every backend owes, whatever it runs on:
   of that run id left; a run id is unique per (dag, task, Airflow run, map index, try).
 - **Nothing left behind**: success, failure, a timeout, ``on_kill``, a stop raised into the wait and a
   SIGKILLed task process all end every process and object of the run (``stop`` verifies and raises
-  naming what would not go; ``cancel`` must finish without this process's help). Not kept yet: a
-  Kubernetes run whose task process is SIGKILLed with no try left runs on until someone deletes it.
+  naming what would not go; ``cancel`` must finish without this process's help). A task process
+  SIGKILLed with no try left cannot clean up: each backend's replicas then end themselves (the local
+  reapers, the SSH agent's lease, the Kubernetes run's lease read by its pods).
 - **Secrets** reach only the script's processes, never a plan, log line, command line or artifact;
   argv travel as lists, never through a shell.
 

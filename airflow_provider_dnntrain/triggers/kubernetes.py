@@ -14,7 +14,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from airflow_provider_dnntrain.backends.base import JobState, JobStatus
 from airflow_provider_dnntrain.backends.kubernetes.api import ApiPatience
-from airflow_provider_dnntrain.backends.kubernetes.cluster import scaled_up
+from airflow_provider_dnntrain.backends.kubernetes.cluster import lease_patch, scaled_up
 from airflow_provider_dnntrain.backends.kubernetes.job import KubernetesJobHandle
 from airflow_provider_dnntrain.backends.kubernetes.logs import follow_on_loop
 from airflow_provider_dnntrain.backends.kubernetes.pending import PodTimeouts
@@ -137,6 +137,11 @@ class KubernetesJobTrigger(BaseTrigger):
             if handle.logs.cursors_due():  # a triggerer that dies outright repeats at most a few seconds
                 with contextlib.suppress(Exception):
                     await self._save_cursors(core, handle)
+            if handle.lease_due(self.pod_timeouts):  # the pods end themselves if this stops
+                with contextlib.suppress(Exception):
+                    await core.patch_namespaced_config_map(
+                        run.job, run.namespace, lease_patch(), _request_timeout=self.patience.timeout
+                    )
             status = past_deadline(status, run.run_id, self.timeout, self.deadline)
             if status.state.finished:
                 return status

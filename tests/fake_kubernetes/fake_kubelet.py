@@ -24,6 +24,7 @@ from fake_store import TOKEN, Store, expand, log_timestamp, now_rfc3339
 from fake_training_operator import GROUP as KUBEFLOW_GROUP
 from fake_training_operator import KINDS as KUBEFLOW_KINDS
 from fake_training_operator import TrainingOperator
+from fake_volumes import keep_config_maps_current
 
 CONTAINER_SHIM = Path(__file__).with_name("container.py")
 FAKE_KUBECTL = Path(__file__).with_name("fake_kubectl.py")
@@ -71,6 +72,7 @@ class PodRuntime:
         self.env: dict[str, dict[str, str]] = {}
         self.hostname = ""
         self.task: asyncio.Task | None = None
+        self.volume_sync: asyncio.Task | None = None
         self.terminating = False
         self.evicted = False
 
@@ -152,6 +154,7 @@ class Cluster(PodNetwork, TrainingOperator):
         started = now_rfc3339()
         for container in pod["spec"]["containers"]:
             await self.start_container(runtime, pod, container)
+        runtime.volume_sync = asyncio.create_task(keep_config_maps_current(self, runtime, pod))
         running = {"running": {"startedAt": started}}
         self.set_status(
             key,

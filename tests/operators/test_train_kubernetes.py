@@ -139,7 +139,7 @@ def test_a_ddp_job_trains_and_registers_while_the_api_fails_and_log_streams_are_
     result = xcom(dag_run, "train")
     assert_trained_and_registered(result, xcom(dag_run, "register"), "digits-chaos")
     assert_every_line_logged_once(cluster, logged, result["run_id"], ("node-0", "node-1"))
-    assert sum(injected.get(str(status), 0) for status in (429, 500, 503)) >= 10, injected
+    assert sum(injected.get(str(status), 0) for status in (429, 500, 503)) >= 5, injected
     assert injected["log stream cut"] >= 2 and injected["exec cut"] == 2, injected
     assert_nothing_left(cluster)
 

@@ -13,6 +13,9 @@ every replica of a type, and the training operator's variables are the pod's own
 With ``--rank-logs DIR``, ``run`` and ``sshd`` stay as the parent of the command and print the lines
 that ranks started in this pod write to per-rank files, as ``[rank.N] line``.
 ``pack``: the outputs and logs folders as a base64 tar on stdout.
+With ``--orphan-timeout SECONDS``, ``run``, ``sshd`` and ``hold`` watch the run's lease (a file of the
+run's ConfigMap, which kubelet keeps current and whoever watches the run renews): once it has not
+changed for that long, the task and its trigger are gone, and the pod ends its processes by itself.
 Unpacking also fetches the job's downloaded inputs (``input-sources/inputs.json``, from the run's
 Secret) into the inputs cache volume, once per cache, and links ``inputs/<name>`` to them.
 """
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import functools
 import io
 import json
@@ -30,6 +34,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 BUNDLE = os.path.dirname(os.path.abspath(__file__))
@@ -39,6 +44,9 @@ INPUT_SOURCES = "/dnntrain/input-sources/inputs.json"
 INPUTS_CACHE = "/dnntrain/inputs-cache"
 FETCH_TIMEOUT_SECONDS = 300  # without a byte
 PEER_WAIT_SECONDS = 600
+LEASE_FILE = os.path.join(BUNDLE, "lease")
+LEASE_CHECK_SECONDS = 5.0
+KILL_GRACE_SECONDS = 10.0
 
 
 def unpack() -> None:
@@ -175,31 +183,80 @@ def replica_of_pod() -> list[str]:
     return replica["argv"]
 
 
-def run(argv: list[str], peers: list[str], rank_logs: str | None) -> None:
+def run(argv: list[str], peers: list[str], rank_logs: str | None, orphan_timeout: float | None) -> None:
     unpack()
     if peers:
         ssh_client_config(peers)
         wait_for_peers(peers)
     sys.stdout.flush()
-    if rank_logs:
-        supervise(argv, rank_logs)
+    if rank_logs or orphan_timeout:
+        supervise(argv, rank_logs, orphan_timeout)
     os.execvp(argv[0], argv)
 
 
-def supervise(argv: list[str], rank_logs: str) -> None:
-    """Run ``argv`` and print the lines its ranks write to per-rank files (Open MPI's
-    ``--output-filename``) as ``[rank.N] line``: the pod's log is where they are read. Exits as it does."""
-    child = subprocess.Popen(argv)
+def supervise(argv: list[str], rank_logs: str | None, orphan_timeout: float | None = None) -> None:
+    """Run ``argv`` in a process group of its own, pass signals on to it, print the lines its ranks
+    write to per-rank files (Open MPI's ``--output-filename``) as ``[rank.N] line`` - the pod's log is
+    where they are read - and end it if the run's lease lapses. Exits as it does."""
+    child = subprocess.Popen(argv, start_new_session=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda number, _: child.send_signal(number))
+        signal.signal(sig, lambda number, _: _signal_group(child.pid, number))
+    watch_lease(orphan_timeout, lambda: _end_group(child))
     offsets: dict[str, int] = {}
     while True:
         ended = child.poll() is not None  # before reading: what was written before the exit is read
-        _print_rank_lines(rank_logs, offsets, final=ended)
+        if rank_logs:
+            _print_rank_lines(rank_logs, offsets, final=ended)
         if ended:
             code = child.returncode
             sys.exit(128 - code if code < 0 else code)
         time.sleep(0.2)
+
+
+def _signal_group(pid: int, number: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, number)
+
+
+def _end_group(child: subprocess.Popen) -> None:
+    _signal_group(child.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        child.wait(KILL_GRACE_SECONDS)
+    _signal_group(child.pid, signal.SIGKILL)
+
+
+def watch_lease(timeout: float | None, on_lapse) -> None:
+    """Call ``on_lapse`` (in a thread) once the run's lease has not changed for ``timeout`` seconds:
+    nothing watches the run any more, and nothing else would ever stop this pod. Measured with this
+    pod's own clock, from when it last saw the lease change: no clocks are compared."""
+    if not timeout:
+        return
+
+    def watch() -> None:
+        seen, since = _lease(), time.monotonic()
+        while True:
+            time.sleep(min(LEASE_CHECK_SECONDS, timeout / 4))
+            now = _lease()
+            if now != seen:
+                seen, since = now, time.monotonic()
+            elif time.monotonic() - since > timeout:
+                print(
+                    f"dnntrain: nobody has watched this run for {timeout:g} s (orphan_timeout): its task "
+                    "is gone; ending this pod's processes",
+                    flush=True,
+                )
+                on_lapse()
+                return
+
+    threading.Thread(target=watch, name="lease", daemon=True).start()
+
+
+def _lease() -> str:
+    try:
+        with open(LEASE_FILE) as lease:
+            return lease.read()
+    except OSError:
+        return ""
 
 
 def _print_rank_lines(folder: str, offsets: dict[str, int], final: bool) -> None:
@@ -216,7 +273,7 @@ def _print_rank_lines(folder: str, offsets: dict[str, int], final: bool) -> None
                 print(f"[{rank}] {line}", flush=True)
 
 
-def sshd(port: int, rank_logs: str | None) -> None:
+def sshd(port: int, rank_logs: str | None, orphan_timeout: float | None) -> None:
     unpack()
     os.makedirs(os.path.join(os.getcwd(), ".dnntrain"), exist_ok=True)
     config = os.path.join(os.getcwd(), ".dnntrain", "sshd_config")
@@ -228,13 +285,14 @@ def sshd(port: int, rank_logs: str | None) -> None:
         )
     os.makedirs("/run/sshd", exist_ok=True)
     daemon = ["/usr/sbin/sshd", "-D", "-e", "-f", config]
-    if rank_logs:  # the runner starts ranks here too, writing their lines to files in this pod
-        supervise(daemon, rank_logs)
+    if rank_logs or orphan_timeout:  # the runner starts ranks here too, writing their lines to files
+        supervise(daemon, rank_logs, orphan_timeout)
     os.execv(daemon[0], daemon)
 
 
-def hold(rank_logs: str | None) -> None:
+def hold(rank_logs: str | None, orphan_timeout: float | None) -> None:
     offsets: dict[str, int] = {}
+    lapsed = threading.Event()
 
     def stop(*_) -> None:
         if rank_logs:
@@ -243,10 +301,11 @@ def hold(rank_logs: str | None) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    while True:
+    watch_lease(orphan_timeout, lapsed.set)
+    while not lapsed.wait(0.2 if rank_logs else 5):
         if rank_logs:
             _print_rank_lines(rank_logs, offsets, final=False)
-        time.sleep(0.2 if rank_logs else 3600)
+    stop()
 
 
 def pack(folders: list[str]) -> None:
@@ -265,12 +324,15 @@ def main() -> None:
     run_parser.add_argument("--ssh-peer", action="append", default=[])
     run_parser.add_argument("--rank-logs", default=None)
     run_parser.add_argument("--replica-of-pod", action="store_true")
+    run_parser.add_argument("--orphan-timeout", type=float, default=None)
     run_parser.add_argument("argv", nargs=argparse.REMAINDER)
     sshd_parser = commands.add_parser("sshd")
     sshd_parser.add_argument("--port", type=int, default=2222)
     sshd_parser.add_argument("--rank-logs", default=None)
+    sshd_parser.add_argument("--orphan-timeout", type=float, default=None)
     hold_parser = commands.add_parser("hold")
     hold_parser.add_argument("--rank-logs", default=None)
+    hold_parser.add_argument("--orphan-timeout", type=float, default=None)
     commands.add_parser("unpack")
     pack_parser = commands.add_parser("pack")
     pack_parser.add_argument("folders", nargs="*", default=["outputs", "logs"])
@@ -279,11 +341,11 @@ def main() -> None:
         argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
         if args.replica_of_pod:
             argv = replica_of_pod()
-        run(argv, args.ssh_peer, args.rank_logs)
+        run(argv, args.ssh_peer, args.rank_logs, args.orphan_timeout)
     elif args.command == "sshd":
-        sshd(args.port, args.rank_logs)
+        sshd(args.port, args.rank_logs, args.orphan_timeout)
     elif args.command == "hold":
-        hold(args.rank_logs)
+        hold(args.rank_logs, args.orphan_timeout)
     elif args.command == "unpack":
         unpack()
     else:

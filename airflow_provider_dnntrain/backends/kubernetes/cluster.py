@@ -19,6 +19,8 @@ from functools import cached_property
 from airflow_provider_dnntrain.backends.kubernetes.api import ApiPatience
 from airflow_provider_dnntrain.backends.kubernetes.manifests import (
     LAUNCH_ANNOTATION,
+    LEASE_KEY,
+    RUN_LABEL,
     RunObjects,
 )
 from airflow_provider_dnntrain.backends.kubernetes.run import KubernetesRun
@@ -204,6 +206,16 @@ class Cluster:
             return False
         return scaled_up(events)
 
+    def renew_lease(self, run: KubernetesRun) -> None:
+        """Tell the run's pods it is still watched (its ConfigMap's lease, which they read); a renewal
+        that fails is tried again at the next, well within the pods' patience."""
+        try:
+            self.core.patch_namespaced_config_map(
+                run.job, run.namespace, lease_patch(), _request_timeout=self.patience.timeout
+            )
+        except Exception as error:
+            log.debug("Run %s: could not renew its lease: %s", run.run_id, error)
+
     def save_cursors(self, run: KubernetesRun, patch: dict) -> None:
         """How far each pod's log was logged, on the run's owner: a try that takes the run over after
         this worker died repeats at most the lines of the last few seconds. A save that fails is
@@ -253,6 +265,27 @@ class Cluster:
                 grace_period_seconds=grace,
             )  # fmt: skip
 
+    def unwatched_runs(self, namespace: str, older_than: float) -> list[str]:
+        """The runs in ``namespace`` whose lease nobody renewed for ``older_than`` seconds (by this
+        machine's clock): their tasks are gone."""
+        owners = self.call(
+            "list the runs' configmaps",
+            self.core.list_namespaced_config_map,
+            namespace,
+            label_selector=RUN_LABEL,
+        ).items
+        now = time.time()
+        return [o.metadata.name for o in owners if now - _last_watched(o) > older_than]
+
+    def delete_run(self, namespace: str, name: str) -> None:
+        """A run's owner, and with it (by the garbage collector) everything of the run."""
+        from kubernetes.client import V1DeleteOptions
+
+        self._delete(
+            f"delete configmap {name}", self.core.delete_namespaced_config_map, name, namespace,
+            body=V1DeleteOptions(propagation_policy="Background"),
+        )  # fmt: skip
+
     def delete_owner(self, run: KubernetesRun) -> None:
         """Delete the run's owner: the cluster's garbage collector deletes everything it owns."""
         from kubernetes.client import V1DeleteOptions
@@ -278,6 +311,19 @@ class Cluster:
                 return left
             time.sleep(0.25)
         return []
+
+
+def _last_watched(owner) -> float:
+    """When a run's lease was last renewed (epoch seconds), or, before its first renewal, created."""
+    lease = (owner.data or {}).get(LEASE_KEY, "0")
+    with contextlib.suppress(ValueError):
+        if float(lease) > 0:
+            return float(lease)
+    return owner.metadata.creation_timestamp.timestamp()
+
+
+def lease_patch() -> dict:
+    return {"data": {LEASE_KEY: f"{time.time():.3f}"}}
 
 
 def scaled_up(events: list) -> bool:

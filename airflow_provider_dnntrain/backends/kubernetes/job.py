@@ -42,6 +42,7 @@ class KubernetesJobHandle(JobHandle):
     provided: dict[str, str] = field(default_factory=dict)  # pending values given so far
     relay: Any = None  # the StoreServer serving the embedded tracking store to the pods, if any
     last_poll: float = 0.0
+    lease_renewed_at: float = 0.0
     cancelled: bool = False
     stopped: bool = False
     outputs_lost: str = ""  # why the chief's outputs could not be copied, if they could not
@@ -94,7 +95,17 @@ class KubernetesJobHandle(JobHandle):
             log.info("Run %s: %s", self.run_id, note)
         if self.logs.cursors_due():
             cluster.save_cursors(self.run, self.cursors_patch())
+        if self.lease_due(timeouts):
+            cluster.renew_lease(self.run)
         return status
+
+    def lease_due(self, timeouts: PodTimeouts) -> bool:
+        """Whether it is time to renew the run's lease (and, if so, it is counted as renewed)."""
+        every = timeouts.renew_every
+        if every is None or time.monotonic() - self.lease_renewed_at < every:
+            return False
+        self.lease_renewed_at = time.monotonic()
+        return True
 
     # -- logs -----------------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from airflow_provider_dnntrain.backends.kubernetes.manifests import (
     RunSettings,
     env_list,
     job_name,
+    lease_arguments,
     literal,
     main_container,
     merge_pod_template,
@@ -180,7 +181,7 @@ def _template(plan: JobPlan, settings: RunSettings, kind: KubeflowKind, job: str
     pod_name_ref = {"name": POD_NAME_VAR, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}
     main.update(
         name=kind.container,
-        command=literal([settings.python, BOOTSTRAP, "run", "--replica-of-pod"]),
+        command=literal([settings.python, BOOTSTRAP, "run", "--replica-of-pod", *lease_arguments(settings)]),
         args=[],
         env=[pod_name_ref, *env_list(settings.launch_env, options.env_vars, settings.secret_names, job)],
     )
@@ -198,6 +199,7 @@ def _worker_template(plan: JobPlan, settings: RunSettings, job: str) -> dict:
     main = main_container(plan, settings, options, None, job)
     rank_logs = plan.replicas[0].rank_logs
     hold = [settings.python, BOOTSTRAP, "hold", *(["--rank-logs", rank_logs] if rank_logs else [])]
+    hold += lease_arguments(settings)
     main.update(command=literal(hold), args=[])
     main.pop("ports", None)
     unpack = {

@@ -11,6 +11,7 @@ into a sidecar that keeps its working directory, as KubernetesPodOperator's XCom
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -114,6 +115,7 @@ class KubernetesLauncher(Launcher):
         startup_timeout_seconds: float = 120.0,
         schedule_timeout: float | None = None,
         image_pull_timeout: float = 300.0,
+        orphan_timeout: float | None = 300.0,
         poll_interval: float = 1.0,
         stop_grace_seconds: float = 10.0,
         work_root: str | None = None,
@@ -144,6 +146,7 @@ class KubernetesLauncher(Launcher):
         self.startup_timeout_seconds = startup_timeout_seconds
         self.schedule_timeout = schedule_timeout
         self.image_pull_timeout = image_pull_timeout
+        self.orphan_timeout = orphan_timeout
         self.poll_interval = poll_interval
         self.stop_grace_seconds = stop_grace_seconds
         self.work_root = Path(work_root) if work_root else None
@@ -176,9 +179,12 @@ class KubernetesLauncher(Launcher):
 
     @property
     def timeouts(self) -> PodTimeouts:
-        queued = self.pods.gang is not None
         return PodTimeouts(
-            self.startup_timeout_seconds, self.schedule_timeout, self.image_pull_timeout, queued
+            self.startup_timeout_seconds,
+            self.schedule_timeout,
+            self.image_pull_timeout,
+            queued=self.pods.gang is not None,
+            orphan=self.orphan_timeout,
         )
 
     @property
@@ -229,7 +235,8 @@ class KubernetesLauncher(Launcher):
         return creation.preview(job, plan, settings, check_source(job), self.kubeflow)
 
     def _settings(self, job: TrainingJob, plan: JobPlan, namespace: str, launch_env: Mapping[str, str]):
-        return self.pods.run_settings(job, plan, namespace, launch_env, self.stop_grace_seconds)
+        settings = self.pods.run_settings(job, plan, namespace, launch_env, self.stop_grace_seconds)
+        return dataclasses.replace(settings, orphan_timeout=self.orphan_timeout)
 
     # -- submit ---------------------------------------------------------------------------------
 

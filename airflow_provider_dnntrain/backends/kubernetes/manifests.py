@@ -28,6 +28,7 @@ REPLICA_LABEL = f"{API_GROUP}/replica"
 ROLE_LABEL = f"{API_GROUP}/role"
 # On the run's owner: how far each pod's log was logged, left by a watcher that was stopped.
 CURSORS_ANNOTATION = f"{API_GROUP}/log-cursors"
+LEASE_KEY = "lease"  # the run's ConfigMap's: renewed by whoever watches the run, read by its pods
 LAUNCH_ANNOTATION = f"{API_GROUP}/launch"  # which launch made the owner: a create retried is not a clash
 MAIN_CONTAINER = "base"  # KubernetesPodOperator's name, so pod templates written for it apply
 OUTPUTS_CONTAINER = "outputs"
@@ -88,6 +89,7 @@ class RunSettings:
     pod_template: dict | None = None  # pod_template_file / full_pod_spec, as the API's JSON
     input_volumes: list[dict] = field(default_factory=list)  # inputs.input_volumes
     input_mounts: list[dict] = field(default_factory=list)  # in every container running the bootstrap
+    orphan_timeout: float | None = None  # pods end themselves once nobody renewed the lease this long
 
 
 def render_run(
@@ -167,7 +169,7 @@ def _owner(plan: JobPlan, job: str, namespace: str, labels: dict, bundle: Mappin
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": job, "namespace": namespace, "labels": labels},
-        "data": {"plan.json": plan.to_json()},
+        "data": {"plan.json": plan.to_json(), LEASE_KEY: "0"},
         "binaryData": {name: base64.b64encode(data).decode() for name, data in sorted(bundle.items())},
     }
 
@@ -267,6 +269,7 @@ def main_container(
         env = {**replica.env, **settings.launch_env, POD_REPLICA_VAR: replica.name}
     if rank_logs:
         command += ["--rank-logs", rank_logs]
+    command += lease_arguments(settings)
     container: dict[str, Any] = {
         "name": MAIN_CONTAINER,
         "image": options.image or settings.image,
@@ -300,7 +303,7 @@ def _outputs_container(settings: RunSettings, main: dict) -> dict:
     container = {
         "name": OUTPUTS_CONTAINER,
         "image": main["image"],
-        "command": literal([settings.python, BOOTSTRAP, "hold"]),
+        "command": literal([settings.python, BOOTSTRAP, "hold", *lease_arguments(settings)]),
         "workingDir": WORKDIR,
         "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
         "volumeMounts": [
@@ -312,6 +315,11 @@ def _outputs_container(settings: RunSettings, main: dict) -> dict:
         if key in main:
             container[key] = main[key]
     return container
+
+
+def lease_arguments(settings: RunSettings) -> list[str]:
+    """The bootstrap's: end the pod's processes once the run's lease was not renewed for so long."""
+    return ["--orphan-timeout", f"{settings.orphan_timeout:g}"] if settings.orphan_timeout else []
 
 
 def literal(value):

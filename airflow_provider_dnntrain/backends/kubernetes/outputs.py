@@ -18,7 +18,8 @@ from airflow_provider_dnntrain.backends.kubernetes.manifests import BOOTSTRAP, O
 from airflow_provider_dnntrain.backends.kubernetes.run import KubernetesRun
 
 log = logging.getLogger(__name__)
-OUTPUTS_ATTEMPTS = 5
+OUTPUTS_ATTEMPTS = 5  # copies that started and failed
+_HANDSHAKE_ATTEMPTS = 20  # exec streams the API would not start, about two minutes of them
 _BACKOFF_CAP_SECONDS = 8.0
 _EXEC_TIMEOUT_SECONDS = 120
 
@@ -33,17 +34,24 @@ def copy_outputs(cluster: Cluster, run: KubernetesRun, pod: str, python: str, ta
     try gets them whole."""
     if (waiting := _not_running(cluster, run, pod)) is not None:
         raise OutputsLost(f"the outputs container of pod {pod} is not running ({waiting})")
-    for attempt in range(OUTPUTS_ATTEMPTS):
+    copies = refused = 0
+    while copies < OUTPUTS_ATTEMPTS and refused < _HANDSHAKE_ATTEMPTS:
         try:
-            packed = _exec(cluster, run, pod, [python, BOOTSTRAP, "pack"])
+            client = _open_exec(cluster, run, pod, [python, BOOTSTRAP, "pack"])
+        except Exception as error:  # the API would not start the stream (a fault of its own, often)
+            refused, failure = refused + 1, f"the exec was refused: {type(error).__name__}: {error}"
+            time.sleep(min(_BACKOFF_CAP_SECONDS, 0.25 * 2**refused))
+            continue
+        try:
+            packed = _read_all(client)
             with tarfile.open(fileobj=io.BytesIO(base64.b64decode(packed)), mode="r:gz") as tar:
                 tar.extractall(target, filter="data")
             return
-        except Exception as error:
-            failure = f"{type(error).__name__}: {error}"
+        except Exception as error:  # a cut stream, a bad tar, pack failing
+            copies, failure = copies + 1, f"{type(error).__name__}: {error}"
             log.warning("Run %s: copying the outputs out of pod %s failed (%s)", run.run_id, pod, failure)
-        time.sleep(min(_BACKOFF_CAP_SECONDS, 0.5 * 2**attempt))
-    raise OutputsLost(f"the outputs of pod {pod} could not be copied in {OUTPUTS_ATTEMPTS} tries: {failure}")
+        time.sleep(min(_BACKOFF_CAP_SECONDS, 0.5 * 2**copies))
+    raise OutputsLost(f"the outputs of pod {pod} could not be copied ({copies + refused} tries): {failure}")
 
 
 def _not_running(cluster: Cluster, run: KubernetesRun, pod: str) -> str | None:
@@ -61,13 +69,13 @@ def _not_running(cluster: Cluster, run: KubernetesRun, pod: str) -> str | None:
     return "not started"
 
 
-def _exec(cluster: Cluster, run: KubernetesRun, pod: str, command: list[str]) -> str:
+def _open_exec(cluster: Cluster, run: KubernetesRun, pod: str, command: list[str]):
     from kubernetes.client import CoreV1Api
     from kubernetes.stream import stream
 
     # A client of its own: ``stream`` swaps its client's transport for a websocket while it runs.
     core = CoreV1Api(cluster.hook.get_conn())
-    client = stream(
+    return stream(
         core.connect_get_namespaced_pod_exec,
         pod,
         run.namespace,
@@ -78,14 +86,16 @@ def _exec(cluster: Cluster, run: KubernetesRun, pod: str, command: list[str]) ->
         stdout=True,
         tty=False,
         _preload_content=False,
-        _request_timeout=cluster.patience.request_timeout,
     )
+
+
+def _read_all(client) -> str:
     try:
         client.run_forever(timeout=_EXEC_TIMEOUT_SECONDS)
         if client.returncode is None:  # the stream ended before the command said how it ended
-            raise ConnectionError(f"the exec stream of {command[-1]} ended before the command did")
+            raise ConnectionError("the exec stream ended before the command did")
         if client.returncode != 0:
-            raise RuntimeError(f"{command[-1]} exited {client.returncode}: {client.read_stderr()}")
+            raise RuntimeError(f"pack exited {client.returncode}: {client.read_stderr()}")
         return client.read_stdout()
     finally:
         client.close()

@@ -31,6 +31,12 @@ class PodTimeouts:
     schedule: float | None = None
     image_pull: float = 300.0
     queued: bool = False  # a queue or gang scheduler starts the pods together, when they all fit
+    orphan: float | None = None  # the run's lease: its pods end themselves once it lapses this long
+
+    @property
+    def renew_every(self) -> float | None:
+        """How often whoever watches the run renews its lease: well within ``orphan``."""
+        return None if not self.orphan else min(30.0, max(1.0, self.orphan / 6))
 
     def schedule_limit(self, held: bool) -> float | None:
         """How long a pod may wait to be scheduled; ``held``: by a gate or a scale-up under way."""
@@ -40,7 +46,7 @@ class PodTimeouts:
 
     def arguments(self) -> dict:
         return {"startup": self.startup, "schedule": self.schedule, "image_pull": self.image_pull,
-                "queued": self.queued}  # fmt: skip
+                "queued": self.queued, "orphan": self.orphan}  # fmt: skip
 
 
 @dataclass

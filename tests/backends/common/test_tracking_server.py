@@ -40,7 +40,9 @@ def test_the_served_store_refuses_whoever_lacks_the_runs_credential(tmp_path):
             with pytest.raises(urllib.error.HTTPError, match="401"):
                 call(f"{base}/runs/log-metric", metric, wrong)
         call(f"{base}/runs/log-metric", metric, mine)
-        assert [m.value for m in tracking.client(store).get_metric_history(run.mlflow_run_id, "loss")] == [1.0]
+        assert [m.value for m in tracking.client(store).get_metric_history(run.mlflow_run_id, "loss")] == [
+            1.0
+        ]
         assert store_credentials(store, "run-a") == mine  # a later try of the run serves it alike
         assert store_credentials("http://mlflow.example:5000", "run-a") == {}  # a server is its own
     finally:

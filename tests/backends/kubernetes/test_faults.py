@@ -4,7 +4,12 @@ an outputs' copy that keeps being cut, an API server down for longer than a run 
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +19,7 @@ from fake_kubernetes import FakeCluster, assert_nothing_left, fake_launcher, wai
 from fake_kubernetes import run_job as run
 from long_lines import assert_lines_whole_bounded_and_throttled, long_lines_job
 
+from airflow_provider_dnntrain import cli
 from airflow_provider_dnntrain.backends.base import JobFailed
 from airflow_provider_dnntrain.backends.kubernetes.api import ApiUnavailable
 from airflow_provider_dnntrain.backends.kubernetes.outputs import OutputsLost
@@ -78,7 +84,7 @@ def test_the_documented_role_is_enough_and_nothing_is_left(cluster, launcher, co
 def test_an_outputs_copy_that_keeps_being_cut_fails_the_run(cluster, launcher):
     with cluster.misbehaving(cut_execs=5):
         handle, _ = run(launcher, ranks_job(), "outputs-cut")
-    with pytest.raises(OutputsLost, match="could not be copied in 5 tries"):
+    with pytest.raises(OutputsLost, match=r"could not be copied \(5 tries\)"):
         launcher.collect_outputs(handle)
     assert_nothing_left(cluster)
 
@@ -179,4 +185,48 @@ def test_a_pull_retried_past_the_image_pull_timeout_fails_naming_the_registrys_a
     ):
         run(launcher, ranks_job(), "image-throttled")
     assert time.monotonic() - started < 30
+    assert_nothing_left(cluster)
+
+
+# -- nothing runs on after its task is gone ----------------------------------------------------------
+
+
+def test_a_task_killed_outright_leaves_no_process_running_and_gc_clears_the_rest(
+    cluster, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("AIRFLOW_CONN_KUBERNETES_FAKE", cluster.airflow_connection())
+    options = {"kubernetes_conn_id": "kubernetes_fake", "orphan_timeout": 6, "poll_interval": 0.5}
+    argv = [sys.executable, TEST_SCRIPTS / "task_process.py", tmp_path, "orphaned"]
+    argv += [ranks_job("--sleep", "300").model_dump_json(), json.dumps(options)]
+    task = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while sum("ranks.py" in command for command in cluster.pod_commands().values()) < 2:
+            assert time.monotonic() < deadline and task.poll() is None, cluster.pod_commands()
+            time.sleep(0.5)
+    finally:
+        os.killpg(task.pid, signal.SIGKILL)  # as when the worker's node is lost, and no retry is left
+        task.wait()
+    killed = time.monotonic()
+    while cluster.pod_processes() and time.monotonic() - killed < 60:
+        time.sleep(0.5)
+    assert cluster.pod_processes() == []
+    assert time.monotonic() - killed < 6 + 5 + 2 + 5  # the timeout, a lease check, a volume sync, a margin
+    assert [c["metadata"]["name"] for c in cluster.objects("configmaps")] == ["orphaned"]  # left to gc
+    assert cli.main(["gc", "--kubernetes-conn-id", "kubernetes_fake", "--older-than", "6"]) == 0
+    assert_nothing_left(cluster)
+
+
+def test_a_missing_config_map_fails_at_once_naming_it(cluster, monkeypatch, tmp_path):
+    launcher = fake_launcher(
+        cluster, monkeypatch, tmp_path, startup_timeout_seconds=60,
+        volumes=[{"name": "settings", "configMap": {"name": "team-settings"}}],
+        volume_mounts=[{"name": "settings", "mountPath": "/etc/team"}],
+    )  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(
+        JobFailed, match=r'cannot start: CreateContainerConfigError: configmap "team-settings" not'
+    ):
+        run(launcher, ranks_job(), "missing-config-map")
+    assert time.monotonic() - started < 20  # not the 60 s startup bound: kubelet cannot fix this
     assert_nothing_left(cluster)

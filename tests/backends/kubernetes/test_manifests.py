@@ -191,10 +191,13 @@ def test_horovod_nodes_run_sshd_and_the_launcher_waits_for_them():
         f"{job}-node-1.{job}",
         "--rank-logs",
         "logs/ranks",
+        "--orphan-timeout",  # every pod ends itself once nobody watches the run (the lease lapses)
+        "300",
     ]
     assert "mpirun" in launcher_pod["args"]
     node = pods[f"{job}-node-1"]["spec"]["containers"][0]
-    assert node["command"][2:] == ["sshd", "--port", "2222", "--rank-logs", "logs/ranks"]
+    lease = ["--orphan-timeout", "300"]
+    assert node["command"][2:] == ["sshd", "--port", "2222", "--rank-logs", "logs/ranks", *lease]
     assert node["resources"]["limits"]["nvidia.com/gpu"] == "1"
     ssh_volume = next(v for v in pods[f"{job}-node-1"]["spec"]["volumes"] if v["name"] == "ssh")
     assert {i["key"] for i in ssh_volume["secret"]["items"]} == {
@@ -363,7 +366,8 @@ def assert_mpijob_runs_mpirun_through_the_operator(job: dict, plan, use_gpu: boo
     assert "nvidia.com/gpu" not in json.dumps(launcher_pod["containers"][0]["resources"])
     assert [c["name"] for c in worker_pod["containers"]] == ["base", "outputs"]
     assert worker_pod["initContainers"][0]["command"][-1] == "unpack"
-    assert worker_pod["containers"][0]["command"][2:] == ["hold", "--rank-logs", "logs/ranks"]
+    lease = ["--orphan-timeout", "300"]
+    assert worker_pod["containers"][0]["command"][2:] == ["hold", "--rank-logs", "logs/ranks", *lease]
     if use_gpu:
         assert worker_pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert "ssh" not in json.dumps([v["name"] for v in launcher_pod["volumes"] + worker_pod["volumes"]])

@@ -52,7 +52,7 @@ from airflow_provider_dnntrain.backends.kubernetes.pending import PodTimeouts
 from airflow_provider_dnntrain.backends.kubernetes.planning import PodPlacement, render_pod_plan
 from airflow_provider_dnntrain.backends.kubernetes.run import KubernetesRun
 from airflow_provider_dnntrain.backends.kubernetes.settings import PodDefaults
-from airflow_provider_dnntrain.backends.kubernetes.tracking import serve_store
+from airflow_provider_dnntrain.backends.kubernetes.tracking import serve_store, serve_store_again
 from airflow_provider_dnntrain.source import check_source
 from airflow_provider_dnntrain.spec import TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan
@@ -91,9 +91,10 @@ class KubernetesLauncher(Launcher):
     ReadWriteMany claim every run shares, so a node fetches an input once) or else the pod's own
     ``emptyDir``; ``pvc://<claim>/<path>`` inputs are that claim, mounted read-only.
 
-    Real clusters: every API call has ``api_request_timeout`` and is retried while the API is
-    unusable for less than ``api_unavailable_timeout`` (``api.py``). Outputs that cannot be copied fail
-    the run unless ``outputs_required=False``.
+    Real clusters: API calls have ``api_request_timeout`` and are retried for ``api_unavailable_timeout``
+    (``api.py``); ``schedule_timeout``, ``startup_timeout_seconds`` and ``image_pull_timeout`` bound
+    waiting (``pending.py``); pods end themselves once the run's lease lapsed for ``orphan_timeout``;
+    outputs that cannot be copied fail the run unless ``outputs_required=False``.
     """
 
     name = "kubernetes"
@@ -285,8 +286,7 @@ class KubernetesLauncher(Launcher):
         extra = self.hook.conn_extras.get("tracking_address") if self.kubernetes_conn_id else None
         address = self.tracking_address or extra
         api_server = "" if address else self.hook.api_client.configuration.host
-        log_file = run_dir.with_suffix(".tracking-server.log")
-        return serve_store(tracking_uri, log_file, run_id, address, self.tracking_bind, api_server)
+        return serve_store(tracking_uri, run_dir, run_id, address, self.tracking_bind, api_server)
 
     def provide_env(self, handle: KubernetesJobHandle, values: Mapping[str, str]) -> None:
         if handle.relay is not None and "MLFLOW_RUN_ID" in values:
@@ -313,14 +313,8 @@ class KubernetesLauncher(Launcher):
         handle.take_saved_cursors(self.cluster.owner_of(run))
         if handle.watch.created_at is None and self.cluster.list_pods(run):  # made after the state was kept
             handle.watch.created_at, run.awaiting = time.monotonic(), set()
-        tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
-        if run.relay_port and tracking_uri and needs_relay(tracking_uri):
-            log_file = run.run_dir.with_suffix(".tracking-server.log")
-            handle.relay = StoreServer(
-                tracking_uri, log_file, run.run_id, (self.tracking_bind, run.relay_port)
-            )
-        else:
-            run.relay_port = None
+        handle.relay = serve_store_again(extra_env.get("MLFLOW_TRACKING_URI"), run, self.tracking_bind)
+        run.relay_port = run.relay_port if handle.relay is not None else None
         return handle
 
     def check_deferrable(self, extra_env: Mapping[str, str]) -> None:

@@ -50,7 +50,8 @@ def copy_outputs(cluster: Cluster, run: KubernetesRun, pod: str, python: str, ta
         except Exception as error:  # a cut stream, a bad tar, pack failing
             copies, failure = copies + 1, f"{type(error).__name__}: {error}"
             log.warning("Run %s: copying the outputs out of pod %s failed (%s)", run.run_id, pod, failure)
-        time.sleep(min(_BACKOFF_CAP_SECONDS, 0.5 * 2**copies))
+        if copies < OUTPUTS_ATTEMPTS:
+            time.sleep(min(_BACKOFF_CAP_SECONDS, 0.25 * 2**copies))
     raise OutputsLost(f"the outputs of pod {pod} could not be copied ({copies + refused} tries): {failure}")
 
 

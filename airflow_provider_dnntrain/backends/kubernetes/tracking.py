@@ -8,15 +8,16 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from airflow_provider_dnntrain.backends.common.tracking_server import StoreServer
+from airflow_provider_dnntrain.backends.common.tracking_server import StoreServer, needs_relay
 
 
 def serve_store(
-    tracking_uri: str, log_file: Path, run_id: str, address: str | None, bind: str, api_server: str
+    tracking_uri: str, run_dir: Path, run_id: str, address: str | None, bind: str, api_server: str
 ):
     """The server for the pods (started once the tracking run exists) and the URI they use.
     ``address``: ``host:port`` where pods reach this worker (port 0: a free one); ``api_server``: the
     cluster's API server URL, whose route gives this worker's address when none is given."""
+    log_file = run_dir.with_suffix(".tracking-server.log")
     if urlsplit(tracking_uri).scheme.startswith("http"):
         raise ValueError(
             f"tracking_uri: {tracking_uri} listens on this worker's loopback, which pods cannot reach; "
@@ -25,6 +26,15 @@ def serve_store(
     host, _, port = (address or f"{address_towards(api_server)}:0").rpartition(":")
     server = StoreServer(tracking_uri, log_file, run_id, listen=(bind, int(port)))
     return server, f"http://{host}:{server.target[1]}"
+
+
+def serve_store_again(tracking_uri: str | None, run, bind: str) -> StoreServer | None:
+    """For a run taken over: the embedded store served again where its pods reach it (``None``: the
+    run's pods reach their store themselves)."""
+    if not (run.relay_port and tracking_uri and needs_relay(tracking_uri)):
+        return None
+    log_file = run.run_dir.with_suffix(".tracking-server.log")
+    return StoreServer(tracking_uri, log_file, run.run_id, (bind, run.relay_port))
 
 
 def address_towards(api_server: str) -> str:

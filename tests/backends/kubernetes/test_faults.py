@@ -138,7 +138,7 @@ def test_pods_kueue_holds_wait_for_admission_then_train(cluster, monkeypatch, tm
         queue_name="team-a",
         startup_timeout_seconds=5,
     )
-    with cluster.misbehaving(kueue_admit_after=25):
+    with cluster.misbehaving(kueue_admit_after=15):
         handle, lines = run(launcher, ranks_job("--ticks", "2"), "kueue-gated")
     assert sum("tick 1 of 2" in line.text for line in lines) == 2
     assert "2 wait to be scheduled: a scheduling gate (queue team-a)" in caplog.text
@@ -148,7 +148,7 @@ def test_pods_kueue_holds_wait_for_admission_then_train(cluster, monkeypatch, tm
 def test_pods_wait_while_the_autoscaler_adds_a_node(cluster, monkeypatch, tmp_path, caplog):
     caplog.set_level("INFO")
     launcher = fake_launcher(cluster, monkeypatch, tmp_path, startup_timeout_seconds=5)
-    with cluster.misbehaving(scale_up_after=20):
+    with cluster.misbehaving(scale_up_after=12):
         _, lines = run(launcher, ranks_job("--ticks", "2"), "scale-up")
     assert sum("tick 1 of 2" in line.text for line in lines) == 2
     assert "wait to be scheduled: Unschedulable: 0/1 nodes are available: 1 Insufficient cpu." in caplog.text
@@ -159,7 +159,7 @@ def test_kubelet_retries_a_throttled_pull_until_the_image_is_there(cluster, monk
     launcher = fake_launcher(
         cluster, monkeypatch, tmp_path, startup_timeout_seconds=5, image="dnntrain-torch:late"
     )
-    with cluster.misbehaving(images_appear_after={"dnntrain-torch:late": 15}):
+    with cluster.misbehaving(images_appear_after={"dnntrain-torch:late": 10}):
         _, lines = run(launcher, ranks_job("--ticks", "2"), "image-late")
     assert sum("tick 1 of 2" in line.text for line in lines) == 2
     assert_nothing_left(cluster)

@@ -36,19 +36,7 @@ os.environ.update(
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 sys.path.insert(0, str(REPO / "tests"))
 
-SCRIPT = """
-import sys, time
-import mlflow
-
-batches, seconds = int(sys.argv[1]), float(sys.argv[2]) / 1000
-started = time.perf_counter()
-for batch in range(batches):
-    busy = time.perf_counter() + seconds
-    while time.perf_counter() < busy:  # the batch's work
-        pass
-    mlflow.log_metric("loss", 1.0 / (batch + 1), step=batch)
-print(f"loop_seconds={time.perf_counter() - started:.3f}", flush=True)
-"""
+SCRIPTS = REPO / "tests" / "scripts"  # log_every_batch.py: the script, shared with a test
 DAG = """
 import json, pendulum
 from airflow.sdk import DAG
@@ -94,8 +82,18 @@ def run_task(backend: str, batches: int) -> float:
     client = tracking.client(result["tracking_uri"])
     arrived = client.get_metric_history(result["tracking_run_id"], "loss")
     assert len(arrived) == batches, f"{backend}: {len(arrived)} of {batches} metrics arrived"
-    log = client.download_artifacts(result["tracking_run_id"], "logs/replicas/worker-0.log")
-    return loop_seconds(Path(log).read_text())
+    return loop_seconds(_logs_text(client, result["tracking_run_id"], "logs"))
+
+
+def _logs_text(client, run_id: str, folder: str) -> str:
+    """Every log file the run keeps, one text (where a backend puts its replicas' logs differs)."""
+    texts = []
+    for item in client.list_artifacts(run_id, folder):
+        if item.is_dir:
+            texts.append(_logs_text(client, run_id, item.path))
+        elif item.path.endswith(".log"):
+            texts.append(Path(client.download_artifacts(run_id, item.path)).read_text())
+    return "\n".join(texts)
 
 
 def main() -> None:
@@ -114,9 +112,7 @@ def main() -> None:
 
     from airflow_provider_dnntrain import tracking
 
-    source = HOME / "source"
-    source.mkdir(parents=True)
-    (source / "log_every_batch.py").write_text(SCRIPT)
+    source = SCRIPTS
     (HOME / "dags").mkdir()
     dag = DAG.format(source=source, batches=args.batches, batch_ms=args.batch_ms)
     (HOME / "dags" / "bench_metrics.py").write_text(dag)

@@ -19,6 +19,10 @@ With ``DNNTRAIN_AZUREML_COMPAT=1`` the script's processes can ``from azureml.cor
 Every process writes each line of output whole, in one write, as on a terminal: mpirun tags every
 chunk it reads from a rank, so a line written in pieces would reach the log cut in two.
 
+Metrics are logged asynchronously (``MLFLOW_ENABLE_ASYNC_LOGGING``); a script that exits without
+ending its run would lose the last batch (MLflow's own flush runs after the interpreter has stopped
+taking new work), so every script process flushes MLflow's queue as its main thread ends.
+
 Standard library only, and then hands over to any other ``sitecustomize`` further down the path.
 """
 
@@ -122,6 +126,26 @@ def _write_whole_lines() -> None:
             stream.reconfigure(line_buffering=True, write_through=False)
 
 
+def _flush_metrics_at_exit() -> None:
+    """Flush MLflow's asynchronous logging when the main thread ends: ``threading``'s exit hooks run
+    before ``concurrent.futures`` stops its workers (registered later, this one runs first), where
+    ``atexit`` would be too late."""
+    if not _is_script_process():
+        return
+    import concurrent.futures.thread  # noqa: F401 - its exit hook must be registered before ours
+    import threading
+
+    def flush() -> None:
+        mlflow = sys.modules.get("mlflow")
+        if mlflow is not None and hasattr(mlflow, "flush_async_logging"):
+            with contextlib.suppress(Exception):
+                mlflow.flush_async_logging()
+
+    register = getattr(threading, "_register_atexit", None)
+    if register is not None:
+        register(flush)
+
+
 def _hand_over() -> None:
     """Run the ``sitecustomize`` this one shadows, if there is one."""
     import importlib.machinery
@@ -141,4 +165,5 @@ _await_pending_env()
 _mark_primary()
 _route_tracking()
 _azureml_compat()
+_flush_metrics_at_exit()
 _hand_over()

@@ -126,6 +126,12 @@ with DAG("dnntrain_test_templated_inputs", schedule=None, start_date=START):
         tracking=False,
     )
 
+# Metrics logged asynchronously by a script that never ends its MLflow run: none may be lost at exit.
+with DAG("dnntrain_test_metrics_every_batch", schedule=None, start_date=START):
+    TensorFlowTrainOperator(
+        task_id="train", source_directory=SCRIPTS, entry_script="log_every_batch.py", arguments=["200", "1"]
+    )
+
 # A UI trigger's conf names where the data is: the connection's credentials must not follow it elsewhere.
 with DAG("dnntrain_test_conf_input_uri", schedule=None, start_date=START):
     TensorFlowTrainOperator(

@@ -363,6 +363,13 @@ def test_templates_inside_input_objects_are_rendered():
     )
 
 
+def test_metrics_logged_asynchronously_all_arrive_though_the_script_never_ends_its_run():
+    dag_run = load_dag(TEST_DAGS, "dnntrain_test_metrics_every_batch").test()
+    result = xcom(dag_run, "train")
+    history = tracking.client(result["tracking_uri"]).get_metric_history(result["tracking_run_id"], "loss")
+    assert sorted(m.step for m in history) == list(range(200))
+
+
 def test_a_conf_uri_elsewhere_does_not_get_the_connections_credentials(monkeypatch, capfd):
     reader = {"conn_type": "http", "host": "data.internal", "login": "reader", "password": "s3cr3t-pw"}
     monkeypatch.setenv("AIRFLOW_CONN_WEB_READER", json.dumps(reader))

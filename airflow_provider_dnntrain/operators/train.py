@@ -192,8 +192,8 @@ class DnnTrainOperator(BaseOperator):
             self._fail(context, error, run_id, session, launcher, handle)
         finally:
             self._handle = None
+        job_state.forget(context, launcher)  # the job has ended: nothing is left to take over
         artifacts, metrics = self._finish(session, launcher, handle, "FINISHED", "succeeded", failing=False)
-        job_state.forget(context, launcher)
         self.log.info(
             "Run %s: replicas started %.2f s into execute (tracking run ready at %.2f s), ran %.2f s; "
             "outputs collected and tracking closed in %.2f s",
@@ -268,8 +268,8 @@ class DnnTrainOperator(BaseOperator):
             end_job(launcher, handle, job_status_of(event), on_log=lambda line: self.log.info("%s", line))
         except BaseException as error:
             self._fail(context, error, run_id, session, launcher, handle)
-        artifacts, metrics = self._finish(session, launcher, handle, "FINISHED", "succeeded", failing=False)
         job_state.forget(context, self._launcher())
+        artifacts, metrics = self._finish(session, launcher, handle, "FINISHED", "succeeded", failing=False)
         return training_result(run_id, artifacts, session, metrics)
 
     def _fail(self, context, error: BaseException, run_id: str, session, launcher, handle) -> NoReturn:

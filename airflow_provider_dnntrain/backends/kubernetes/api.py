@@ -74,8 +74,8 @@ class ApiPatience:
 
     request_timeout: float = 30.0
     unavailable_timeout: float = 600.0
-    _failing_since: float | None = field(default=None, repr=False)
-    _warned: bool = field(default=False, repr=False)
+    _failing_since: float | None = field(default=None, init=False, repr=False)
+    _warned: bool = field(default=False, init=False, repr=False)
 
     def arguments(self) -> dict[str, float]:
         """What makes the same patience elsewhere (the trigger's)."""

@@ -66,10 +66,26 @@ def store_password(uri: str, run_id: str) -> str:
     return hmac.new(_store_key(uri), run_id.encode(), hashlib.sha256).hexdigest()
 
 
+def _store_path(uri: str) -> Path:
+    """Where a store URI's data lives: ``sqlite:///rel.db`` is relative, ``sqlite:////abs.db`` not."""
+    scheme = urlsplit(uri).scheme
+    if scheme == "sqlite":
+        return Path(uri.split("://", 1)[1][1:]).absolute()
+    return Path(urlsplit(uri).path if scheme == "file" else uri).absolute()
+
+
+def _absolute(uri: str) -> str:
+    """The URI with its path made absolute (the server runs in a folder of its own)."""
+    scheme = urlsplit(uri).scheme
+    path = _store_path(uri)
+    return (
+        f"sqlite:///{path}" if scheme == "sqlite" else (f"file://{path}" if scheme == "file" else str(path))
+    )
+
+
 def _store_key(uri: str) -> bytes:
-    parts = urlsplit(uri)
-    path = Path(parts.path if parts.scheme in ("sqlite", "file") else uri)
-    folder = path.parent if parts.scheme == "sqlite" or path.suffix else path
+    path = _store_path(uri)
+    folder = path.parent if urlsplit(uri).scheme == "sqlite" or path.suffix else path
     folder.mkdir(parents=True, exist_ok=True)
     key = folder / _STORE_KEY
     with contextlib.suppress(FileExistsError):
@@ -125,7 +141,7 @@ class StoreServer:
         watch_read, self._watch_fd = os.pipe()
         command = [sys.executable, "-I", "-S", str(REAPER), "--grace", "5", "--watch-fd", str(watch_read)]
         command += ["--"]
-        command += [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.uri]
+        command += [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", _absolute(self.uri)]
         command += ["--host", self.target[0], "--port", str(self.target[1]), "--workers", "1"]
         command += ["--app-name", "basic-auth"]
         # The auth app keeps its one user in a database of its own, made afresh for each server.

@@ -43,11 +43,9 @@ from airflow_provider_dnntrain.backends.kubernetes.kubeflow import (
 )
 from airflow_provider_dnntrain.backends.kubernetes.manifests import (
     job_name,
-    outputs_host,
-    pod_name,
 )
 from airflow_provider_dnntrain.backends.kubernetes.options import GangScheduler, PodOptions
-from airflow_provider_dnntrain.backends.kubernetes.outputs import OutputsLost, copy_outputs
+from airflow_provider_dnntrain.backends.kubernetes.outputs import collected_outputs, save_outputs
 from airflow_provider_dnntrain.backends.kubernetes.pending import PodTimeouts
 from airflow_provider_dnntrain.backends.kubernetes.planning import PodPlacement, render_pod_plan
 from airflow_provider_dnntrain.backends.kubernetes.run import KubernetesRun
@@ -389,25 +387,7 @@ class KubernetesLauncher(Launcher):
     # -- outputs --------------------------------------------------------------------------------
 
     def _save_outputs(self, handle: KubernetesJobHandle) -> None:
-        """The chief's ``./outputs`` and ``./logs``, through ``exec`` into the pod's outputs sidecar; what
-        kept them from being copied is kept for :meth:`collect_outputs`."""
-        chief = pod_name(outputs_host(handle.plan))
-        try:
-            copy_outputs(
-                self.cluster, handle.run, chief, handle.settings.python, handle.run.run_dir / "artifacts"
-            )
-        except Exception as error:
-            handle.outputs_lost = f"{type(error).__name__}: {error}"
+        save_outputs(self.cluster, handle)
 
     def collect_outputs(self, handle: KubernetesJobHandle) -> Path:
-        """The copied outputs; ``OutputsLost`` when they could not be copied (a warning instead with
-        ``outputs_required=False``)."""
-        if handle.outputs_lost:
-            message = f"run {handle.run_id}: the chief's outputs were not collected: {handle.outputs_lost}"
-            if self.outputs_required:
-                raise OutputsLost(message)
-            log.warning("%s", message)
-        artifacts = handle.run.run_dir / "artifacts"
-        for sub in ("outputs", "logs"):
-            (artifacts / sub).mkdir(parents=True, exist_ok=True)
-        return artifacts
+        return collected_outputs(handle, self.outputs_required)

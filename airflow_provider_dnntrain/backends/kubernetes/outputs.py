@@ -14,7 +14,12 @@ import time
 from pathlib import Path
 
 from airflow_provider_dnntrain.backends.kubernetes.cluster import Cluster
-from airflow_provider_dnntrain.backends.kubernetes.manifests import BOOTSTRAP, OUTPUTS_CONTAINER
+from airflow_provider_dnntrain.backends.kubernetes.manifests import (
+    BOOTSTRAP,
+    OUTPUTS_CONTAINER,
+    outputs_host,
+    pod_name,
+)
 from airflow_provider_dnntrain.backends.kubernetes.run import KubernetesRun
 
 log = logging.getLogger(__name__)
@@ -100,3 +105,27 @@ def _read_all(client) -> str:
         return client.read_stdout()
     finally:
         client.close()
+
+
+def save_outputs(cluster: Cluster, handle) -> None:
+    """The chief's ``./outputs`` and ``./logs`` into the run's artifacts; what kept them from being
+    copied is kept on ``handle`` (a ``KubernetesJobHandle``) for :func:`collected_outputs`."""
+    chief = pod_name(outputs_host(handle.plan))
+    try:
+        copy_outputs(cluster, handle.run, chief, handle.settings.python, handle.run.run_dir / "artifacts")
+    except Exception as error:
+        handle.outputs_lost = f"{type(error).__name__}: {error}"
+
+
+def collected_outputs(handle, required: bool) -> Path:
+    """The copied outputs' folder; ``OutputsLost`` when they could not be copied (a warning instead
+    when they are not ``required``)."""
+    if handle.outputs_lost:
+        message = f"run {handle.run_id}: the chief's outputs were not collected: {handle.outputs_lost}"
+        if required:
+            raise OutputsLost(message)
+        log.warning("%s", message)
+    artifacts = handle.run.run_dir / "artifacts"
+    for sub in ("outputs", "logs"):
+        (artifacts / sub).mkdir(parents=True, exist_ok=True)
+    return artifacts

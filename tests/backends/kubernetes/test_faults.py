@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fake_kubernetes import FakeCluster, assert_nothing_left, fake_launcher, wait_in_background
+from fake_kubernetes import assert_nothing_left, fake_launcher, wait_in_background
 from fake_kubernetes import run_job as run
 from long_lines import assert_lines_whole_bounded_and_throttled, long_lines_job
 
@@ -27,12 +27,6 @@ from airflow_provider_dnntrain.spec import TorchDistributed, TrainingJob
 
 REPO = Path(__file__).resolve().parents[3]
 TEST_SCRIPTS = REPO / "tests" / "scripts"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with FakeCluster(tmp_path_factory.mktemp("kubernetes") / "cluster") as started:
-        yield started
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from backends.kubernetes.test_manifests import validate_all
-from fake_kubernetes import NAMESPACE, FakeCluster, assert_nothing_left, fake_launcher
+from fake_kubernetes import NAMESPACE, assert_nothing_left, fake_launcher
 from fake_kubernetes import run_job as run
 from object_store import ObjectStore, S3Store
 
@@ -108,12 +108,6 @@ def test_a_pod_that_cannot_fetch_an_input_says_which_without_the_signature(tmp_p
 
 
 # -- runs on the fake cluster ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with FakeCluster(tmp_path_factory.mktemp("kubernetes") / "cluster") as started:
-        yield started
 
 
 @pytest.mark.slow

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from azure_script import assert_ran_as_azure_ml_script_offline
 from fake_kubernetes import (
-    FakeCluster,
     assert_nothing_left,
     fake_launcher,
     wait_in_background,
@@ -32,12 +31,6 @@ from airflow_provider_dnntrain.spec import (
 
 EXAMPLE_SCRIPTS = Path(__file__).resolve().parents[3] / "dags" / "scripts"
 TEST_SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    with FakeCluster(tmp_path_factory.mktemp("kubernetes") / "cluster") as started:
-        yield started
 
 
 @pytest.fixture

@@ -203,12 +203,15 @@ class Launcher(ABC):
         extra_env: Mapping[str, str],
         *,
         pending_env: Collection[str] = (),
+        time_limit: float | None = None,
     ) -> JobHandle:
         """Start every replica. Submitting the same run id again replaces what is left of it.
 
         ``pending_env`` names variables whose values are not known yet (:meth:`provide_env` gives them
         later): the processes running the job's script wait for them as they start; runners
         (torchrun, horovodrun, mpirun) start at once, so their ranks usually find them there.
+        ``time_limit`` (seconds, the task's ``job_timeout``) is enforced by the wait; a backend whose
+        replicas can end themselves when no task is left to do so makes them carry it too.
         """
 
     @abstractmethod

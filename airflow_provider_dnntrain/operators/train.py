@@ -221,7 +221,9 @@ class DnnTrainOperator(BaseOperator):
             # The tracking run is still being created: the replicas start now and are given its id as
             # soon as it exists (the script's processes wait for it, runners do not).
             pending = session.pending_variables if session else ()
-            handle = self._handle = launcher.submit(job, plan, extra_env=replica_env, pending_env=pending)
+            handle = self._handle = launcher.submit(
+                job, plan, extra_env=replica_env, pending_env=pending, time_limit=self.job_timeout
+            )
         job_state.remember(context, launcher, handle)
         return job, handle
 

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,10 +186,28 @@ class FakeCluster:
             self.faults()
             self.role(None)
 
+    @contextlib.contextmanager
+    def limit_range(self, container_limits: dict, namespace: str = NAMESPACE):
+        """A LimitRange of type Container (``default``, ``max``, ...) in ``namespace`` for a while."""
+        name = f"limits-{uuid.uuid4().hex[:6]}"
+        body = {"apiVersion": "v1", "kind": "LimitRange", "metadata": {"name": name}}
+        body["spec"] = {"limits": [{"type": "Container", **container_limits}]}
+        self._post(f"/api/v1/namespaces/{namespace}/limitranges", body)
+        try:
+            yield
+        finally:
+            self.api(f"/api/v1/namespaces/{namespace}/limitranges/{name}", method="DELETE")
+
+    def memory_peaks(self) -> dict[str, int]:
+        """ "namespace/pod/container" -> the most memory (bytes) each memory-limited container of a
+        removed pod used, exec'd processes included."""
+        return self.api("/fake/memory")
+
     def _post(self, path: str, body: dict) -> None:
         request = urllib.request.Request(
             f"http://127.0.0.1:{self.port}{path}", data=json.dumps(body).encode(), method="POST"
         )
+        request.add_header("Authorization", f"Bearer {TOKEN}")
         with urllib.request.urlopen(request, timeout=30) as response:
             response.read()
 

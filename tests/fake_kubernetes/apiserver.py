@@ -14,6 +14,9 @@ secret, emptyDir, hostPath, persistentVolumeClaim) and runs each container's com
 (the project's venv standing in for the image), with the environment resolved from Secrets as
 Kubernetes does, ``$(VAR)`` expansion included. Deleting a pod sends SIGTERM to every process in it,
 then SIGKILL after its grace period. ``POST /fake/evict/<ns>/<pod>`` evicts a pod as node pressure does.
+A namespace's LimitRanges default and bound its pods' resources at admission; a container's memory
+limit is enforced by a memory cgroup (OOMKilled, exit 137), ``GET /fake/memory`` tells the most memory
+each limited container of a removed pod used; ``activeDeadlineSeconds`` ends a pod (DeadlineExceeded).
 
 With ``--training-operator run``, the cluster serves TFJobs and PyTorchJobs (``kubeflow.org/v1``) and runs
 them as Kubeflow's training operator does (``fake_training_operator.py``); with ``crd`` it serves them
@@ -219,7 +222,7 @@ def routes(cluster: Cluster, faults: Faults, rbac: Rbac) -> web.Application:
         spec_container = next(c for c in pod["spec"]["containers"] if c["name"] == name)
         spec = cluster.container_spec(runtime, spec_container, request.query.getall("command"))
         process = await asyncio.create_subprocess_exec(
-            *cluster.in_pod(runtime, spec),
+            *cluster.in_pod(runtime, spec, name),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -257,11 +260,15 @@ def routes(cluster: Cluster, faults: Faults, rbac: Rbac) -> web.Application:
 
     async def evict(request: web.Request) -> web.Response:
         key = ("api/v1", request.match_info["namespace"], "pods", request.match_info["name"])
-        await cluster.terminate(key, grace=0, evict=True)
+        message = "The node was low on resource: memory. Threshold quantity: 100Mi, available: 20Mi."
+        await cluster.terminate(key, grace=0, failed=("Evicted", message))
         return web.json_response({"evicted": key[3]})
 
     async def requests_made(request: web.Request) -> web.Response:
         return web.json_response(dict(cluster.requests))
+
+    async def memory_peaks(request: web.Request) -> web.Response:
+        return web.json_response(cluster.memory_peaks)
 
     app = web.Application(
         middlewares=[authenticate, middleware(faults, rbac)], client_max_size=8 * 1024 * 1024
@@ -276,6 +283,7 @@ def routes(cluster: Cluster, faults: Faults, rbac: Rbac) -> web.Application:
     app.router.add_route("*", "/api/v1/namespaces/{namespace}/pods/{name}/{sub:exec}", pod_exec)
     app.router.add_post("/fake/evict/{namespace}/{name}", evict)
     app.router.add_get("/fake/requests", requests_made)
+    app.router.add_get("/fake/memory", memory_peaks)
     return app
 
 
@@ -344,6 +352,7 @@ async def serve(args: argparse.Namespace) -> None:
     for key in list(cluster.runtimes):
         await cluster.terminate(key, grace=0)
     await cluster.ip("netns", "del", cluster.bridge, check=False)
+    cluster.memory.remove_all()
     await runner.cleanup()
 
 

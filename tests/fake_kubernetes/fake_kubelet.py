@@ -1,7 +1,8 @@
 """The fake cluster's kubelet and object lifecycle: pods scheduled on one node, images "pulled", volumes
 prepared, containers run as real processes inside their pod's network namespace (the project's venv
 standing in for the image), statuses reported, graceful deletion, eviction, and garbage collection by
-owner reference."""
+owner reference. Memory limits and LimitRanges are enforced as a node and the API server enforce them
+(``fake_limits.py``), and ``activeDeadlineSeconds`` as kubelet does."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import kubernetes_validate
 from aiohttp import web
+from fake_limits import MemoryCgroups, admit
 from fake_network import GATEWAY, PodNetwork, namespace_pids
 from fake_store import TOKEN, Store, expand, log_timestamp, now_rfc3339
 from fake_training_operator import GROUP as KUBEFLOW_GROUP
@@ -57,6 +59,7 @@ class Container:
         self.log_path = log_path
         self.process: asyncio.subprocess.Process | None = None
         self.exit_code: int | None = None
+        self.reason: str | None = None  # why it ended, when not by its own exit (OOMKilled)
         self.done = asyncio.Event()
 
 
@@ -70,6 +73,7 @@ class PodRuntime:
         self.containers: dict[str, Container] = {}
         self.mounts: dict[str, list[tuple[str, str]]] = {}
         self.env: dict[str, dict[str, str]] = {}
+        self.cgroups: dict[str, Path] = {}  # container -> its memory cgroup, when it has a limit
         self.hostname = ""
         self.task: asyncio.Task | None = None
         self.volume_sync: asyncio.Task | None = None
@@ -97,6 +101,8 @@ class Cluster(PodNetwork, TrainingOperator):
         self.pod_numbers = iter(range(2, 60000))
         self.requests: collections.Counter = collections.Counter()
         self.bridge = f"{prefix}-br"
+        self.memory = MemoryCgroups(f"{prefix}-{os.getpid()}")
+        self.memory_peaks: dict[str, int] = {}  # "namespace/pod/container" -> most bytes it used
 
     # -- the kubelet ------------------------------------------------------------------------------
 
@@ -135,6 +141,7 @@ class Cluster(PodNetwork, TrainingOperator):
             self.set_status(key, phase="Pending", conditions=[{**condition, "message": unschedulable}])
             return
         scheduled = [{"type": "PodScheduled", "status": "True"}]
+        scheduled_at = time.monotonic()  # the pod's startTime, from which its active deadline counts
         self.set_status(key, phase="Pending", conditions=scheduled, hostIP=GATEWAY, startTime=now_rfc3339())
         self.set_status(key, containerStatuses=self.container_statuses(pod, lambda _: waiting))
         await self.pull_throttled(key, pod)
@@ -155,6 +162,9 @@ class Cluster(PodNetwork, TrainingOperator):
         for container in pod["spec"]["containers"]:
             await self.start_container(runtime, pod, container)
         runtime.volume_sync = asyncio.create_task(keep_config_maps_current(self, runtime, pod))
+        if (deadline := pod["spec"].get("activeDeadlineSeconds")) is not None:
+            left = deadline - (time.monotonic() - scheduled_at)
+            asyncio.create_task(self.end_at_deadline(key, runtime, left))
         running = {"running": {"startedAt": started}}
         self.set_status(
             key,
@@ -167,6 +177,12 @@ class Cluster(PodNetwork, TrainingOperator):
         await asyncio.gather(
             *(self.watch_container(runtime, c, started) for c in runtime.containers.values())
         )
+
+    async def end_at_deadline(self, key: tuple, runtime: PodRuntime, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
+        if self.runtimes.get(key) is runtime and not runtime.terminating:
+            message = "Pod was active on the node longer than the specified deadline"
+            await self.terminate(key, grace=0, failed=("DeadlineExceeded", message))
 
     def unschedulable(self, pod: dict) -> str | None:
         selector = pod["spec"].get("nodeSelector") or {}
@@ -333,11 +349,17 @@ class Cluster(PodNetwork, TrainingOperator):
         path.write_text(json.dumps(spec))
         return path
 
-    def in_pod(self, runtime: PodRuntime, spec: Path) -> list[str]:
-        return [
+    def in_pod(self, runtime: PodRuntime, spec: Path, container: str) -> list[str]:
+        """The command that runs ``spec`` in the pod: in its network namespace and, with a memory
+        limit, in the container's memory cgroup (joined first: ``ip netns exec`` hides /sys/fs/cgroup)."""
+        argv = [
             "ip", "netns", "exec", runtime.netns, "unshare", "--uts", "--mount", "--propagation", "private",
             sys.executable, str(CONTAINER_SHIM), str(spec),
         ]  # fmt: skip
+        if (cgroup := runtime.cgroups.get(container)) is not None:
+            join = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+            argv = ["sh", "-c", join, str(cgroup), *argv]
+        return argv
 
     async def run_init_containers(self, runtime: PodRuntime, pod: dict) -> bool:
         """Each init container to its end, in order; the first that fails fails the pod."""
@@ -359,11 +381,15 @@ class Cluster(PodNetwork, TrainingOperator):
     async def start_process(self, runtime: PodRuntime, container: dict) -> Container:
         command = container.get("command") or self.entrypoint(container.get("image", ""))
         argv = [*command, *container.get("args", [])]
+        limit = ((container.get("resources") or {}).get("limits") or {}).get("memory")
+        if limit and self.memory.available():
+            pod = f"{runtime.key[1]}-{runtime.key[3]}-{runtime.number}"
+            runtime.cgroups[container["name"]] = self.memory.make(pod, container["name"], limit)
         spec = self.container_spec(runtime, container, argv)
         state = Container(container["name"], runtime.directory / f"{container['name']}.log")
         state.log_path.touch()
         state.process = await asyncio.create_subprocess_exec(
-            *self.in_pod(runtime, spec),
+            *self.in_pod(runtime, spec, container["name"]),
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
@@ -375,6 +401,9 @@ class Cluster(PodNetwork, TrainingOperator):
         await self.pump_log(container)
         code = await container.process.wait()
         container.exit_code = 128 - code if code < 0 else code  # killed by signal N: 128 + N
+        cgroup = runtime.cgroups.get(container.name)
+        if cgroup is not None and self.memory.oom_killed(cgroup):
+            container.reason = "OOMKilled"
         container.done.set()
         self.container_ended(runtime, container, started)
 
@@ -397,7 +426,7 @@ class Cluster(PodNetwork, TrainingOperator):
         statuses = pod["status"].get("containerStatuses") or []
         for status in statuses:
             if status["name"] == container.name:
-                reason = "Completed" if container.exit_code == 0 else "Error"
+                reason = container.reason or ("Completed" if container.exit_code == 0 else "Error")
                 status["state"] = {
                     "terminated": {
                         "exitCode": container.exit_code,
@@ -413,28 +442,27 @@ class Cluster(PodNetwork, TrainingOperator):
             phase = "Succeeded" if all(code == 0 for code in codes) else "Failed"
         self.set_status(runtime.key, containerStatuses=statuses, phase=phase)
 
-    async def terminate(self, key: tuple, grace: float, evict: bool = False) -> None:
+    async def terminate(self, key: tuple, grace: float, failed: tuple[str, str] | None = None) -> None:
         """SIGTERM every process of the pod, SIGKILL after ``grace``; then the pod is gone (or, when
-        evicted, Failed and kept)."""
+        it ``failed`` - evicted, past its deadline - Failed with that reason and message, and kept)."""
         runtime = self.runtimes.get(key)
         if runtime is None:
             self.store.remove(key)
             return
         if runtime.terminating:
-            if runtime.evicted and not evict:  # its processes are gone already: the object goes now
+            if runtime.evicted and not failed:  # its processes are gone already: the object goes now
                 await self.forget(key)
             return
         runtime.terminating = True
-        runtime.evicted = evict
+        runtime.evicted = failed is not None
         if runtime.task is not None and not runtime.containers:
             runtime.task.cancel()
+        if failed:  # said first, as kubelet does: the containers' ends must not read as the reason
+            self.set_status(key, phase="Failed", reason=failed[0], message=failed[1])
         if runtime.netns:
             await self.kill_all(runtime, grace)
-        if evict:
-            message = "The node was low on resource: memory. Threshold quantity: 100Mi, available: 20Mi."
-            self.set_status(key, phase="Failed", reason="Evicted", message=message)
-            return
-        await self.forget(key)
+        if not failed:
+            await self.forget(key)
 
     async def kill_all(self, runtime: PodRuntime, grace: float) -> None:
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10)):
@@ -451,6 +479,9 @@ class Cluster(PodNetwork, TrainingOperator):
     async def forget(self, key: tuple) -> None:
         runtime = self.runtimes.pop(key, None)
         self.store.remove(key)
+        for container, cgroup in (runtime.cgroups if runtime is not None else {}).items():
+            self.memory_peaks[f"{key[1]}/{key[3]}/{container}"] = self.memory.peak(cgroup)
+            self.memory.remove(cgroup)
         if runtime is not None and runtime.netns:
             await self.ip("netns", "del", runtime.netns, check=False)
             with contextlib.suppress(OSError):
@@ -485,6 +516,11 @@ class Cluster(PodNetwork, TrainingOperator):
         if key in self.store.objects:
             return status_error(409, "AlreadyExists", f'{plural} "{name}" already exists')
         meta.update(namespace=namespace, uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339())
+        if plural == "pods" and (refused := admit(obj, self.limit_ranges(namespace))):
+            code, message = refused
+            if code == 403:
+                return status_error(403, "Forbidden", f'pods "{name}" is forbidden: {message}')
+            return status_error(422, "Invalid", f'Pod "{name}" is invalid: {message}')
         if plural == "pods":
             obj["status"] = {"phase": "Pending"}
             obj = self.scheduler.admitted(obj)
@@ -500,6 +536,9 @@ class Cluster(PodNetwork, TrainingOperator):
         if training_job and self.training_operator == "run":
             self.start_training_job(key)
         return web.json_response(obj, status=201)
+
+    def limit_ranges(self, namespace: str) -> list[dict]:
+        return [o for k, o in self.store.objects.items() if k[:3] == ("api/v1", namespace, "limitranges")]
 
     async def delete(self, key: tuple, grace: float | None = None) -> dict | None:
         obj = self.store.objects.get(key)

@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM, as TensorFlow does")
     parser.add_argument("--print-env", action="append", default=[])
     parser.add_argument("--write-env", action="append", default=[], help="write this variable to a file")
+    parser.add_argument("--write-mb", type=int, default=0, help="write this many MiB of random outputs")
+    parser.add_argument("--allocate-mb", type=int, default=0, help="hold this many MiB of memory")
     args, _unknown = parser.parse_known_args()
     if args.ignore_term:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -50,6 +52,11 @@ def main() -> None:
         print(f"rank {RANK} {name}={os.environ.get(name)}", flush=True)
     for name in args.write_env:
         (outputs / f"env-{RANK}-{name}.txt").write_text(os.environ.get(name, ""))
+    if args.write_mb:
+        write_random(outputs / "model", args.write_mb)
+    held = bytearray(args.allocate_mb << 20)
+    for page in range(0, len(held), 4096):  # touched, so that it is really used
+        held[page] = 1
     if args.log_metrics and not args.late:
         log_metrics(args.log_metrics)
     print(f"rank {RANK} ready", flush=True)
@@ -59,6 +66,23 @@ def main() -> None:
         time.sleep(args.tick_seconds)
     if args.log_metrics and args.late:
         log_metrics(args.log_metrics)
+
+
+def write_random(folder: Path, mebibytes: int) -> None:
+    """``mebibytes`` of random files (16 MiB each, written a MiB at a time) and their SHA-256s."""
+    import hashlib
+
+    folder.mkdir(exist_ok=True)
+    digests = {}
+    for number in range(0, mebibytes, 16):
+        path, digest = folder / f"part-{number // 16}.bin", hashlib.sha256()
+        with open(path, "wb") as part:
+            for _ in range(min(16, mebibytes - number)):
+                block = os.urandom(1 << 20)
+                digest.update(block)
+                part.write(block)
+        digests[path.name] = digest.hexdigest()
+    (folder.parent / "digests.json").write_text(json.dumps(digests))
 
 
 def sleep(seconds: float, until: str | None) -> None:

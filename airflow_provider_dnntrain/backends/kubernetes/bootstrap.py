@@ -12,7 +12,7 @@ with its argv and its variables besides those already set (a pod of a Kubeflow j
 every replica of a type, and the training operator's variables are the pod's own).
 With ``--rank-logs DIR``, ``run`` and ``sshd`` stay as the parent of the command and print the lines
 that ranks started in this pod write to per-rank files, as ``[rank.N] line``.
-``pack``: the outputs and logs folders as a base64 tar on stdout.
+``pack``: the outputs and logs folders as a tar stream on stdout, ended by their manifest (``MANIFEST``).
 With ``--orphan-timeout SECONDS``, ``run``, ``sshd`` and ``hold`` watch the run's lease (a file of the
 run's ConfigMap, which kubelet keeps current and whoever watches the run renews): once it has not
 changed for that long, the task and its trigger are gone, and the pod ends its processes by itself.
@@ -23,9 +23,9 @@ Secret) into the inputs cache volume, once per cache, and links ``inputs/<name>`
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import os
@@ -47,6 +47,7 @@ PEER_WAIT_SECONDS = 600
 LEASE_FILE = os.path.join(BUNDLE, "lease")
 LEASE_CHECK_SECONDS = 5.0
 KILL_GRACE_SECONDS = 10.0
+MANIFEST = ".dnntrain-manifest.json"  # the last member of what ``pack`` sends: {path: [size, sha256]}
 
 
 def unpack() -> None:
@@ -309,12 +310,35 @@ def hold(rank_logs: str | None, orphan_timeout: float | None) -> None:
 
 
 def pack(folders: list[str]) -> None:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+    """``folders`` as a tar stream on stdout, sent as it is read (a limited sidecar's memory holds a
+    block, not the outputs), ended by a manifest: each file's size and SHA-256, read on their own."""
+    with tarfile.open(fileobj=sys.stdout.buffer, mode="w|") as tar:
         for folder in folders:
             if os.path.isdir(folder):
                 tar.add(folder)
-    sys.stdout.write(base64.b64encode(buffer.getvalue()).decode())
+        manifest = {path: [os.path.getsize(path), sha256_of(path)] for path in _files(folders)}
+        manifest = json.dumps(manifest).encode()
+        entry = tarfile.TarInfo(MANIFEST)
+        entry.size = len(manifest)
+        tar.addfile(entry, io.BytesIO(manifest))
+    sys.stdout.flush()
+
+
+def _files(folders: list[str]) -> list[str]:
+    found = []
+    for folder in folders:
+        for parent, _, names in os.walk(folder):
+            paths = (os.path.join(parent, name) for name in names)
+            found.extend(path for path in paths if os.path.isfile(path) and not os.path.islink(path))
+    return found
+
+
+def sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        while block := source.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def main() -> None:

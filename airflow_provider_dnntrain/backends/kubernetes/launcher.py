@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import threading
 import time
 import uuid
@@ -41,9 +42,7 @@ from airflow_provider_dnntrain.backends.kubernetes.kubeflow import (
     check_kubeflow,
     kubeflow_kind,
 )
-from airflow_provider_dnntrain.backends.kubernetes.manifests import (
-    job_name,
-)
+from airflow_provider_dnntrain.backends.kubernetes.manifests import RunSettings, job_name
 from airflow_provider_dnntrain.backends.kubernetes.options import GangScheduler, PodOptions
 from airflow_provider_dnntrain.backends.kubernetes.outputs import collected_outputs, save_outputs
 from airflow_provider_dnntrain.backends.kubernetes.pending import PodTimeouts
@@ -57,6 +56,7 @@ from airflow_provider_dnntrain.topology import JobPlan
 
 log = logging.getLogger(__name__)
 _DRAIN_SECONDS = 10.0  # for the logs of ended containers to be read to their end
+DEADLINE_MARGIN_SECONDS = 600  # the pods' deadline past the task's time limit
 
 
 class KubernetesLauncher(Launcher):
@@ -233,9 +233,19 @@ class KubernetesLauncher(Launcher):
         settings = self._settings(job, plan, self.namespace or "default", {})
         return creation.preview(job, plan, settings, check_source(job), self.kubeflow)
 
-    def _settings(self, job: TrainingJob, plan: JobPlan, namespace: str, launch_env: Mapping[str, str]):
+    def _settings(
+        self,
+        job: TrainingJob,
+        plan: JobPlan,
+        namespace: str,
+        launch_env: Mapping[str, str],
+        time_limit: float | None = None,
+    ) -> RunSettings:
         settings = self.pods.run_settings(job, plan, namespace, launch_env, self.stop_grace_seconds)
-        return dataclasses.replace(settings, orphan_timeout=self.orphan_timeout)
+        # The task ends the job at its time limit; the pods' own deadline is the backstop for when no
+        # task is left, with time after it to stop gracefully and copy the outputs.
+        deadline = math.ceil(time_limit + DEADLINE_MARGIN_SECONDS) if time_limit else None
+        return dataclasses.replace(settings, orphan_timeout=self.orphan_timeout, active_deadline=deadline)
 
     # -- submit ---------------------------------------------------------------------------------
 
@@ -246,6 +256,7 @@ class KubernetesLauncher(Launcher):
         extra_env: Mapping[str, str],
         *,
         pending_env: Collection[str] = (),
+        time_limit: float | None = None,
     ) -> KubernetesJobHandle:
         source = check_source(job)
         run_dir = self.fresh_run_dir(plan.run_id)
@@ -272,7 +283,7 @@ class KubernetesLauncher(Launcher):
             handle.relay, run.relay_uri = self._serve_tracking(tracking_uri, run_dir, run.run_id)
             run.launch_env["MLFLOW_TRACKING_URI"], run.relay_port = run.relay_uri, handle.relay.target[1]
         try:
-            handle.settings = self._settings(job, plan, run.namespace, run.launch_env)
+            handle.settings = self._settings(job, plan, run.namespace, run.launch_env, time_limit)
             creation.create_run(self.cluster, handle, job, source, secrets, self.startup_timeout_seconds)
         except BaseException:
             self.stop(handle, grace_seconds=0)

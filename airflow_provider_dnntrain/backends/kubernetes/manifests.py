@@ -90,6 +90,7 @@ class RunSettings:
     input_volumes: list[dict] = field(default_factory=list)  # inputs.input_volumes
     input_mounts: list[dict] = field(default_factory=list)  # in every container running the bootstrap
     orphan_timeout: float | None = None  # pods end themselves once nobody renewed the lease this long
+    active_deadline: int | None = None  # seconds: kubelet ends the pods once they have run this long
 
 
 def render_run(
@@ -231,6 +232,7 @@ def pod_spec(
     spec: dict[str, Any] = {
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": settings.grace_seconds,
+        **({"activeDeadlineSeconds": settings.active_deadline} if settings.active_deadline else {}),
         "containers": containers,
         "volumes": [
             {"name": "bundle", "configMap": {"name": job}},
@@ -305,7 +307,9 @@ def _outputs_container(settings: RunSettings, main: dict) -> dict:
         "image": main["image"],
         "command": literal([settings.python, BOOTSTRAP, "hold", *lease_arguments(settings)]),
         "workingDir": WORKDIR,
-        "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
+        # It sleeps, then streams the outputs a block at a time (bootstrap.py ``pack``): an interpreter's
+        # memory, whatever the outputs weigh. A limit of its own, so a LimitRange's default is not it.
+        "resources": {"requests": {"cpu": "10m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}},
         "volumeMounts": [
             {"name": "bundle", "mountPath": BUNDLE_MOUNT, "readOnly": True},
             {"name": "workdir", "mountPath": WORKDIR},

@@ -126,6 +126,8 @@ def _pod_failure(
     if pod is None or pod.metadata.deletion_timestamp is not None:
         return _failed(replica, name, "was deleted while the job ran")
     status = pod.status
+    if (killed := _out_of_memory(pod, run.container)) is not None:
+        return _failed(replica, name, killed, 137)
     if status is not None and status.phase == "Failed" and status.reason:  # evicted, preempted, node lost
         return _failed(replica, name, f"was stopped by Kubernetes: {status.reason}: {status.message or ''}")
     if status is not None and status.phase == "Failed" and _main_exit_code(pod, run.container) is None:
@@ -134,6 +136,17 @@ def _pod_failure(
         scaling_up = name in watch.scaling_up
         failure = pending_failure(pod, name, watch.created_at, watch.waits, timeouts, scaling_up)
         return None if failure is None else _failed(replica, name, failure)
+    return None
+
+
+def _out_of_memory(pod, container: str) -> str | None:
+    """How the pod's main container went past its memory limit, if it was killed for that."""
+    for status in (pod.status.container_statuses or []) if pod.status else []:
+        ended = status.state.terminated if status.name == container and status.state else None
+        if ended is not None and ended.reason == "OOMKilled":
+            spec = next((c for c in pod.spec.containers if c.name == container), None)
+            limit = ((spec.resources.limits or {}) if spec and spec.resources else {}).get("memory", "?")
+            return f"was OOMKilled: it went past its memory limit of {limit} (exit code {ended.exit_code})"
     return None
 
 

@@ -112,6 +112,7 @@ class LocalLauncher(Launcher):
         extra_env: Mapping[str, str],
         *,
         pending_env: Collection[str] = (),
+        time_limit: float | None = None,
     ) -> LocalJobHandle:
         source = check_source(job)
         if job.resources.use_gpu:  # every replica is on this host

@@ -142,6 +142,7 @@ class SSHLauncher(Launcher):
         extra_env: Mapping[str, str],
         *,
         pending_env: Collection[str] = (),
+        time_limit: float | None = None,
     ) -> SSHJobHandle:
         source = check_source(job)
         tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")

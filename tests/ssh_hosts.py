@@ -166,7 +166,10 @@ class SSHHosts:
                 ]
             )
         )
-        with open(home / "sshd.log", "w") as log:
+        self._launch_sshd(host, config)
+
+    def _launch_sshd(self, host: SSHHost, config: Path) -> None:
+        with open(self.root / host.name / "sshd.log", "a") as log:
             host.sshd = subprocess.Popen(
                 ["ip", "netns", "exec", host.namespace, "unshare", "--uts", "sh", "-c",
                  f'hostname "$1" && exec {SSHD} -D -e -f "$2"', "sh", host.name, str(config)],
@@ -205,6 +208,26 @@ class SSHHosts:
         from this machine stall (so does the launcher)."""
         _ip("-n", host.namespace, "link", "set", "eth0", "down")
         self._forwarders[self.hosts.index(host)].cut.set()
+
+    def reconnect(self, host: SSHHost) -> None:
+        """The host is back after :meth:`cut_off`, as after a link flap: what was sent meanwhile arrives
+        now (TCP retransmits it), and connections made meanwhile go through."""
+        _ip("-n", host.namespace, "link", "set", "eth0", "up")
+        self._forwarders[self.hosts.index(host)].cut.clear()
+
+    def restart_sshd(self, host: SSHHost, down_for: float) -> list[int]:
+        """The host's sshd and every session it serves killed (as a restart by a package upgrade does,
+        at its worst), and a new sshd started ``down_for`` seconds later; the processes its sessions
+        started live on. The pids killed."""
+        killed = host.sshd_pids()
+        for pid in killed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        host.sshd.wait(timeout=10)
+        time.sleep(down_for)
+        self._launch_sshd(host, self.root / host.name / "sshd_config")
+        _wait_for_banner(host.port)
+        return killed
 
     # -- stop --------------------------------------------------------------------------------------
 
@@ -281,9 +304,10 @@ def _wait_for_banner(port: int, timeout: float = 15) -> None:
 
 class _Forwarder:
     """127.0.0.1:port here → address:port inside ``namespace``: each connection is opened by a thread
-    that joined the namespace (``setns`` applies to the calling thread only). Once ``cut``, it drops
-    every byte in both directions and connects nothing new, as a network that lost the host does:
-    connections stall rather than fail."""
+    that joined the namespace (``setns`` applies to the calling thread only). Once ``cut``, it holds
+    every byte in both directions and connects nothing, as a network that lost the host does: connections
+    stall rather than fail. Once no longer cut, the held bytes flow and the held connections are made,
+    as TCP's retransmissions make a short outage."""
 
     def __init__(self, namespace: str, address: str, port: int) -> None:
         self.namespace, self.target = namespace, (address, port)
@@ -301,10 +325,10 @@ class _Forwarder:
             except OSError:
                 return
             self.connections.append(client)
-            if not self.cut.is_set():
-                threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
+        _wait_while(self.cut)
         with open(f"/run/netns/{self.namespace}") as namespace:
             if ctypes.CDLL(None, use_errno=True).setns(namespace.fileno(), CLONE_NEWNET) != 0:
                 client.close()
@@ -325,16 +349,22 @@ class _Forwarder:
         for connection in self.connections:
             with contextlib.suppress(OSError):
                 connection.close()
+        self.cut.clear()  # what it held ends on the closed connections
 
 
 def _pump(source: socket.socket, sink: socket.socket, cut: threading.Event) -> None:
     try:
         while data := source.recv(65536):
-            if not cut.is_set():
-                sink.sendall(data)
+            _wait_while(cut)
+            sink.sendall(data)
     except OSError:
         pass
     finally:
-        if not cut.is_set():
-            with contextlib.suppress(OSError):
-                sink.shutdown(socket.SHUT_WR)
+        _wait_while(cut)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+def _wait_while(cut: threading.Event) -> None:
+    while cut.is_set():
+        time.sleep(0.1)

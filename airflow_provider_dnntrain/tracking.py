@@ -158,8 +158,13 @@ def replica_env(target: TrackingTarget) -> dict[str, str]:
     (global rank 0, or the chief) logs to the run and every other one to a child run of its own.
     Credentials are not here: they travel as the job's secrets. Metrics are logged asynchronously, in
     batches (MLflow's own queue, flushed when the process exits): a script that logs every batch does
-    not wait for a round trip to a remote store each time."""
-    return {"MLFLOW_TRACKING_URI": target.uri, "MLFLOW_ENABLE_ASYNC_LOGGING": "true"}
+    not wait for a round trip to a remote store each time. The queue sends what a second brought in
+    one request, not a request per metric."""
+    return {
+        "MLFLOW_TRACKING_URI": target.uri,
+        "MLFLOW_ENABLE_ASYNC_LOGGING": "true",
+        "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "1",
+    }
 
 
 def start_run(

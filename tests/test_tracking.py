@@ -38,6 +38,7 @@ def test_start_run_is_idempotent_per_run_id(store):
     assert tracking.replica_env(first.target) == {
         "MLFLOW_TRACKING_URI": store,
         "MLFLOW_ENABLE_ASYNC_LOGGING": "true",
+        "MLFLOW_ASYNC_LOGGING_BUFFERING_SECONDS": "1",
     }
     assert first.run_env() == {
         "MLFLOW_RUN_ID": first.mlflow_run_id,

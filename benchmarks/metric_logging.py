@@ -70,6 +70,7 @@ def run_direct(source: Path, store: str, batches: int, batch_ms: int) -> tuple[f
 
     run = tracking.start_run(store, "bench-direct", "direct", {})
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "MLFLOW_RUN_ID": run.mlflow_run_id}
+    env["DNNTRAIN_OUTPUT_DIR"] = str(HOME / "direct-outputs")  # not beside the script, in the repository
     argv = [sys.executable, "log_every_batch.py", str(batches), str(batch_ms)]
     done = subprocess.run(argv, cwd=source, env=env, capture_output=True, text=True, check=True)
     return loop_seconds(done.stdout)

@@ -77,6 +77,7 @@ class PodRuntime:
         self.hostname = ""
         self.task: asyncio.Task | None = None
         self.volume_sync: asyncio.Task | None = None
+        self.deadline: asyncio.Task | None = None  # ends the pod at its activeDeadlineSeconds
         self.terminating = False
         self.evicted = False
 
@@ -164,7 +165,7 @@ class Cluster(PodNetwork, TrainingOperator):
         runtime.volume_sync = asyncio.create_task(keep_config_maps_current(self, runtime, pod))
         if (deadline := pod["spec"].get("activeDeadlineSeconds")) is not None:
             left = deadline - (time.monotonic() - scheduled_at)
-            asyncio.create_task(self.end_at_deadline(key, runtime, left))
+            runtime.deadline = asyncio.create_task(self.end_at_deadline(key, runtime, left))
         running = {"running": {"startedAt": started}}
         self.set_status(
             key,
@@ -481,7 +482,7 @@ class Cluster(PodNetwork, TrainingOperator):
         self.store.remove(key)
         for container, cgroup in (runtime.cgroups if runtime is not None else {}).items():
             self.memory_peaks[f"{key[1]}/{key[3]}/{container}"] = self.memory.peak(cgroup)
-            self.memory.remove(cgroup)
+            await asyncio.to_thread(self.memory.remove, cgroup)  # once the kernel has let it go
         if runtime is not None and runtime.netns:
             await self.ip("netns", "del", runtime.netns, check=False)
             with contextlib.suppress(OSError):

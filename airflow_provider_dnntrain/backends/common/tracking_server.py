@@ -36,8 +36,8 @@ _LOOPBACK = ("127.0.0.1", "localhost", "::1")
 _SERVER_START_SECONDS = 60
 STORE_USER = "admin"  # MLflow basic-auth's admin: the one user of a run's served store
 # MLflow's basic-auth settings, but for the credential cache: without it every request pays a password
-# hash meant to be slow (170 ms of CPU here), and a script logging every batch trains 7x slower. The
-# one user's password never changes, so a cached check is never stale.
+# hash meant to be slow (170 ms of CPU here; a script logging every batch synchronously ran 6x slower).
+# The one user's password never changes, so a cached check is never stale.
 _AUTH_CONFIG = """[mlflow]
 default_permission = READ
 database_uri = sqlite:///basic_auth.db

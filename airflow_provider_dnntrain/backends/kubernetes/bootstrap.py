@@ -316,8 +316,8 @@ def pack(folders: list[str]) -> None:
         for folder in folders:
             if os.path.isdir(folder):
                 tar.add(folder)
-        manifest = {path: [os.path.getsize(path), sha256_of(path)] for path in _files(folders)}
-        manifest = json.dumps(manifest).encode()
+        files = {path: [os.path.getsize(path), sha256_of(path)] for path in _files(folders)}
+        manifest = json.dumps(files).encode()
         entry = tarfile.TarInfo(MANIFEST)
         entry.size = len(manifest)
         tar.addfile(entry, io.BytesIO(manifest))

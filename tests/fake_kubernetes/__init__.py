@@ -320,3 +320,18 @@ def fake_launcher(cluster: FakeCluster, monkeypatch, work_root, **options):
 def assert_nothing_left(cluster: FakeCluster) -> None:
     left = cluster.left_behind()
     assert not left, f"left behind: {left}"
+
+
+def ranks_job(*arguments: str, nodes: int = 1):
+    """tests/scripts/ranks.py as a job: alone, or on ``nodes`` torchrun nodes."""
+    from airflow_provider_dnntrain.spec import SingleNode, TorchDistributed, TrainingJob
+
+    distribution = TorchDistributed(node_count=nodes, process_count_per_node=1) if nodes > 1 else SingleNode()
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    return TrainingJob(
+        framework="pytorch",
+        source_directory=str(scripts),
+        entry_script="ranks.py",
+        arguments=list(arguments),
+        distribution=distribution,
+    )

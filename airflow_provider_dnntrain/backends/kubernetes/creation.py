@@ -6,11 +6,11 @@ a pod's environment cannot change once it runs."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import dataclasses
+import functools
 import json
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 from airflow_provider_dnntrain import inputs
@@ -36,22 +36,26 @@ class CreationRefused(RuntimeError):
     """The API refused an object of the run: a LimitRange, a quota, an admission webhook, a Role."""
 
 
-@contextlib.contextmanager
-def _refusals_named(run_id: str) -> Iterator[None]:
-    """An API refusal (4xx) as :class:`CreationRefused`, saying what the cluster said and no more."""
-    try:
-        yield
-    except Exception as error:
-        status = getattr(error, "status", None)
-        if not (isinstance(status, int) and 400 <= status < 500 and hasattr(error, "reason")):
-            raise
+def _refusals_named(create):
+    """``create(cluster, handle, ...)`` with an API refusal (4xx) raised as :class:`CreationRefused`,
+    saying what the cluster said and no more."""
+
+    @functools.wraps(create)
+    def creating(cluster: Cluster, handle: KubernetesJobHandle, *args) -> None:
         try:
-            said = json.loads(getattr(error, "body", None) or "{}").get("message", "")
-        except ValueError:
-            said = ""
-        raise CreationRefused(
-            f"run {run_id}: the cluster refused it: {status} {error.reason}: {said}"
-        ) from error
+            create(cluster, handle, *args)
+        except Exception as error:
+            status = getattr(error, "status", None)
+            if not (isinstance(status, int) and 400 <= status < 500 and hasattr(error, "reason")):
+                raise
+            try:
+                said = json.loads(getattr(error, "body", None) or "{}").get("message", "")
+            except ValueError:
+                said = ""
+            refusal = f"run {handle.run.run_id}: the cluster refused it: {status} {error.reason}: {said}"
+            raise CreationRefused(refusal) from error
+
+    return creating
 
 
 def kubeflow_workload(plan: JobPlan, settings: RunSettings, owner_reference: dict) -> dict:
@@ -61,6 +65,7 @@ def kubeflow_workload(plan: JobPlan, settings: RunSettings, owner_reference: dic
     )
 
 
+@_refusals_named
 def create_run(
     cluster: Cluster,
     handle: KubernetesJobHandle,
@@ -70,18 +75,6 @@ def create_run(
     startup_timeout: float,
 ) -> None:
     """Every object of the run but the pods, then the pods too unless values are still pending."""
-    with _refusals_named(handle.run.run_id):
-        _create_run(cluster, handle, job, source, secrets, startup_timeout)
-
-
-def _create_run(
-    cluster: Cluster,
-    handle: KubernetesJobHandle,
-    job: TrainingJob,
-    source: Path,
-    secrets: Mapping[str, str],
-    startup_timeout: float,
-) -> None:
     run, plan, settings = handle.run, handle.plan, handle.settings
     data = secret_data(secrets, ssh_files(run.job) if ssh_nodes(plan) else {})
     if inputs.downloads(job):  # signed URLs and connection headers: credentials, so in the Secret
@@ -95,16 +88,11 @@ def _create_run(
     else:
         handle.pod_manifests = objects.pods
     if not run.awaiting:
-        _create_pods(cluster, handle)
+        create_pods(cluster, handle)
 
 
+@_refusals_named
 def create_pods(cluster: Cluster, handle: KubernetesJobHandle) -> None:
-    """The pods, once the values they were waiting for are known."""
-    with _refusals_named(handle.run.run_id):
-        _create_pods(cluster, handle)
-
-
-def _create_pods(cluster: Cluster, handle: KubernetesJobHandle) -> None:
     """The pods (or the Kubeflow job that makes them), with every value they start with: the variables
     submit was told are pending are part of their environment."""
     run = handle.run

@@ -30,12 +30,11 @@ from airflow_provider_dnntrain.backends.kubernetes.manifests import (
     lease_arguments,
     literal,
     main_container,
-    merge_pod_template,
     options_for,
     outputs_host,
     pod_spec,
 )
-from airflow_provider_dnntrain.backends.kubernetes.options import PodOptions
+from airflow_provider_dnntrain.backends.kubernetes.options import PodOptions, merge_pod_template
 from airflow_provider_dnntrain.spec import TrainingJob
 from airflow_provider_dnntrain.topology import Endpoint, JobPlan, Replica
 

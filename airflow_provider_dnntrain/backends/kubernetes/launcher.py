@@ -11,9 +11,7 @@ into a sidecar that keeps its working directory, as KubernetesPodOperator's XCom
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import threading
 import time
 import uuid
@@ -56,7 +54,6 @@ from airflow_provider_dnntrain.topology import JobPlan
 
 log = logging.getLogger(__name__)
 _DRAIN_SECONDS = 10.0  # for the logs of ended containers to be read to their end
-DEADLINE_MARGIN_SECONDS = 600  # the pods' deadline past the task's time limit
 
 
 class KubernetesLauncher(Launcher):
@@ -241,11 +238,8 @@ class KubernetesLauncher(Launcher):
         launch_env: Mapping[str, str],
         time_limit: float | None = None,
     ) -> RunSettings:
-        settings = self.pods.run_settings(job, plan, namespace, launch_env, self.stop_grace_seconds)
-        # The task ends the job at its time limit; the pods' own deadline is the backstop for when no
-        # task is left, with time after it to stop gracefully and copy the outputs.
-        deadline = math.ceil(time_limit + DEADLINE_MARGIN_SECONDS) if time_limit else None
-        return dataclasses.replace(settings, orphan_timeout=self.orphan_timeout, active_deadline=deadline)
+        grace, orphan_timeout = self.stop_grace_seconds, self.orphan_timeout
+        return self.pods.run_settings(job, plan, namespace, launch_env, grace, orphan_timeout, time_limit)
 
     # -- submit ---------------------------------------------------------------------------------
 

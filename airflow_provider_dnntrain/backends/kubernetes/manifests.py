@@ -18,7 +18,7 @@ from typing import Any
 
 from airflow_provider_dnntrain.backends.common.replica import LAUNCH_ID_VAR
 from airflow_provider_dnntrain.backends.kubernetes.gang import Gang, join_gang, pod_group
-from airflow_provider_dnntrain.backends.kubernetes.options import PodOptions
+from airflow_provider_dnntrain.backends.kubernetes.options import PodOptions, merge_pod_template
 from airflow_provider_dnntrain.topology import JobPlan, Replica
 from airflow_provider_dnntrain.topology.gpus import GPUS_VAR
 
@@ -388,16 +388,3 @@ def _resources(plan: JobPlan, settings: RunSettings, options: PodOptions, replic
     requests.update(given.get("requests") or {})
     limits.update(given.get("limits") or {})
     return {k: v for k, v in {"requests": requests, "limits": limits}.items() if v}
-
-
-def merge_pod_template(template: dict, pod: dict) -> dict:
-    """The run's pod over a user's template (``pod_template_file`` / ``full_pod_spec``), merged by the
-    cncf-kubernetes provider's own rules: the run's fields win, lists such as volumes are extended,
-    containers are matched by position (the template's first is ``base``)."""
-    from airflow.providers.cncf.kubernetes.pod_generator import PodGenerator
-    from kubernetes.client import ApiClient
-
-    merged = PodGenerator.reconcile_pods(
-        PodGenerator.deserialize_model_dict(template), PodGenerator.deserialize_model_dict(pod)
-    )
-    return ApiClient().sanitize_for_serialization(merged)

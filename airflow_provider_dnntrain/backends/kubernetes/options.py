@@ -78,3 +78,16 @@ class PodOptions(BaseModel):
     def over(self, base: PodOptions) -> PodOptions:
         """These options where they are set, ``base``'s elsewhere."""
         return base.model_copy(update={name: getattr(self, name) for name in self.model_fields_set})
+
+
+def merge_pod_template(template: dict, pod: dict) -> dict:
+    """The run's pod over a user's template (``pod_template_file`` / ``full_pod_spec``), merged by the
+    cncf-kubernetes provider's own rules: the run's fields win, lists such as volumes are extended,
+    containers are matched by position (the template's first is ``base``)."""
+    from airflow.providers.cncf.kubernetes.pod_generator import PodGenerator
+    from kubernetes.client import ApiClient
+
+    merged = PodGenerator.reconcile_pods(
+        PodGenerator.deserialize_model_dict(template), PodGenerator.deserialize_model_dict(pod)
+    )
+    return ApiClient().sanitize_for_serialization(merged)

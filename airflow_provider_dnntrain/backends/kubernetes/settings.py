@@ -4,6 +4,7 @@ pods are rendered with."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,8 @@ from airflow_provider_dnntrain.backends.kubernetes.manifests import Gang, RunSet
 from airflow_provider_dnntrain.backends.kubernetes.options import GangScheduler, PodOptions, to_api_json
 from airflow_provider_dnntrain.spec import TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan
+
+DEADLINE_MARGIN_SECONDS = 600  # the pods' deadline past the task's time limit
 
 
 @dataclass(frozen=True)
@@ -53,9 +56,18 @@ class PodDefaults:
         return job.environment.python or self.python
 
     def run_settings(
-        self, job: TrainingJob, plan: JobPlan, namespace: str, launch_env: Mapping[str, str], grace: float
+        self,
+        job: TrainingJob,
+        plan: JobPlan,
+        namespace: str,
+        launch_env: Mapping[str, str],
+        grace: float,
+        orphan_timeout: float | None = None,
+        time_limit: float | None = None,
     ) -> RunSettings:
-        """What the run's pods are rendered with (``grace``: their termination grace period)."""
+        """What the run's pods are rendered with (``grace``: their termination grace period). The task
+        ends the job at its ``time_limit``; the pods' own deadline is the backstop for when no task is
+        left, with time after it to stop gracefully and copy the outputs."""
         volumes, mounts = input_volumes(job, job_name(plan.run_id), self.inputs_cache_claim)
         return RunSettings(
             namespace=namespace,
@@ -73,6 +85,8 @@ class PodDefaults:
             pod_template=self._pod_template(),
             input_volumes=volumes,
             input_mounts=mounts,
+            orphan_timeout=orphan_timeout,
+            active_deadline=math.ceil(time_limit + DEADLINE_MARGIN_SECONDS) if time_limit else None,
         )
 
     def _pod_template(self) -> dict | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from fake_kubernetes import assert_nothing_left, fake_launcher, wait_in_background
+from fake_kubernetes import ranks_job as two_ranks_job
 from fake_kubernetes import run_job as run
 from long_lines import assert_lines_whole_bounded_and_throttled, long_lines_job
 
@@ -23,7 +24,7 @@ from airflow_provider_dnntrain import cli
 from airflow_provider_dnntrain.backends.base import JobFailed
 from airflow_provider_dnntrain.backends.kubernetes.api import ApiUnavailable
 from airflow_provider_dnntrain.backends.kubernetes.outputs import OutputsLost
-from airflow_provider_dnntrain.spec import TorchDistributed, TrainingJob
+from airflow_provider_dnntrain.spec import TrainingJob
 
 REPO = Path(__file__).resolve().parents[3]
 TEST_SCRIPTS = REPO / "tests" / "scripts"
@@ -35,13 +36,7 @@ def launcher(cluster, monkeypatch, tmp_path):
 
 
 def ranks_job(*arguments: str) -> TrainingJob:
-    return TrainingJob(
-        framework="pytorch",
-        source_directory=str(TEST_SCRIPTS),
-        entry_script="ranks.py",
-        arguments=list(arguments),
-        distribution=TorchDistributed(node_count=2, process_count_per_node=1),
-    )
+    return two_ranks_job(*arguments, nodes=2)
 
 
 def documented_role() -> list[dict]:

@@ -7,33 +7,21 @@ from __future__ import annotations
 import hashlib
 import json
 import tracemalloc
-from pathlib import Path
 
 import pytest
-from fake_kubernetes import assert_nothing_left, fake_launcher
+from fake_kubernetes import assert_nothing_left, fake_launcher, ranks_job
 from fake_kubernetes import run_job as run
 
 from airflow_provider_dnntrain.backends.base import JobFailed, wait_for_job
-from airflow_provider_dnntrain.backends.kubernetes import launcher as kubernetes_launcher
+from airflow_provider_dnntrain.backends.kubernetes import settings as kubernetes_settings
 from airflow_provider_dnntrain.backends.kubernetes.creation import CreationRefused
-from airflow_provider_dnntrain.spec import TrainingJob
 
 MiB = 1 << 20
-TEST_SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 @pytest.fixture
 def launcher(cluster, monkeypatch, tmp_path):
     return fake_launcher(cluster, monkeypatch, tmp_path)
-
-
-def ranks_job(*arguments: str) -> TrainingJob:
-    return TrainingJob(
-        framework="pytorch",
-        source_directory=str(TEST_SCRIPTS),
-        entry_script="ranks.py",
-        arguments=list(arguments),
-    )
 
 
 def test_200_mb_of_outputs_come_whole_through_a_limited_sidecar_under_a_limit_range(cluster, launcher):
@@ -91,7 +79,7 @@ def test_a_pod_past_the_limit_range_is_refused_naming_the_limit(cluster, launche
 
 
 def test_pods_end_at_their_deadline_when_no_task_ends_them(cluster, launcher, monkeypatch):
-    monkeypatch.setattr(kubernetes_launcher, "DEADLINE_MARGIN_SECONDS", 0)
+    monkeypatch.setattr(kubernetes_settings, "DEADLINE_MARGIN_SECONDS", 0)
     job = ranks_job("--sleep", "120")
     handle = launcher.submit(job, launcher.plan(job, "deadline"), extra_env={}, time_limit=4)
     pod = cluster.objects("pods")[0]

@@ -86,11 +86,8 @@ def _store_path(uri: str) -> Path:
 
 def _absolute(uri: str) -> str:
     """The URI with its path made absolute (the server runs in a folder of its own)."""
-    scheme = urlsplit(uri).scheme
-    path = _store_path(uri)
-    return (
-        f"sqlite:///{path}" if scheme == "sqlite" else (f"file://{path}" if scheme == "file" else str(path))
-    )
+    prefix = {"sqlite": "sqlite:///", "file": "file://"}.get(urlsplit(uri).scheme, "")
+    return f"{prefix}{_store_path(uri)}"
 
 
 def _store_key(uri: str) -> bytes:

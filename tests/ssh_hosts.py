@@ -329,10 +329,14 @@ class _Forwarder:
 
     def _serve(self, client: socket.socket) -> None:
         _wait_while(self.cut)
-        with open(f"/run/netns/{self.namespace}") as namespace:
-            if ctypes.CDLL(None, use_errno=True).setns(namespace.fileno(), CLONE_NEWNET) != 0:
-                client.close()
-                return
+        try:
+            with open(f"/run/netns/{self.namespace}") as namespace:  # gone once the hosts are stopped
+                if ctypes.CDLL(None, use_errno=True).setns(namespace.fileno(), CLONE_NEWNET) != 0:
+                    client.close()
+                    return
+        except OSError:
+            client.close()
+            return
         try:
             upstream = socket.create_connection(self.target, timeout=10)
         except OSError:

@@ -251,7 +251,9 @@ def test_horovod_trains_as_an_mpijob_its_ranks_started_through_kubectl_exec(clus
         assert f"rank={rank} size=2" in mine and "allreduce_sum=3.0" in mine
         assert f"host={pod}" in mine
     # the operator's rsh agent: one exec per worker for its Open MPI daemon, one more for the outputs
-    assert any("kubectl exec kf-hvd-worker-1 --container base" in line.text for line in lines)
+    # (both workers' agents trace to one stream at once: their words may interleave, not break)
+    traced = " ".join(line.text for line in lines if line.replica == "launcher-0")
+    assert "kf-hvd-worker-1" in traced and "--container base" in traced and "kubectl" in traced
     assert cluster.requests()["GET pods/exec"] - execs_before == 3
     facts = json.loads((launcher.collect_outputs(handle) / "outputs" / "summary.json").read_text())
     assert facts["size"] == 2 and facts["allreduce_sum"] == 3.0

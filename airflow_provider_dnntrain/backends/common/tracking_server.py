@@ -2,7 +2,7 @@
 
 The embedded store is an SQLite file on the Airflow worker (and a tracking server may listen on the
 worker's loopback only): no remote host or pod can reach either. :class:`StoreServer` serves it over
-HTTP from this worker - an ``mlflow server`` run under the reaper, so it ends with the task whatever
+HTTP from this worker - MLflow's server run under the reaper, so it ends with the task whatever
 happens - once the tracking run exists. How replicas reach it is the backend's business (the SSH
 backend forwards a port on every host to it; pods connect to it directly). A tracking server the
 replicas reach themselves is passed on as it is.
@@ -21,6 +21,7 @@ import os
 import secrets
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -29,7 +30,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from airflow_provider_dnntrain.backends.common.ports import free_port
 from airflow_provider_dnntrain.backends.common.replica import REAPER
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -90,6 +90,20 @@ def _absolute(uri: str) -> str:
     return f"{prefix}{_store_path(uri)}"
 
 
+def _has_tables(uri: str) -> bool:
+    """Whether a store is set up: an SQLite file with MLflow's schema version, or a file store's folder."""
+    path = _store_path(uri)
+    if urlsplit(uri).scheme != "sqlite":
+        return path.is_dir()
+    if not path.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as store:
+            return store.execute("SELECT version_num FROM alembic_version").fetchone() is not None
+    except sqlite3.Error:
+        return False
+
+
 def _store_key(uri: str) -> bytes:
     path = _store_path(uri)
     folder = path.parent if urlsplit(uri).scheme == "sqlite" or path.suffix else path
@@ -114,7 +128,7 @@ def refuse_deferral_through_worker(extra_env: Mapping[str, str], replicas: str) 
 
 
 class StoreServer:
-    """``uri``'s store served at ``target``: an ``mlflow server`` this process starts for a store
+    """``uri``'s store served at ``target``: an MLflow server this process starts for a store
     (``listen``: its address; port 0 for a free one), or the server a loopback ``http`` URI names."""
 
     def __init__(
@@ -129,28 +143,42 @@ class StoreServer:
         self._store_ready = threading.Event()
         parts = urlsplit(uri)
         self.serves_store = parts.scheme != "http"
+        self._listener: socket.socket | None = None
         if self.serves_store:
-            host, port = listen
-            self.target = (host, port or free_port(host, taken=set()))
+            # Listening from now on: a replica that connects before the server is up waits in the
+            # backlog rather than being refused (and backing off for seconds, as MLflow's client does).
+            family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
+            self._listener = socket.create_server(listen, family=family, backlog=128)
+            self.target = (listen[0], self._listener.getsockname()[1])
         else:
             self.target = (parts.hostname or "127.0.0.1", parts.port or 80)
 
-    def start(self) -> None:
-        """``mlflow server`` on the store, under the reaper (it ends when this task process ends). Only
-        once the tracking run exists (the store is set up): both would create a fresh store's tables at
-        once. Connections that come earlier wait for it."""
+    def start(self, *, run_exists: bool = True) -> None:
+        """The store's server (:mod:`.store_process`), under the reaper (it ends when this task process
+        ends). Before the tracking run exists (``run_exists=False``: as the job is submitted, so the
+        server boots while the replicas start) only for a store that has its tables: on a fresh store
+        the server and the task would create them at once. Connections that come earlier wait."""
         with self._starting:
-            if self.serves_store and self._server is None:
+            if not (run_exists or _has_tables(self.uri)):
+                return
+            # One started early may have died on a store another task was still setting up.
+            ended = self._server is not None and self._server.poll() is not None
+            if self.serves_store and (self._server is None or (ended and run_exists)):
                 self._launch()
             self._store_ready.set()
 
+    @property
+    def running(self) -> bool:
+        """Whether this process's server for the store is up (or starting)."""
+        return self._server is not None and self._server.poll() is None
+
     def _launch(self) -> None:
+        if self._watch_fd is not None:  # an earlier server's, ended
+            os.close(self._watch_fd)
         watch_read, self._watch_fd = os.pipe()
         command = [sys.executable, "-I", "-S", str(REAPER), "--grace", "5", "--watch-fd", str(watch_read)]
-        command += ["--"]
-        command += [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", _absolute(self.uri)]
-        command += ["--host", self.target[0], "--port", str(self.target[1]), "--workers", "1"]
-        command += ["--app-name", "basic-auth"]
+        command += ["--", sys.executable, "-m", "airflow_provider_dnntrain.backends.common.store_process"]
+        command += [_absolute(self.uri), str(self._listener.fileno())]
         # The auth app keeps its one user in a database of its own, made afresh for each server.
         auth = self.log_file.with_suffix(".auth")
         shutil.rmtree(auth, ignore_errors=True)
@@ -159,9 +187,6 @@ class StoreServer:
         env = {
             **os.environ,
             "MLFLOW_AUTH_CONFIG_PATH": str(auth / "auth.ini"),
-            # No job runner (four more processes, polling): the store serves a run's metrics, and
-            # without it the server answers in 5 s instead of 7-9 s.
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
             "MLFLOW_AUTH_ADMIN_PASSWORD": store_credentials(self.uri, self.run_id)[
                 "MLFLOW_TRACKING_PASSWORD"
             ],
@@ -177,7 +202,7 @@ class StoreServer:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
-                    pass_fds=(watch_read,),
+                    pass_fds=(watch_read, self._listener.fileno()),
                 )
         finally:
             os.close(watch_read)
@@ -204,3 +229,5 @@ class StoreServer:
         if self._watch_fd is not None:
             os.close(self._watch_fd)
             self._watch_fd = None
+        if self._listener is not None:
+            self._listener.close()

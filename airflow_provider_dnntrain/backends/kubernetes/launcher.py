@@ -77,7 +77,7 @@ class KubernetesLauncher(Launcher):
     run too.
 
     Tracking from pods: a tracking server the pods reach is passed on as it is; the embedded store
-    is served to them by an ``mlflow server`` this task runs, listening on ``tracking_bind``, at
+    is served to them by an MLflow server this task runs, listening on ``tracking_bind``, at
     ``tracking_address`` (``host:port`` where pods reach this worker; default: the connection's extra
     ``tracking_address``, else this worker's address towards the API server, on a free port).
 
@@ -285,7 +285,7 @@ class KubernetesLauncher(Launcher):
         return handle
 
     def _serve_tracking(self, tracking_uri: str, run_dir: Path, run_id: str) -> tuple[StoreServer, str]:
-        """The embedded store, served to the pods by an ``mlflow server`` on this worker."""
+        """The embedded store, served to the pods by an MLflow server on this worker."""
         extra = self.hook.conn_extras.get("tracking_address") if self.kubernetes_conn_id else None
         address = self.tracking_address or extra
         api_server = "" if address else self.hook.api_client.configuration.host

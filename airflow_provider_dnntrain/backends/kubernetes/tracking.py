@@ -1,5 +1,5 @@
 """The embedded tracking store, served to a run's pods: pods cannot reach the worker's SQLite file nor
-its loopback, so an ``mlflow server`` this task runs serves the store on an address of the worker the
+its loopback, so an MLflow server this task runs serves the store on an address of the worker the
 pods reach (given, or this worker's address on the route to the API server)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from airflow_provider_dnntrain.backends.common.tracking_server import StoreServe
 def serve_store(
     tracking_uri: str, run_dir: Path, run_id: str, address: str | None, bind: str, api_server: str
 ):
-    """The server for the pods (started once the tracking run exists) and the URI they use.
+    """The server for the pods and the URI they use.
     ``address``: ``host:port`` where pods reach this worker (port 0: a free one); ``api_server``: the
     cluster's API server URL, whose route gives this worker's address when none is given."""
     log_file = run_dir.with_suffix(".tracking-server.log")
@@ -25,6 +25,7 @@ def serve_store(
         )
     host, _, port = (address or f"{address_towards(api_server)}:0").rpartition(":")
     server = StoreServer(tracking_uri, log_file, run_id, listen=(bind, int(port)))
+    server.start(run_exists=False)  # boots while the pods start, if the store is set up
     return server, f"http://{host}:{server.target[1]}"
 
 
@@ -34,7 +35,9 @@ def serve_store_again(tracking_uri: str | None, run, bind: str) -> StoreServer |
     if not (run.relay_port and tracking_uri and needs_relay(tracking_uri)):
         return None
     log_file = run.run_dir.with_suffix(".tracking-server.log")
-    return StoreServer(tracking_uri, log_file, run.run_id, (bind, run.relay_port))
+    server = StoreServer(tracking_uri, log_file, run.run_id, (bind, run.relay_port))
+    server.start(run_exists=False)
+    return server
 
 
 def address_towards(api_server: str) -> str:

@@ -25,6 +25,7 @@ class TrackingRelay:
 
     def __init__(self, uri: str, log_file: Path, run_id: str) -> None:
         self.server = StoreServer(uri, log_file, run_id)
+        self.server.start(run_exists=False)  # boots while the source ships, if the store is set up
         self._hosts: list[RemoteHost] = []
         self.remote_port: int | None = None
 

@@ -1,5 +1,5 @@
 """The embedded store served to remote replicas (backends/common/tracking_server.py): a real
-``mlflow server`` that refuses anyone without the run's credential."""
+MLflow server that refuses anyone without the run's credential."""
 
 from __future__ import annotations
 
@@ -47,3 +47,30 @@ def test_the_served_store_refuses_whoever_lacks_the_runs_credential(tmp_path):
         assert store_credentials("http://mlflow.example:5000", "run-a") == {}  # a server is its own
     finally:
         server.close()
+
+
+def test_the_store_is_served_before_its_run_exists_once_it_has_tables(tmp_path):
+    """Started as the job is submitted, the server boots while the replicas start - but not on a fresh
+    store, whose tables the task is creating with the run."""
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    fresh = StoreServer(store, tmp_path / "run-a.tracking-server.log", "run-a")
+    fresh.start(run_exists=False)
+    assert not fresh.running and not (tmp_path / "mlflow.db").exists()
+    tracking.start_run(store, "exp", "run-a", {})  # the first run sets the store up
+    fresh.close()
+
+    early = StoreServer(store, tmp_path / "run-b.tracking-server.log", "run-b")
+    early.start(run_exists=False)
+    try:
+        assert early.running
+        early.connect().close()
+        base = f"http://127.0.0.1:{early.target[1]}/api/2.0/mlflow"
+        found = call(
+            f"{base}/experiments/get-by-name?experiment_name=exp", None, store_credentials(store, "run-b")
+        )
+        assert found["experiment"]["name"] == "exp"
+        early.start()  # the run exists now: the same server goes on serving
+        assert early.running
+    finally:
+        early.close()
+    assert not early.running

@@ -143,6 +143,15 @@ class Resources(_Spec):
     memory: str | None = Field(None, pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
 
 
+class ResourceConfiguration(_Spec):
+    """What a registered model needs to serve (Azure ML's name and fields): kept on the version,
+    the default resources of its deployments."""
+
+    cpu: float | None = Field(None, gt=0, description="CPU cores")
+    memory_in_gb: float | None = Field(None, gt=0)
+    gpu: int | None = Field(None, ge=0)
+
+
 class Input(_Spec):
     """Data the job reads. Its location reaches the script as ``DNNTRAIN_INPUT_<NAME>`` and, if
     ``argument`` is set, as ``<argument> <path>`` on the command line.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,9 +278,16 @@ def _quote(value: str) -> str:
 
 
 def register_model(
-    tracking_uri: str, run_id: str, model_name: str, model_path: str, tags: dict[str, str]
+    tracking_uri: str,
+    run_id: str,
+    model_name: str,
+    model_path: str,
+    tags: dict[str, str],
+    package: Callable[[MlflowClient, Any, str, str], dict[str, str]] | None = None,
 ) -> int:
-    """Register ``outputs/<model_path>`` of a finished run as a new version of ``model_name``.
+    """Register ``outputs/<model_path>`` of a finished run as a new version of ``model_name``: its files
+    as they are, or what ``package(client, run, outputs path, registered path)`` logs at
+    ``registered/<model_path>`` (returning tags for the version).
 
     Registering the same run and path again returns the existing version instead of adding one.
     """
@@ -298,15 +305,18 @@ def register_model(
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
-    source = f"{run.info.artifact_uri}/{artifact_path}"
+    registered = artifact_path if package is None else f"registered/{model_path.strip('/')}"
+    source = f"{run.info.artifact_uri}/{registered}"
     for version in mlflow.search_model_versions(f"name = '{_quote(model_name)}'"):
         if version.run_id == run.info.run_id and version.source == source:
             return int(version.version)
+    made = package(mlflow, run, artifact_path, registered) if package is not None else {}
     run_tags = run.data.tags
     tags = {
         "framework": run_tags.get("dnntrain.framework", "unknown"),
         "framework_version": run_tags.get("dnntrain.framework_version", "unknown"),
         "dnntrain.run_id": run_tags.get(RUN_ID_TAG, run_id),
+        **made,
         **tags,
     }
     version = mlflow.create_model_version(model_name, source, run_id=run.info.run_id, tags=tags)

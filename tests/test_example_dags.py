@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -45,15 +46,36 @@ def replica_log(result, replica: str) -> str:
     return (Path(result["outputs"]).parents[1] / "logs" / f"{replica}.log").read_text()
 
 
-def assert_registered(model_name: str, version: int, framework: str, expected_file: str) -> None:
+def assert_registered(
+    model_name: str, version: int, framework: str, model_format: str, accuracy=None
+) -> None:
+    """The version is a model MLflow loads (no code of ours), and it is the trained one: on the
+    examples' test split it scores the accuracy the run logged."""
+    import mlflow
+
     client = tracking.client(tracking.resolve_tracking_uri())
     model_version = client.get_model_version(model_name, str(version))
     assert model_version.tags["framework"] == framework
     assert re.match(r"^\d+\.\d+", model_version.tags["framework_version"])
     assert model_version.tags["dataset"] == "sklearn-digits"
-    assert model_version.source.endswith("/outputs/model")
-    files = [Path(f.path).name for f in client.list_artifacts(model_version.run_id, "outputs/model")]
-    assert expected_file in files
+    assert model_version.tags["model_format"] == model_format
+    assert model_version.source.endswith("/registered/model")
+    mlflow.set_tracking_uri(tracking.resolve_tracking_uri())
+    model = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
+    assert model.predict(model.input_example).shape == (5, 10)
+    assert model.metadata.signature.inputs.is_tensor_spec()
+    x_test, y_test = _digits_test_split()
+    scored = float((model.predict(x_test).argmax(1) == y_test).mean())
+    assert scored > 0.5
+    if accuracy is not None:
+        assert scored == pytest.approx(accuracy, abs=0.005)
+
+
+def _digits_test_split():
+    spec = importlib.util.spec_from_file_location("example_digits", EXAMPLE_DAGS / "scripts" / "digits.py")
+    digits = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(digits)
+    return digits.load_digits_split()[1]
 
 
 def test_example_dags_parse():
@@ -77,7 +99,7 @@ def test_tensorflow_parameter_server_trains_and_registers():
     assert "serving at" in replica_log(result, "ps-0")
     assert set(result["metrics"]) == {"loss", "accuracy"}
     assert isinstance(version, int) and version >= 1
-    assert_registered("digits-tf-parameter-server", version, "tensorflow", "weights.npz")
+    assert_registered("digits-tf-parameter-server", version, "tensorflow", "keras", facts["accuracy"])
 
 
 @pytest.mark.slow
@@ -92,24 +114,21 @@ def test_tensorflow_multi_worker_mirrored_trains_and_registers():
     ]
     assert checksums[0] == checksums[1]  # all-reduced gradients keep the replicas identical
     assert result["metrics"]["accuracy"] == pytest.approx(facts["accuracy"])
-    assert_registered("digits-tf-multi-worker", version, "tensorflow", "model.keras")
+    assert_registered("digits-tf-multi-worker", version, "tensorflow", "keras", facts["accuracy"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("dag_id", "framework", "model_file"),
-    [
-        ("dnntrain_pytorch_horovod", "pytorch", "state_dict.pt"),
-        ("dnntrain_tf_horovod", "tensorflow", "model.keras"),
-    ],
+    ("dag_id", "framework", "model_format"),
+    [("dnntrain_pytorch_horovod", "pytorch", "torchscript"), ("dnntrain_tf_horovod", "tensorflow", "keras")],
 )
-def test_horovod_examples_train_and_register(dag_id, framework, model_file):
+def test_horovod_examples_train_and_register(dag_id, framework, model_format):
     result, version = run_example(dag_id, epochs=2)
     facts = summary(result)
     assert facts["size"] == 2 and facts["allreduce_sum"] == 3.0
     assert facts["weights_checksums"][0] == pytest.approx(facts["weights_checksums"][1], abs=1e-5)
     assert set(result["metrics"]) == {"loss", "accuracy"}
-    assert_registered(EXAMPLES[dag_id], version, framework, model_file)
+    assert_registered(EXAMPLES[dag_id], version, framework, model_format, result["metrics"]["accuracy"])
 
 
 @pytest.mark.slow
@@ -156,8 +175,8 @@ def test_pytorch_ddp_through_airflow_dags_test_like_a_user(tmp_path):
     assert len(history) == 3 and history[-1].value < history[0].value
     assert run.data.tags["airflow.dag_id"] == "dnntrain_pytorch_ddp"
     assert run.data.params["world_size"] == "2"
-    assert_registered("digits-pytorch-ddp", version, "pytorch", "state_dict.pt")
-    assert_downloadable_like_the_readme_says("digits-pytorch-ddp", version, "state_dict.pt", tmp_path)
+    assert_registered("digits-pytorch-ddp", version, "pytorch", "torchscript")
+    assert_downloadable_like_the_readme_says("digits-pytorch-ddp", version, "MLmodel", tmp_path)
 
 
 def assert_downloadable_like_the_readme_says(model_name, version, expected_file, destination) -> None:

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "airflow_provider_dnntrain"
 NAME = PACKAGE.name
 BACKENDS = ("local", "ssh", "kubernetes")
 # Below the backends: they may use backends/common, never base.py or a backend.
-GROUND_FLOOR = ("spec", "topology", "run_id", "source", "inputs", "tracking", "fs", "replica_site")
+GROUND_FLOOR = ("spec", "topology", "run_id", "source", "inputs", "tracking", "fs", "replica_site", "models")
 SHIPPED = [
     "backends/common/reaper.py",
     "backends/common/host_cache.py",

@@ -57,6 +57,12 @@ def model_dir() -> Path:
     return path
 
 
+def save_input_example(rows) -> None:
+    """``outputs/model/input_example.json``: a few rows the registered model is checked and served
+    with (RegisterModelOperator makes it the model's input example)."""
+    (model_dir() / "input_example.json").write_text(json.dumps(np.asarray(rows).tolist()))
+
+
 def resume_folder() -> Path | None:
     """An earlier run's outputs to continue from (``DNNTRAIN_RESUME_FROM``: the task's ``resume_from``,
     or on a retry the previous try's), if there are any."""

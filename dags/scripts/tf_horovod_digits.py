@@ -18,6 +18,7 @@ from digits import (
     log_metrics,
     model_dir,
     parse_training_args,
+    save_input_example,
     warm_up_tracking,
     write_summary,
 )
@@ -73,6 +74,7 @@ def main() -> None:
     print(f"rank={rank} weights_checksum={float(checksum[0]):.6f}")
     if rank == 0:
         model.save(model_dir() / "model.keras")
+        save_input_example(x_test[:5])
         write_summary(
             {
                 "size": size,

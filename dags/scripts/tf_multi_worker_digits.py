@@ -18,6 +18,7 @@ from digits import (
     log_metrics,
     model_dir,
     parse_training_args,
+    save_input_example,
     warm_up_tracking,
     write_summary,
 )
@@ -83,6 +84,7 @@ def main() -> None:
     target = model_dir() if is_chief else tempfile.mkdtemp()
     model.save(os.path.join(target, "model.keras"))
     if is_chief:
+        save_input_example(x_test[:5])
         write_summary(
             {
                 "world_size": world,

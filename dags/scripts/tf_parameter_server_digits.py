@@ -19,6 +19,7 @@ from digits import (
     log_metrics,
     model_dir,
     parse_training_args,
+    save_input_example,
     warm_up_tracking,
     write_summary,
 )
@@ -74,7 +75,11 @@ def train(resolver, args: argparse.Namespace) -> None:
         print(f"epoch={epoch} loss={losses[-1]:.4f} accuracy={accuracy:.4f}")
         log_metrics({"loss": losses[-1], "accuracy": accuracy}, step=epoch)
 
-    np.savez(model_dir() / "weights.npz", *[v.numpy() for v in model.trainable_variables])
+    # The trained variables live on the parameter servers: a plain copy of the model is saved.
+    trained = keras_mlp()
+    trained.set_weights(model.get_weights())
+    trained.save(model_dir() / "model.keras")
+    save_input_example(x_test[:5])
     write_summary(
         {
             "devices": devices,

@@ -16,6 +16,7 @@ from digits import (
     output_dir,
     parse_training_args,
     resume_folder,
+    save_input_example,
     warm_up_tracking,
     write_summary,
 )
@@ -97,7 +98,9 @@ def main() -> None:
     dist.all_gather(sums, checksum.reshape(1))
     print(f"rank={rank} weights_checksum={checksum.item():.6f}")
     if rank == 0:
-        torch.save(model.module.state_dict(), model_dir() / "state_dict.pt")
+        # TorchScript: the registered model loads without this script
+        torch.jit.script(model.module.cpu()).save(model_dir() / "model.pt")
+        save_input_example(x_test[:5])
         write_summary(
             {
                 "world_size": world,

@@ -13,6 +13,7 @@ from digits import (
     log_metrics,
     model_dir,
     parse_training_args,
+    save_input_example,
     warm_up_tracking,
     write_summary,
 )
@@ -63,7 +64,9 @@ def main() -> None:
     checksums = hvd.allgather(checksum, name="checksums")
     print(f"rank={rank} weights_checksum={checksum.item():.6f}")
     if rank == 0:
-        torch.save(model.state_dict(), model_dir() / "state_dict.pt")
+        # TorchScript: the registered model loads without this script
+        torch.jit.script(model).save(model_dir() / "model.pt")
+        save_input_example(x_test[:5])
         write_summary(
             {
                 "size": size,

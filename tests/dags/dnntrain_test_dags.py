@@ -16,7 +16,13 @@ from airflow_provider_dnntrain.operators import (
     RegisterModelOperator,
     TensorFlowTrainOperator,
 )
-from airflow_provider_dnntrain.spec import Input, MultiWorkerMirrored, Resources, TorchDistributed
+from airflow_provider_dnntrain.spec import (
+    Input,
+    MultiWorkerMirrored,
+    ResourceConfiguration,
+    Resources,
+    TorchDistributed,
+)
 
 SCRIPTS = str(Path(__file__).resolve().parents[1] / "scripts")
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
@@ -86,6 +92,22 @@ with DAG("dnntrain_test_register_without_model", schedule=None, start_date=START
         task_id="train", source_directory=SCRIPTS, entry_script="replica.py", arguments=["--lines", "3"]
     )
     RegisterModelOperator(task_id="register", run_id=train.output, model_name="nothing-here")
+
+with DAG("dnntrain_test_register_model", schedule=None, start_date=START):
+    train = PyTorchTrainOperator(
+        task_id="train", source_directory=SCRIPTS, entry_script="tiny_model.py", arguments=["2.0"]
+    )
+    RegisterModelOperator(
+        task_id="register",
+        run_id=train.output,
+        model_name="tiny",
+        model_framework="PyTorch",
+        model_framework_version="2.13.0",
+        resource_configuration=ResourceConfiguration(cpu=0.5, memory_in_gb=1),
+    )
+    RegisterModelOperator(
+        task_id="register_templated", run_id=train.output, model_name="tiny-{{ dag_run.conf['suffix'] }}"
+    )
 
 with DAG("dnntrain_test_mapped_sweep", schedule=None, start_date=START):
     TensorFlowTrainOperator.partial(

@@ -43,7 +43,7 @@ def test_two_nodes_one_process_each(tmp_path, rendezvous):
     assert checksums["node-0"] == checksums["node-1"]
     facts = json.loads((launcher.collect_outputs(handle) / "outputs" / "summary.json").read_text())
     assert facts["allreduce_sum"] == 3.0
-    assert (handle.run_dir / "artifacts" / "outputs" / "model" / "state_dict.pt").stat().st_size > 0
+    assert (handle.run_dir / "artifacts" / "outputs" / "model" / "model.pt").stat().st_size > 0
     assert list((handle.run_dir / "artifacts" / "logs" / "torchrun").rglob("stdout.log"))
 
 

@@ -1,0 +1,89 @@
+"""A training run's model registered as a version that loads and serves: packaged by
+:mod:`.packaging` into the run's ``registered/<model_path>``, and tagged with what it needs to serve."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from airflow_provider_dnntrain import tracking
+from airflow_provider_dnntrain.models import packaging
+from airflow_provider_dnntrain.spec import ResourceConfiguration
+
+_UNKNOWN = ("", "unknown")
+
+
+@dataclass
+class Packaging:
+    """How a run's saved model becomes a pyfunc model (see ``RegisterModelOperator``)."""
+
+    model_format: str = "auto"
+    input_example: Any = None
+    model_class: str | None = None
+    framework_version: str | None = None
+    resources: ResourceConfiguration | None = None
+    made: dict[str, str] = field(default_factory=dict)
+
+    def __call__(self, client, run, outputs_path: str, registered_path: str) -> dict[str, str]:
+        with tempfile.TemporaryDirectory(prefix="dnntrain-register-") as work:
+            downloaded = Path(client.download_artifacts(run.info.run_id, outputs_path, work))
+            folder = downloaded if downloaded.is_dir() else _folder_of(downloaded, Path(work) / "file")
+            model = packaging.find_model(folder, self.model_format)
+            trained_with = run.data.tags.get("dnntrain.framework_version", "")
+            pinned = self.framework_version or (None if trained_with in _UNKNOWN else trained_with)
+            into = Path(work) / "pyfunc"
+            requirements = packaging.package(
+                folder,
+                into,
+                model,
+                input_example=self.input_example,
+                model_class=self.model_class,
+                framework_version=pinned,
+            )
+            client.log_artifacts(run.info.run_id, str(into), registered_path)
+        self.made = {"model_format": model.format, "requirements": " ".join(requirements)}
+        if self.resources is not None:
+            self.made["resource_configuration"] = self.resources.model_dump_json(exclude_none=True)
+        return self.made
+
+
+def _folder_of(file: Path, folder: Path) -> Path:
+    """``model_path`` named one file: a folder holding just it."""
+    folder.mkdir()
+    return Path(file.replace(folder / file.name)).parent
+
+
+def register(
+    tracking_uri: str,
+    run_id: str,
+    model_name: str,
+    model_path: str,
+    tags: dict[str, str],
+    packing: Packaging | None,
+) -> dict[str, Any]:
+    """Register the run's model (``packing`` None: its files as they are); return the version as the
+    task hands it on: name, version, run ids, source, metrics and the version's tags."""
+    version = tracking.register_model(tracking_uri, run_id, model_name, model_path, tags, packing)
+    client = tracking.client(tracking_uri)
+    registered = client.get_model_version(model_name, str(version))
+    run = client.get_run(registered.run_id)
+    return {
+        "name": model_name,
+        "version": version,
+        "model_uri": f"models:/{model_name}/{version}",
+        "run_id": run.data.tags.get(tracking.RUN_ID_TAG, run_id),
+        "tracking_run_id": registered.run_id,
+        "source": registered.source,
+        "metrics": {key: value for key, value in run.data.metrics.items() if math.isfinite(value)},
+        "tags": dict(registered.tags),
+    }
+
+
+def resource_configuration(version_tags: dict[str, str]) -> ResourceConfiguration | None:
+    """The resources a version was registered with, if any."""
+    kept = version_tags.get("resource_configuration")
+    return ResourceConfiguration.model_validate(json.loads(kept)) if kept else None

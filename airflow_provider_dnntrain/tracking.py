@@ -326,3 +326,13 @@ def register_model(
 def _artifact_exists(mlflow: MlflowClient, mlflow_run_id: str, artifact_path: str) -> bool:
     parent, _, leaf = artifact_path.rpartition("/")
     return any(item.path == artifact_path for item in mlflow.list_artifacts(mlflow_run_id, parent or None))
+
+
+def download_model(tracking_uri: str, name: str, version: str, into: Path) -> str:
+    """A registered version's files (an MLflow model), downloaded into ``into``."""
+    import mlflow.artifacts
+
+    source = client(tracking_uri).get_model_version_download_uri(name, version)
+    return mlflow.artifacts.download_artifacts(
+        artifact_uri=source, dst_path=str(into), tracking_uri=tracking_uri
+    )

@@ -20,6 +20,8 @@ SHIPPED = [
     "backends/common/reaper.py",
     "backends/common/host_cache.py",
     "backends/common/environments.py",
+    "backends/common/endpoint_supervisor.py",  # run by path where models are served
+    "backends/common/model_server.py",
     "backends/ssh/agent.py",
     "backends/kubernetes/bootstrap.py",
     "replica_site/sitecustomize.py",

@@ -1,5 +1,6 @@
 """The launchers a DAG names in ``launcher=``: ``from airflow_provider_dnntrain.launchers import
-LocalLauncher, SSHLauncher, KubernetesLauncher``.
+LocalLauncher, SSHLauncher, KubernetesLauncher``; and where models are served, in ``serving=`` of
+DeployModelOperator: ``LocalServing``.
 
 Each lives in its backend's package (``backends/local``, ``backends/ssh``, ``backends/kubernetes``) and
 is imported when first named here, so a DAG file that uses one launcher does not pay for the others.
@@ -14,6 +15,7 @@ if TYPE_CHECKING:
     from airflow_provider_dnntrain.backends.base import Launcher
     from airflow_provider_dnntrain.backends.kubernetes.launcher import KubernetesLauncher
     from airflow_provider_dnntrain.backends.local.launcher import LocalLauncher
+    from airflow_provider_dnntrain.backends.local.serving import LocalServing
     from airflow_provider_dnntrain.backends.ssh.launcher import SSHLauncher
 
 _HOMES = {
@@ -21,8 +23,9 @@ _HOMES = {
     "LocalLauncher": "airflow_provider_dnntrain.backends.local.launcher",
     "SSHLauncher": "airflow_provider_dnntrain.backends.ssh.launcher",
     "KubernetesLauncher": "airflow_provider_dnntrain.backends.kubernetes.launcher",
+    "LocalServing": "airflow_provider_dnntrain.backends.local.serving",
 }
-__all__ = ["KubernetesLauncher", "Launcher", "LocalLauncher", "SSHLauncher"]
+__all__ = ["KubernetesLauncher", "Launcher", "LocalLauncher", "LocalServing", "SSHLauncher"]
 
 
 def __getattr__(name: str):

@@ -1,5 +1,6 @@
-"""The operators a DAG uses: train (TensorFlow, PyTorch, Horovod) and register the model."""
+"""The operators a DAG uses: train (TensorFlow, PyTorch, Horovod), register the model, deploy it."""
 
+from airflow_provider_dnntrain.operators.deploy import DeployModelOperator, UndeployModelOperator
 from airflow_provider_dnntrain.operators.register import RegisterModelOperator
 from airflow_provider_dnntrain.operators.train import (
     DnnTrainOperator,
@@ -10,10 +11,12 @@ from airflow_provider_dnntrain.operators.train import (
 )
 
 __all__ = [
+    "DeployModelOperator",
     "DnnTrainOperator",
     "InvalidTrainingJob",
     "PyTorchHorovodOperator",
     "PyTorchTrainOperator",
     "RegisterModelOperator",
     "TensorFlowTrainOperator",
+    "UndeployModelOperator",
 ]

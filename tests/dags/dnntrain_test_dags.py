@@ -11,10 +11,12 @@ from airflow.sdk import DAG
 
 from airflow_provider_dnntrain.launchers import LocalLauncher
 from airflow_provider_dnntrain.operators import (
+    DeployModelOperator,
     PyTorchHorovodOperator,
     PyTorchTrainOperator,
     RegisterModelOperator,
     TensorFlowTrainOperator,
+    UndeployModelOperator,
 )
 from airflow_provider_dnntrain.spec import (
     Input,
@@ -108,6 +110,41 @@ with DAG("dnntrain_test_register_model", schedule=None, start_date=START):
     RegisterModelOperator(
         task_id="register_templated", run_id=train.output, model_name="tiny-{{ dag_run.conf['suffix'] }}"
     )
+
+# -- deployment ---------------------------------------------------------------------------------------
+
+with DAG("dnntrain_test_train_tiny", schedule=None, start_date=START, params={"scale": 2.0}):
+    train = PyTorchTrainOperator(
+        task_id="train",
+        source_directory=SCRIPTS,
+        entry_script="tiny_model.py",
+        arguments=["{{ params.scale }}"],
+    )
+    RegisterModelOperator(task_id="register", run_id=train.output, model_name="tiny-served")
+
+MODEL_FROM_CONF = {"model": "models:/tiny-served/1"}
+with DAG("dnntrain_test_deploy", schedule=None, start_date=START, params=MODEL_FROM_CONF):
+    DeployModelOperator(
+        task_id="deploy", model="{{ params.model }}", endpoint="tiny", promote_alias="champion"
+    )
+
+with DAG("dnntrain_test_deploy_gated", schedule=None, start_date=START, params=MODEL_FROM_CONF):
+    DeployModelOperator(
+        task_id="deploy",
+        model="{{ params.model }}",
+        endpoint="tiny",
+        promote_alias="champion",
+        must_beat="champion",
+        metric="score",
+    )
+
+with DAG("dnntrain_test_deploy_wrong_rows", schedule=None, start_date=START, params=MODEL_FROM_CONF):
+    DeployModelOperator(
+        task_id="deploy", model="{{ params.model }}", endpoint="tiny", smoke_test=[[1.0, 2.0]]
+    )
+
+with DAG("dnntrain_test_undeploy", schedule=None, start_date=START):
+    UndeployModelOperator(task_id="undeploy", endpoint="tiny", forget_key=True)
 
 with DAG("dnntrain_test_mapped_sweep", schedule=None, start_date=START):
     TensorFlowTrainOperator.partial(

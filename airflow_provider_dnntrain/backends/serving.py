@@ -1,0 +1,107 @@
+"""The interface every backend serves models behind, and the one rollout they share.
+
+An endpoint is a name, a stable address and a key. A backend starts a version *beside* the one
+serving (its own slot, reachable alone), switches the endpoint's traffic to a slot, stops a slot, and
+removes the endpoint. :func:`roll_out` is blue/green on top of that: the new version must answer its
+probe and the smoke test on its own before traffic moves to it; a failure stops it and leaves the old
+one serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ServingFailed(RuntimeError):
+    """A version could not be served or failed its check; the endpoint is as it was."""
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    """A registered version, as a backend serves it: its files here (an MLflow pyfunc model)."""
+
+    name: str
+    version: str
+    model_dir: Path
+    requirements: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}/{self.version}"
+
+
+@dataclass
+class EndpointState:
+    """What an endpoint serves, and where (what the deploy task returns, key aside)."""
+
+    endpoint: str
+    scoring_uri: str
+    health_uri: str
+    serving: str | None  # "<model>/<version>", None before the first switch
+    state: str  # "serving", "absent"
+    slots: dict[str, str] = field(default_factory=dict)  # slot -> "<model>/<version>"
+
+
+class Serving(ABC):
+    """One backend's model serving (``serving=`` of DeployModelOperator, as ``launcher=`` trains)."""
+
+    @abstractmethod
+    def locked(self, endpoint: str) -> contextlib.AbstractContextManager:
+        """Held while a task changes the endpoint: two deploys of one endpoint run one after the other."""
+
+    @abstractmethod
+    def current(self, endpoint: str) -> EndpointState:
+        """What the endpoint serves now (``state="absent"`` when it does not exist)."""
+
+    @abstractmethod
+    def start(self, endpoint: str, version: ServedVersion, key_hash: str) -> str:
+        """Start ``version`` in a new slot beside what serves, and return the slot once its probe
+        answers; ``ServingFailed`` (with the server's last words) if it does not."""
+
+    @abstractmethod
+    def slot_uri(self, endpoint: str, slot: str) -> str:
+        """Where the slot alone answers (its scoring server's base URL), for the checks."""
+
+    @abstractmethod
+    def switch(self, endpoint: str, slot: str) -> EndpointState:
+        """Send the endpoint's traffic to ``slot``."""
+
+    @abstractmethod
+    def stop(self, endpoint: str, slot: str) -> None:
+        """Stop a slot's version (not the endpoint)."""
+
+    @abstractmethod
+    def undeploy(self, endpoint: str) -> bool:
+        """Remove everything the endpoint owns; False if there was nothing."""
+
+
+def roll_out(
+    serving: Serving,
+    endpoint: str,
+    version: ServedVersion,
+    key_hash: str,
+    check: Callable[[str], None],
+    log: Callable[[str], None] = print,
+) -> EndpointState:
+    """Blue/green: ``version`` started beside what serves, ``check(slot base URL)`` passed (it raises
+    ``ServingFailed`` otherwise), then switched to, then the old slots stopped. Serving it already: a
+    no-op. Call with ``serving.locked(endpoint)`` held."""
+    now = serving.current(endpoint)
+    if now.serving == version.label:
+        log(f"Endpoint {endpoint} already serves {version.label}: nothing to do")
+        return now
+    slot = serving.start(endpoint, version, key_hash)
+    try:
+        check(serving.slot_uri(endpoint, slot))
+    except BaseException:
+        serving.stop(endpoint, slot)
+        raise
+    log(f"Endpoint {endpoint}: {version.label} passed its checks in slot {slot}; switching traffic to it")
+    serving.switch(endpoint, slot)
+    for old in [s for s in now.slots if s != slot]:
+        serving.stop(endpoint, old)
+    return serving.current(endpoint)

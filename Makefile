@@ -10,7 +10,10 @@ DEBIAN_PACKAGES := openmpi-bin libopenmpi-dev cmake g++ make openssh-server open
 # Rebuilt when the dependency declarations change.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt scripts/*.sh | sha256sum | cut -c1-12)
 DEMO_HOME := $(CURDIR)/.demo/airflow
-DEMO_DAG ?= dnntrain_tf_multi_worker
+DEMO_DAG ?= dnntrain_deploy_digits
+# A DAG that deploys: the demo then calls its endpoint (as a user would: the curl line is printed, key
+# elided) and takes it down.
+DEMO_ENDPOINT = $(if $(findstring _deploy_,$(DEMO_DAG)),digits)
 # DAGs on the SSH launcher run against three sshd hosts started on this machine for the demo.
 DEMO_HOSTS = $(if $(findstring _ssh_,$(DEMO_DAG)),$(BIN)/python scripts/with_ssh_hosts.py --)
 AIRFLOW_ENV := AIRFLOW_HOME=$(DEMO_HOME) AIRFLOW__CORE__LOAD_EXAMPLES=False \
@@ -42,6 +45,10 @@ demo: $(STAMP)
 	@grep -o '\[[a-z0-9./-]*\] \(\[[a-z0-9]*\]:\|\[[0-9]\]<stdout>:\)\?epoch=[0-9]* loss=[0-9.]* accuracy=[0-9.]*' \
 		.demo/$(DEMO_DAG).log || true
 	@grep -o 'Registered model .* version [0-9]* from run [a-z0-9-]*' .demo/$(DEMO_DAG).log
+	@grep -o 'Endpoint [a-z0-9-]* serves .*' .demo/$(DEMO_DAG).log | cut -d'[' -f1 || true
+	@if [ -n "$(DEMO_ENDPOINT)" ]; then \
+		$(AIRFLOW_ENV) $(BIN)/dnntrain endpoints call $(DEMO_ENDPOINT) \
+		&& $(AIRFLOW_ENV) $(BIN)/dnntrain endpoints undeploy $(DEMO_ENDPOINT); fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -64,6 +64,47 @@ def gc_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def endpoints_command(args: argparse.Namespace) -> int:
+    """The endpoints this host serves (LocalServing): list them, call one with its key, take one down."""
+    from airflow_provider_dnntrain.backends.local.serving import LocalServing
+
+    serving = LocalServing()
+    if args.action == "list":
+        for name in serving.endpoints():
+            state = serving.current(name)
+            print(json.dumps({"endpoint": name, "serving": state.serving, "scoring_uri": state.scoring_uri}))
+        return 0
+    if not args.endpoint:
+        raise ValueError(f"endpoints {args.action}: name the endpoint")
+    if args.action == "undeploy":
+        with serving.locked(args.endpoint):
+            print(json.dumps({"endpoint": args.endpoint, "removed": serving.undeploy(args.endpoint)}))
+        return 0
+    return _call_endpoint(serving, args.endpoint)
+
+
+def _call_endpoint(serving, endpoint: str) -> int:
+    """Send the serving version's own example, with the key, and say how a user would."""
+    from airflow.models import Variable
+
+    from airflow_provider_dnntrain.operators.deploy import key_variable
+    from airflow_provider_dnntrain.operators.smoke import post
+
+    state, model_dir = serving.current(endpoint), serving.served_model_dir(endpoint)
+    if model_dir is None:
+        raise ValueError(f"endpoint {endpoint!r} serves nothing")
+    example = model_dir / "serving_input_example.json"
+    key = Variable.get(key_variable(endpoint))
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    status, answer = post(state.scoring_uri, json.loads(example.read_text()), headers)
+    print(f"{state.serving} at {state.scoring_uri} answered {status}: {json.dumps(answer)[:600]}")
+    print(
+        f'curl -H "Authorization: Bearer $(airflow variables get {key_variable(endpoint)})" '
+        f"-H 'Content-Type: application/json' -d @{example} {state.scoring_uri}"
+    )
+    return 0 if status == 200 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dnntrain", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -91,6 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     gc.add_argument("--namespace", default=None, help="default: the connection's")
     gc.add_argument("--older-than", type=float, default=600.0, help="seconds (at least orphan_timeout)")
     gc.set_defaults(func=gc_command)
+    endpoints = commands.add_parser(
+        "endpoints", help="the endpoints this host serves: list, call one with its key, undeploy one"
+    )
+    endpoints.add_argument("action", choices=["list", "call", "undeploy"])
+    endpoints.add_argument("endpoint", nargs="?")
+    endpoints.set_defaults(func=endpoints_command)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -36,5 +36,19 @@ def airflow_db():
     yield AIRFLOW_HOME
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_left_behind():
+    """Processes started later (the real-Airflow suites' components and their tasks) inherit this
+    process's environment: a test that leaves MLFLOW_TRACKING_URI there (``mlflow.set_tracking_uri``
+    does) sends their runs to another store. Cleaned up, and the test fails naming it."""
+    yield
+    left = {
+        name: os.environ.pop(name)
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+        if name in os.environ
+    }
+    assert not left, f"the test left {left} in the environment"
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(AIRFLOW_HOME, ignore_errors=True)

@@ -135,4 +135,13 @@ def test_the_readme_starts_with_the_two_commands_and_the_demo_trains():
     )
     assert done.returncode == 0, done.stdout[-5000:] + done.stderr[-3000:]
     assert re.search(r"\[worker-[01]\] epoch=\d+ loss=[0-9.]+ accuracy=[0-9.]+", done.stdout), done.stdout
-    assert re.search(r"Registered model digits-tf-multi-worker version \d+ from run", done.stdout)
+    assert re.search(r"Registered model digits version \d+ from run", done.stdout)
+    # The endpoint answered the version's own example with its key, then was taken down.
+    assert re.search(
+        r"digits/\d+ at http://127.0.0.1:\d+/invocations answered 200: \{\"predictions\"", done.stdout
+    )
+    assert (
+        'curl -H "Authorization: Bearer $(airflow variables get dnntrain_endpoint_digits_api_key)"'
+        in done.stdout
+    )
+    assert '{"endpoint": "digits", "removed": true}' in done.stdout

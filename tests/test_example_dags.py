@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pendulum
@@ -51,7 +52,6 @@ def assert_registered(
 ) -> None:
     """The version is a model MLflow loads (no code of ours), and it is the trained one: on the
     examples' test split it scores the accuracy the run logged."""
-    import mlflow
 
     client = tracking.client(tracking.resolve_tracking_uri())
     model_version = client.get_model_version(model_name, str(version))
@@ -60,8 +60,7 @@ def assert_registered(
     assert model_version.tags["dataset"] == "sklearn-digits"
     assert model_version.tags["model_format"] == model_format
     assert model_version.source.endswith("/registered/model")
-    mlflow.set_tracking_uri(tracking.resolve_tracking_uri())
-    model = mlflow.pyfunc.load_model(f"models:/{model_name}/{version}")
+    model = load_registered(model_name, version)
     assert model.predict(model.input_example).shape == (5, 10)
     assert model.metadata.signature.inputs.is_tensor_spec()
     x_test, y_test = _digits_test_split()
@@ -69,6 +68,17 @@ def assert_registered(
     assert scored > 0.5
     if accuracy is not None:
         assert scored == pytest.approx(accuracy, abs=0.005)
+
+
+def load_registered(model_name: str, version: int):
+    """``models:/<name>/<version>`` loaded with mlflow.pyfunc. Not through ``mlflow.set_tracking_uri``,
+    which sets MLFLOW_TRACKING_URI for every process this one starts later (the services' tasks)."""
+    import mlflow
+
+    into = Path(tempfile.mkdtemp(prefix="registered-"))
+    return mlflow.pyfunc.load_model(
+        tracking.download_model(tracking.resolve_tracking_uri(), model_name, version, into)
+    )
 
 
 def _digits_test_split():
@@ -215,3 +225,24 @@ def _latest_dag_run(dag_id: str):
         return session.scalars(
             select(DagRun).where(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).limit(1)
         ).one()
+
+
+@pytest.mark.slow
+def test_retraining_deploys_a_better_version_and_skips_a_worse_one(capfd):
+    """The quality gate of ``dnntrain_retrain_digits``: the first version has no champion to beat and is
+    served; one trained for a single epoch scores lower and is not deployed, saying why."""
+    from airflow_provider_dnntrain.launchers import LocalServing
+
+    dag = load_dag(EXAMPLE_DAGS, "dnntrain_retrain_digits")
+    try:
+        first = dag.test(run_conf={"epochs": 3})
+        assert first.state == "success"
+        deployed = xcom(first, "deploy")
+        assert deployed["model_version"] == xcom(first, "register") and deployed["state"] == "serving"
+        second = dag.test(run_conf={"epochs": 1})
+        assert [ti.state for ti in second.get_task_instances() if ti.task_id == "deploy"] == ["skipped"]
+        assert "not better than champion" in "".join(capfd.readouterr())
+        serving = LocalServing().current("digits-ddp")
+        assert serving.serving == f"digits-ddp/{deployed['model_version']}"  # the champion still serves
+    finally:
+        LocalServing().undeploy("digits-ddp")

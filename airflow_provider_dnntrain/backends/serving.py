@@ -10,10 +10,19 @@ one serving.
 from __future__ import annotations
 
 import contextlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+_ENDPOINT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # a DNS label: a Service's name too
+
+
+def checked_endpoint(name: str) -> str:
+    if not _ENDPOINT_NAME.match(name or ""):
+        raise ValueError(f"endpoint: {name!r} is not a name of lowercase letters, digits and '-' (≤ 63)")
+    return name
 
 
 class ServingFailed(RuntimeError):

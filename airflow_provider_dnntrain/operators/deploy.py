@@ -13,7 +13,7 @@ from typing import Any
 from airflow.sdk import Asset, AssetAlias, BaseOperator
 
 from airflow_provider_dnntrain import tracking
-from airflow_provider_dnntrain.backends.serving import ServedVersion, Serving, roll_out
+from airflow_provider_dnntrain.backends.serving import ServedVersion, Serving, checked_endpoint, roll_out
 from airflow_provider_dnntrain.operators import smoke
 
 ENDPOINTS_ALIAS = "dnntrain-endpoints"
@@ -80,6 +80,10 @@ class DeployModelOperator(BaseOperator):
         super().__init__(**kwargs)
         if must_beat and not metric:
             raise ValueError("metric: must_beat compares a metric; name it (metric='validation_acc')")
+        if "{" not in endpoint:
+            checked_endpoint(endpoint)
+        if "{" not in model:
+            _model_uri(model)
         self.model = model
         self.endpoint = endpoint
         self.serving = serving
@@ -103,6 +107,11 @@ class DeployModelOperator(BaseOperator):
         key = self._key()
         with tempfile.TemporaryDirectory(prefix="dnntrain-deploy-") as work:
             model_dir = Path(tracking.download_model(uri, version.name, version.version, Path(work)))
+            if not (model_dir / "MLmodel").is_file():
+                raise ValueError(
+                    f"model: {self.model} is files, not a model MLflow loads (registered with "
+                    "model_format='files'?); register it with its format to serve it"
+                )
             served = ServedVersion(
                 version.name, version.version, model_dir, tuple(version.tags.get("requirements", "").split())
             )
@@ -120,6 +129,7 @@ class DeployModelOperator(BaseOperator):
             "health_uri": state.health_uri,
             "model_name": version.name,
             "model_version": int(version.version),
+            "run_id": version.tags.get("dnntrain.run_id", version.run_id),
             "tracking_run_id": version.run_id,
             "state": state.state,
             "key_variable": key_variable(self.endpoint),
@@ -199,12 +209,17 @@ class UndeployModelOperator(BaseOperator):
 
 def resolve_version(client, model: str):
     """The registry's version a ``models:/`` URI names (a number or an alias)."""
-    match = _MODEL_URI.match(model or "")
-    if not match:
-        raise ValueError(f"model: {model!r} is not models:/<name>/<version> nor models:/<name>@<alias>")
+    match = _model_uri(model)
     if match["alias"]:
         return client.get_model_version_by_alias(match["name"], match["alias"])
     return client.get_model_version(match["name"], match["version"])
+
+
+def _model_uri(model: str) -> re.Match:
+    match = _MODEL_URI.match(model or "")
+    if not match:
+        raise ValueError(f"model: {model!r} is not models:/<name>/<version> nor models:/<name>@<alias>")
+    return match
 
 
 def _outlet(endpoint: str) -> Asset | AssetAlias:

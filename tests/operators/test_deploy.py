@@ -148,6 +148,19 @@ def test_a_failed_smoke_test_leaves_the_old_version_serving(versions, capfd):
     assert len(status()["slots"]) == 1
 
 
+def test_a_version_registered_as_files_is_refused_before_anything_starts(versions, capfd):
+    uri = tracking.resolve_tracking_uri()
+    client = tracking.client(uri)
+    run_id = client.get_model_version("tiny-served", str(versions[2.0])).run_id
+    files = tracking.register_model(uri, run_id, "tiny-files", "model", {})  # the files as they are
+    dag_run = load_dag(TEST_DAGS, "dnntrain_test_deploy").test(
+        run_conf={"model": f"models:/tiny-files/{files}"}
+    )
+    assert task_instance(dag_run, "deploy").state == "failed"
+    assert "is files, not a model MLflow loads" in "".join(capfd.readouterr())
+    assert ask(scoring_uri(), endpoint_key())[2] == f"tiny-served/{versions[3.0]}"
+
+
 def test_a_killed_server_is_started_again(versions):
     (slot,) = status()["slots"].values()
     os.kill(slot["pid"], signal.SIGKILL)
@@ -177,3 +190,14 @@ def test_undeploy_leaves_nothing(versions):
     from airflow.models import Variable
 
     assert Variable.get(key_variable("tiny"), default_var=None) is None
+
+
+def test_a_wrong_endpoint_or_model_is_refused_when_the_dag_is_parsed():
+    from airflow_provider_dnntrain.operators import DeployModelOperator
+
+    with pytest.raises(ValueError, match="endpoint: 'Tiny_Endpoint' is not a name"):
+        DeployModelOperator(task_id="d", model="models:/m/1", endpoint="Tiny_Endpoint")
+    with pytest.raises(ValueError, match="model: 'runs:/abc/model' is not models:/<name>/<version>"):
+        DeployModelOperator(task_id="d", model="runs:/abc/model", endpoint="tiny")
+    with pytest.raises(ValueError, match="metric: must_beat compares a metric"):
+        DeployModelOperator(task_id="d", model="models:/m@champion", endpoint="tiny", must_beat="champion")

@@ -28,7 +28,7 @@ def asset_events(uri: str) -> list[dict]:
         return [event.extra for event in session.scalars(query.where(AssetModel.uri == uri))]
 
 
-def test_a_registered_version_loads_keeps_azures_names_and_is_an_asset_event():
+def test_a_registered_version_loads_keeps_azures_names_and_is_an_asset_event(tmp_path):
     import mlflow
     import numpy as np
 
@@ -41,8 +41,10 @@ def test_a_registered_version_loads_keeps_azures_names_and_is_an_asset_event():
     assert json.loads(tags["resource_configuration"]) == {"cpu": 0.5, "memory_in_gb": 1.0}
     assert tags["model_format"] == "torchscript" and tags["requirements"] == "torch==2.13.0"  # as named
 
-    mlflow.set_tracking_uri(tracking.resolve_tracking_uri())
-    model = mlflow.pyfunc.load_model(f"models:/tiny/{version}")
+    # Not through mlflow.set_tracking_uri: it sets MLFLOW_TRACKING_URI for every process started later.
+    model = mlflow.pyfunc.load_model(
+        tracking.download_model(tracking.resolve_tracking_uri(), "tiny", version, tmp_path)
+    )
     rows = np.array([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]], dtype=np.float32)  # the signature's type
     np.testing.assert_allclose(model.predict(rows), [[12.0], [8.0]])
 

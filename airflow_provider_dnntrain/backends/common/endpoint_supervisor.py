@@ -64,13 +64,17 @@ class Slot:
     async def _run(self) -> None:
         while not self.stopping:
             self.starts += 1
-            self.process = await self._start()
-            self.supervisor.publish()
-            await self.process.wait()
+            try:
+                self.process = await self._start()
+                self.supervisor.publish()
+                ended = f"ended ({await self.process.wait()})"
+            except OSError as error:
+                ended = f"could not start ({error})"
             if self.stopping:
                 break
             delay = RESTART_DELAYS[min(self.starts - 1, len(RESTART_DELAYS) - 1)]
-            self.supervisor.say(f"{self.name}: server ended ({self.process.returncode}); again in {delay}s")
+            self.supervisor.say(f"{self.name}: server {ended}; again in {delay}s")
+            self.supervisor.publish()
             await asyncio.sleep(delay)
 
     async def _start(self) -> asyncio.subprocess.Process:

@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -25,17 +24,16 @@ from pathlib import Path
 from airflow_provider_dnntrain.backends.common import endpoint_supervisor
 from airflow_provider_dnntrain.backends.common.folders import beside_runs
 from airflow_provider_dnntrain.backends.common.ports import free_port
-from airflow_provider_dnntrain.backends.serving import EndpointState, ServedVersion, Serving, ServingFailed
+from airflow_provider_dnntrain.backends.serving import (
+    EndpointState,
+    ServedVersion,
+    Serving,
+    ServingFailed,
+    checked_endpoint,
+)
 
-_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _SLOTS = ("blue", "green")
 _CARRIED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")  # nothing of the task's secrets
-
-
-def checked_endpoint(name: str) -> str:
-    if not _NAME.match(name or ""):
-        raise ValueError(f"endpoint: {name!r} is not a name of lowercase letters, digits and '-' (≤ 63)")
-    return name
 
 
 class LocalServing(Serving):
@@ -152,19 +150,35 @@ class LocalServing(Serving):
             slots=slots,
         )
 
+    def endpoints(self) -> list[str]:
+        """The endpoints this host has."""
+        found = self.root.glob("*/endpoint.json") if self.root.is_dir() else []
+        return sorted(path.parent.name for path in found)
+
+    def served_model_dir(self, endpoint: str) -> Path | None:
+        """The files of the version that takes the endpoint's traffic."""
+        desired = self._read(endpoint, "desired.json")
+        active = desired.get("slots", {}).get(desired.get("active") or "")
+        return Path(active["model_dir"]) if active else None
+
     def start(self, endpoint: str, version: ServedVersion, key_hash: str) -> str:
         _check_requirements(version)
         self._ensure_supervisor(endpoint, key_hash)
-        taken = self._read(endpoint, "desired.json").get("slots", {})
-        slot = next(name for name in _SLOTS if name not in taken or taken[name]["version"] == version.label)
+        slot = self._free_slot(endpoint)
         model_dir = self.folder(endpoint) / "versions" / f"{version.name}-{version.version}"
         if not model_dir.is_dir():
             shutil.copytree(version.model_dir, model_dir)
         spec = {"python": sys.executable, "model_dir": str(model_dir), "version": version.label}
         self._want(endpoint, lambda desired: desired["slots"].__setitem__(slot, spec))
-        status = self._wait(endpoint, lambda s: slot in s.get("slots", {}), f"slot {slot}")
+        started = lambda s: s.get("slots", {}).get(slot, {}).get("version") == version.label  # noqa: E731
+        status = self._wait(endpoint, started, f"slot {slot}")
         self._wait_for_probe(endpoint, slot, status["slots"][slot]["port"])
         return slot
+
+    def _free_slot(self, endpoint: str) -> str:
+        """The slot that does not take the traffic (whatever an interrupted deploy left there goes)."""
+        desired = self._read(endpoint, "desired.json")
+        return next(name for name in _SLOTS if name != desired.get("active"))
 
     def _wait_for_probe(self, endpoint: str, slot: str, port: int) -> None:
         deadline = time.monotonic() + self.startup_timeout

@@ -78,12 +78,12 @@ def _shown(measured: tuple[float, float, float]) -> str:
 def by_hand(model_dir: Path, port: int) -> subprocess.Popen:
     mlflow = Path(sys.executable).with_name("mlflow")
     argv = [str(mlflow), "models", "serve", "-m", str(model_dir), "--env-manager", "local", "-p", str(port)]
-    server = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    env = {**os.environ, "PATH": f"{mlflow.parent}:{os.environ['PATH']}"}  # it starts uvicorn from the PATH
+    log = open(HOME / "by-hand.log", "wb")  # noqa: SIM115 - the server's, for as long as it runs
+    server = subprocess.Popen(argv, env=env, stdout=log, stderr=log, start_new_session=True)
     deadline = time.monotonic() + 120
     while not _answers(port):
-        assert time.monotonic() < deadline and server.poll() is None, "mlflow models serve did not start"
+        assert time.monotonic() < deadline and server.poll() is None, (HOME / "by-hand.log").read_text()
         time.sleep(0.2)
     return server
 

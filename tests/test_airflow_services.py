@@ -4,7 +4,10 @@ and the Task SDK supervisor end them; after each, the machine's process table ho
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -13,6 +16,7 @@ from airflow_helpers import EXAMPLE_DAGS, job_processes, wait_until_gone
 from airflow_services import AirflowServices
 
 from airflow_provider_dnntrain import tracking
+from airflow_provider_dnntrain.launchers import LocalServing
 from airflow_provider_dnntrain.run_id import make_run_id
 
 SERVICE_DAGS = Path(__file__).resolve().parent / "service_dags"
@@ -31,6 +35,7 @@ def services(tmp_path_factory):
     dags = root / "dags"
     dags.mkdir()
     (dags / "dnntrain_pytorch_ddp.py").symlink_to(EXAMPLE_DAGS / "dnntrain_pytorch_ddp.py")
+    (dags / "dnntrain_deploy_digits.py").symlink_to(EXAMPLE_DAGS / "dnntrain_deploy_digits.py")
     (dags / "scripts").symlink_to(EXAMPLE_DAGS / "scripts")
     (dags / "dnntrain_service_dags.py").symlink_to(SERVICE_DAGS / "dnntrain_service_dags.py")
     airflow = AirflowServices(home=root / "home", dags_folder=dags)
@@ -65,6 +70,35 @@ def test_an_example_dag_triggered_through_the_api_trains_and_registers(services)
     registered = client.get_model_version("digits-pytorch-ddp", str(version))
     assert registered.run_id == result["tracking_run_id"]
     assert job_processes(result["run_id"]) == []
+
+
+def test_retraining_deploys_through_the_api_and_emits_the_models_asset(services):
+    """The gated retraining example triggered through the REST API: its endpoint's scoring URI, read
+    from XCom, answers with the key (kept in an Airflow Variable) and refuses without it; the
+    registration is an event of the ``model://`` Asset the staging DAG is scheduled on."""
+    run_id = services.trigger("dnntrain_retrain_digits", {"epochs": 2})
+    assert services.wait_for_run("dnntrain_retrain_digits", run_id, timeout=300) == "success"
+    deployed = services.xcom("dnntrain_retrain_digits", run_id, "deploy")
+    key = services.airflow("variables", "get", deployed["key_variable"]).stdout.strip()
+    rows = json.dumps({"inputs": [[0.0] * 64, [0.5] * 64]}).encode()
+    try:
+        assert len(predictions(deployed["scoring_uri"], rows, key)) == 2
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            predictions(deployed["scoring_uri"], rows, None)
+        events = services.api("GET", "/assets/events?limit=100")["asset_events"]
+        (event,) = [e for e in events if e["uri"] == "model://digits-ddp/"]
+        assert event["extra"]["version"] == deployed["model_version"]
+        assert event["extra"]["model_uri"] == f"models:/digits-ddp/{deployed['model_version']}"
+    finally:
+        LocalServing(root=services.home / "dnntrain" / "endpoints").undeploy("digits-ddp")
+
+
+def predictions(scoring_uri: str, body: bytes, key: str | None) -> list:
+    request = urllib.request.Request(scoring_uri, data=body, headers={"Content-Type": "application/json"})
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.load(answer)["predictions"]
 
 
 @pytest.mark.parametrize(

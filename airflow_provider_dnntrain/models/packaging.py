@@ -52,7 +52,10 @@ def find_model(folder: Path, model_format: str = "auto") -> SavedModel:
         )
     if len(wanted) > 1 or len(found[wanted[0]]) > 1:
         many = ", ".join(f"{kind}: {' '.join(found[kind])}" for kind in wanted)
-        raise ValueError(f"model_path: {folder.name}/ holds more than one model ({many}); name one")
+        raise ValueError(
+            f"model_path: {folder.name}/ holds more than one model ({many}); name its format with "
+            "model_format=, or point model_path at its file"
+        )
     return SavedModel(wanted[0], found[wanted[0]][0])
 
 

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import posixpath
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +32,7 @@ class Packaging:
 
     def __call__(self, client, run, outputs_path: str, registered_path: str) -> dict[str, str]:
         with tempfile.TemporaryDirectory(prefix="dnntrain-register-") as work:
-            downloaded = Path(client.download_artifacts(run.info.run_id, outputs_path, work))
-            folder = downloaded if downloaded.is_dir() else _folder_of(downloaded, Path(work) / "file")
+            folder = _downloaded(client, run.info.run_id, outputs_path, Path(work))
             model = packaging.find_model(folder, self.model_format)
             trained_with = run.data.tags.get("dnntrain.framework_version", "")
             pinned = self.framework_version or (None if trained_with in _UNKNOWN else trained_with)
@@ -51,10 +52,19 @@ class Packaging:
         return self.made
 
 
-def _folder_of(file: Path, folder: Path) -> Path:
-    """``model_path`` named one file: a folder holding just it."""
+def _downloaded(client, mlflow_run_id: str, outputs_path: str, work: Path) -> Path:
+    """``outputs/<model_path>`` in a folder here: a folder as it is; a file (``model_path`` naming the
+    model itself) in a folder of its own, with the input example beside it if there is one."""
+    downloaded = Path(client.download_artifacts(mlflow_run_id, outputs_path, str(work)))
+    if downloaded.is_dir():
+        return downloaded
+    folder = work / "file"
     folder.mkdir()
-    return Path(file.replace(folder / file.name)).parent
+    downloaded.replace(folder / downloaded.name)
+    beside = f"{posixpath.dirname(outputs_path)}/{packaging.EXAMPLE_FILE}"
+    with contextlib.suppress(Exception):  # no example beside it: one may be given, or none is found
+        client.download_artifacts(mlflow_run_id, beside, str(folder))
+    return folder
 
 
 def register(

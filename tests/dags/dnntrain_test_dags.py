@@ -110,6 +110,10 @@ with DAG("dnntrain_test_register_model", schedule=None, start_date=START):
     RegisterModelOperator(
         task_id="register_templated", run_id=train.output, model_name="tiny-{{ dag_run.conf['suffix'] }}"
     )
+    # The model's own file named: its input example is found beside it.
+    RegisterModelOperator(
+        task_id="register_file", run_id=train.output, model_name="tiny-file", model_path="model/model.pt"
+    )
 
 # -- deployment ---------------------------------------------------------------------------------------
 

@@ -190,6 +190,9 @@ def test_undeploy_leaves_nothing(versions):
     from airflow.models import Variable
 
     assert Variable.get(key_variable("tiny"), default_var=None) is None
+    assert serving.undeploy("tiny") is False  # nothing left to remove
+    with serving.locked("tiny"):
+        assert serving.current("tiny").state == "absent" and not serving.folder("tiny").exists()
 
 
 def test_a_wrong_endpoint_or_model_is_refused_when_the_dag_is_parsed():

@@ -56,6 +56,8 @@ def test_a_registered_version_loads_keeps_azures_names_and_is_an_asset_event(tmp
     (event,) = asset_events("model://tiny-conf/")
     assert event["version"] == templated and event["model_uri"] == f"models:/tiny-conf/{templated}"
     assert task_instance(dag_run, "register_templated").state == "success"
+    named = xcom(dag_run, "register_file")
+    assert client.get_model_version("tiny-file", str(named)).tags["model_format"] == "torchscript"
 
 
 def test_an_unknown_model_format_or_resource_is_refused_when_the_dag_is_parsed():

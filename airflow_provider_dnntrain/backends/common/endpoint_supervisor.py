@@ -6,7 +6,8 @@ Started detached by a deploy task (it outlives the task) with the endpoint's fol
 - ``desired.json`` (the deploy task's): ``{"active": slot, "slots": {slot: {"python", "model_dir",
   "version"}}}`` - the versions that should run, and the one that takes the traffic;
 - ``key.sha256``: the endpoint key's hash, handed to each version's server;
-- ``status.json`` (this process's): what runs - every slot's private port, pid, starts and state.
+- ``status.json`` (this process's): what runs - the active slot, and every slot's version, private
+  port, server pid (None while it is down) and how many times it was started.
 
 Each version is :mod:`model_server` on a private loopback port this process holds (a restarted server
 gets the same socket: requests wait in its backlog), restarted when it dies. Connections to the public
@@ -114,6 +115,7 @@ class Supervisor:
         with open(os.path.join(folder, "key.sha256")) as handle:
             self.key_hash = handle.read().strip()
         self.done = asyncio.Event()
+        self._reconciling = asyncio.Lock()  # two quick SIGHUPs: one after the other
 
     def say(self, text: str) -> None:
         print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {text}", flush=True)
@@ -126,6 +128,10 @@ class Supervisor:
         )
 
     async def reconcile(self) -> None:
+        async with self._reconciling:
+            await self._reconcile()
+
+    async def _reconcile(self) -> None:
         desired = read_json(os.path.join(self.folder, "desired.json"))
         wanted = desired.get("slots", {})
         for name in [n for n in self.slots if n not in wanted or self.slots[n].spec != wanted[n]]:

@@ -60,9 +60,9 @@ class LocalServing(Serving):
 
     @contextlib.contextmanager
     def locked(self, endpoint: str) -> Iterator[None]:
-        folder = self.folder(endpoint)
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder.parent / f".{endpoint}.lock", "w") as lock:
+        checked_endpoint(endpoint)
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / f".{endpoint}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
@@ -83,6 +83,7 @@ class LocalServing(Serving):
 
     def _ensure_supervisor(self, endpoint: str, key_hash: str) -> None:
         folder = self.folder(endpoint)
+        folder.mkdir(parents=True, exist_ok=True)
         key_file = folder / "key.sha256"
         pid = self._supervisor(endpoint)
         if pid is not None and key_file.is_file() and key_file.read_text() == key_hash:
@@ -220,7 +221,7 @@ class LocalServing(Serving):
         pid = self._supervisor(endpoint)
         if pid is not None:
             self._end(pid)
-        shutil.rmtree(folder)
+        shutil.rmtree(folder)  # the lock file stays: one unlinked while held would let two tasks in
         return True
 
 

@@ -4,17 +4,15 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import posixpath
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from airflow_provider_dnntrain import tracking
 from airflow_provider_dnntrain.models import packaging
-from airflow_provider_dnntrain.spec import ResourceConfiguration
 
 _UNKNOWN = ("", "unknown")
 
@@ -27,8 +25,6 @@ class Packaging:
     input_example: Any = None
     model_class: str | None = None
     framework_version: str | None = None
-    resources: ResourceConfiguration | None = None
-    made: dict[str, str] = field(default_factory=dict)
 
     def __call__(self, client, run, outputs_path: str, registered_path: str) -> dict[str, str]:
         with tempfile.TemporaryDirectory(prefix="dnntrain-register-") as work:
@@ -46,10 +42,7 @@ class Packaging:
                 framework_version=pinned,
             )
             client.log_artifacts(run.info.run_id, str(into), registered_path)
-        self.made = {"model_format": model.format, "requirements": " ".join(requirements)}
-        if self.resources is not None:
-            self.made["resource_configuration"] = self.resources.model_dump_json(exclude_none=True)
-        return self.made
+        return {"model_format": model.format, "requirements": " ".join(requirements)}
 
 
 def _downloaded(client, mlflow_run_id: str, outputs_path: str, work: Path) -> Path:
@@ -91,9 +84,3 @@ def register(
         "metrics": {key: value for key, value in run.data.metrics.items() if math.isfinite(value)},
         "tags": dict(registered.tags),
     }
-
-
-def resource_configuration(version_tags: dict[str, str]) -> ResourceConfiguration | None:
-    """The resources a version was registered with, if any."""
-    kept = version_tags.get("resource_configuration")
-    return ResourceConfiguration.model_validate(json.loads(kept)) if kept else None

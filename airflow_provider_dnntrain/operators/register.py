@@ -97,7 +97,6 @@ class RegisterModelOperator(BaseOperator):
                 input_example=self.input_example,
                 model_class=self.model_class,
                 framework_version=self.model_framework_version,
-                resources=self.resource_configuration,
             )
         registered = register(uri, run_id, self.model_name, self.model_path, self._version_tags(), packing)
         version = registered["version"]
@@ -114,6 +113,8 @@ class RegisterModelOperator(BaseOperator):
 
     def _version_tags(self) -> dict[str, str]:
         named = {"framework": self.model_framework, "framework_version": self.model_framework_version}
+        if self.resource_configuration is not None:  # kept whatever the format: deployments read it
+            named["resource_configuration"] = self.resource_configuration.model_dump_json(exclude_none=True)
         return {**{k: v for k, v in named.items() if v}, **self.tags}
 
     def _emit(self, context, registered: dict[str, Any]) -> None:

@@ -93,7 +93,7 @@ def _call_endpoint(serving, endpoint: str) -> int:
     state, model_dir = serving.current(endpoint), serving.served_model_dir(endpoint)
     if model_dir is None:
         raise ValueError(f"endpoint {endpoint!r} serves nothing")
-    example = model_dir / "serving_input_example.json"
+    example = Path(model_dir) / "serving_input_example.json"
     key = Variable.get(key_variable(endpoint))
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     status, answer = post(state.scoring_uri, json.loads(example.read_text()), headers)

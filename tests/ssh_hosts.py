@@ -203,6 +203,13 @@ class SSHHosts:
         }
         return json.dumps({"conn_type": "ssh", "login": self.user, "extra": extra})
 
+    def reach(self, host: SSHHost, port: int) -> int:
+        """A port on 127.0.0.1 here whose connections reach ``port`` at the host's address (a server
+        it runs for the network, such as an endpoint), as a client on the hosts' LAN would."""
+        forwarder = _Forwarder(host.namespace, host.address, port)
+        self._forwarders.append(forwarder)
+        return forwarder.port
+
     def cut_off(self, host: SSHHost) -> None:
         """The host drops off the network: its link goes down (its peers lose it) and the connections
         from this machine stall (so does the launcher)."""

@@ -22,6 +22,7 @@ SHIPPED = [
     "backends/common/environments.py",
     "backends/common/endpoint_supervisor.py",  # run by path where models are served
     "backends/common/model_server.py",
+    "backends/common/endpoint_agent.py",
     "backends/ssh/agent.py",
     "backends/kubernetes/bootstrap.py",
     "replica_site/sitecustomize.py",

@@ -72,8 +72,9 @@ class Serving(ABC):
         answers; ``ServingFailed`` (with the server's last words) if it does not."""
 
     @abstractmethod
-    def slot_uri(self, endpoint: str, slot: str) -> str:
-        """Where the slot alone answers (its scoring server's base URL), for the checks."""
+    def reaching(self, endpoint: str, slot: str) -> contextlib.AbstractContextManager[str]:
+        """The base URL where the slot alone answers (its own scoring server), for the checks, while
+        the context lasts (a backend may open a tunnel to it)."""
 
     @abstractmethod
     def switch(self, endpoint: str, slot: str) -> EndpointState:
@@ -105,7 +106,8 @@ def roll_out(
         return now
     slot = serving.start(endpoint, version, key_hash)
     try:
-        check(serving.slot_uri(endpoint, slot))
+        with serving.reaching(endpoint, slot) as base_url:
+            check(base_url)
     except BaseException:
         serving.stop(endpoint, slot)
         raise

@@ -1,6 +1,6 @@
 """The launchers a DAG names in ``launcher=``: ``from airflow_provider_dnntrain.launchers import
 LocalLauncher, SSHLauncher, KubernetesLauncher``; and where models are served, in ``serving=`` of
-DeployModelOperator: ``LocalServing``.
+DeployModelOperator: ``LocalServing``, ``SSHServing``.
 
 Each lives in its backend's package (``backends/local``, ``backends/ssh``, ``backends/kubernetes``) and
 is imported when first named here, so a DAG file that uses one launcher does not pay for the others.
@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from airflow_provider_dnntrain.backends.local.launcher import LocalLauncher
     from airflow_provider_dnntrain.backends.local.serving import LocalServing
     from airflow_provider_dnntrain.backends.ssh.launcher import SSHLauncher
+    from airflow_provider_dnntrain.backends.ssh.serving import SSHServing
 
 _HOMES = {
     "Launcher": "airflow_provider_dnntrain.backends.base",
@@ -24,8 +25,9 @@ _HOMES = {
     "SSHLauncher": "airflow_provider_dnntrain.backends.ssh.launcher",
     "KubernetesLauncher": "airflow_provider_dnntrain.backends.kubernetes.launcher",
     "LocalServing": "airflow_provider_dnntrain.backends.local.serving",
+    "SSHServing": "airflow_provider_dnntrain.backends.ssh.serving",
 }
-__all__ = ["KubernetesLauncher", "Launcher", "LocalLauncher", "LocalServing", "SSHLauncher"]
+__all__ = ["KubernetesLauncher", "Launcher", "LocalLauncher", "LocalServing", "SSHLauncher", "SSHServing"]
 
 
 def __getattr__(name: str):

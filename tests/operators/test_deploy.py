@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import endpoint_client
 import pytest
 from airflow_helpers import TEST_DAGS, load_dag, task_instance, xcom
 
@@ -50,18 +50,11 @@ def endpoint_key() -> str:
 
 
 def ask(scoring_uri: str, key: str | None) -> tuple[int, list | None, str | None]:
-    """Status, predictions and the version that answered."""
-    request = urllib.request.Request(scoring_uri, data=json.dumps({"inputs": ROWS}).encode())
-    request.add_header("Content-Type", "application/json")
-    if key:
-        request.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status, json.load(answer)["predictions"], answer.headers.get("x-model-version")
-    except urllib.error.HTTPError as error:
-        return error.code, None, error.headers.get("x-model-version")
-    except OSError:  # nothing listens
-        return 0, None, None
+    return endpoint_client.ask(scoring_uri, ROWS, key)
+
+
+def assert_succeeded(dag_run) -> None:
+    assert dag_run.state == "success"
 
 
 def status() -> dict:
@@ -97,27 +90,14 @@ def test_deploying_the_serving_version_again_changes_nothing(versions, capfd):
 
 
 def test_a_new_version_takes_over_blue_green_while_requests_keep_coming(versions):
-    key, uri, answers = endpoint_key(), scoring_uri(), []
-    stop = threading.Event()
-
-    def keep_asking() -> None:
-        while not stop.is_set():
-            answers.append(ask(uri, key))
-
-    asker = threading.Thread(target=keep_asking)
-    asker.start()
-    try:
-        assert deploy(versions[3.0]).state == "success"
-        time.sleep(0.5)
-    finally:
-        stop.set()
-        asker.join()
+    key, uri = endpoint_key(), scoring_uri()
+    answers = endpoint_client.asked_during(
+        lambda: ask(uri, key), lambda: assert_succeeded(deploy(versions[3.0]))
+    )
     assert ask(uri, key) == (200, [[18.0], [12.0]], f"tiny-served/{versions[3.0]}")
-    assert {a[0] for a in answers} == {200}, "a request failed during the switch"
-    served = [a[2] for a in answers]
-    first_new = served.index(f"tiny-served/{versions[3.0]}")
-    assert set(served[:first_new]) == {f"tiny-served/{versions[2.0]}"}  # old, then new, never back
-    assert set(served[first_new:]) == {f"tiny-served/{versions[3.0]}"}
+    old, new = f"tiny-served/{versions[2.0]}", f"tiny-served/{versions[3.0]}"
+    endpoint_client.assert_switched_once(answers, old, new)
+    assert old in [a[2] for a in answers]
     assert list(status()["slots"].values())[0]["version"] == f"tiny-served/{versions[3.0]}"
     assert len(status()["slots"]) == 1  # the old version stopped
 

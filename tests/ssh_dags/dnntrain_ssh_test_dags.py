@@ -9,12 +9,14 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import DAG
 
-from airflow_provider_dnntrain.launchers import SSHLauncher
+from airflow_provider_dnntrain.launchers import SSHLauncher, SSHServing
 from airflow_provider_dnntrain.operators import (
+    DeployModelOperator,
     PyTorchHorovodOperator,
     PyTorchTrainOperator,
     RegisterModelOperator,
     TensorFlowTrainOperator,
+    UndeployModelOperator,
 )
 from airflow_provider_dnntrain.spec import MultiWorkerMirrored, ParameterServer, TorchDistributed
 
@@ -155,3 +157,19 @@ with DAG("dnntrain_ssh_deferrable_embedded_store", schedule=None, start_date=STA
         launcher=ssh_launcher(),
         deferrable=True,
     )
+
+
+# -- deployment on a host ---------------------------------------------------------------------------
+
+for dag_id, smoke_test in (("dnntrain_ssh_deploy", None), ("dnntrain_ssh_deploy_wrong_rows", [[1.0, 2.0]])):
+    with DAG(dag_id, schedule=None, start_date=START, params={"model": "models:/tiny-served/1"}):
+        DeployModelOperator(
+            task_id="deploy",
+            model="{{ params.model }}",
+            endpoint="tiny-ssh",
+            serving=SSHServing(ssh_conn_id="ssh_h0"),
+            smoke_test=smoke_test,
+        )
+
+with DAG("dnntrain_ssh_undeploy", schedule=None, start_date=START):
+    UndeployModelOperator(task_id="undeploy", endpoint="tiny-ssh", serving=SSHServing(ssh_conn_id="ssh_h0"))

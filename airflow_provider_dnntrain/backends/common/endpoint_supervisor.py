@@ -4,7 +4,8 @@ Started detached by a deploy task (it outlives the task) with the endpoint's fol
 
 - ``endpoint.json`` (the deploy task's): ``{"host", "port"}`` - where the endpoint listens;
 - ``desired.json`` (the deploy task's): ``{"active": slot, "slots": {slot: {"python", "model_dir",
-  "version"}}}`` - the versions that should run, and the one that takes the traffic;
+  "version"}}}`` - the versions that should run, and the one that takes the traffic (a version's
+  files, which the deploy task copied into ``versions/``, are removed when its slot stops);
 - ``key.sha256``: the endpoint key's hash, handed to each version's server;
 - ``status.json`` (this process's): what runs - the active slot, and every slot's version, private
   port, server pid (None while it is down) and how many times it was started.
@@ -23,6 +24,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -135,8 +137,11 @@ class Supervisor:
         desired = read_json(os.path.join(self.folder, "desired.json"))
         wanted = desired.get("slots", {})
         for name in [n for n in self.slots if n not in wanted or self.slots[n].spec != wanted[n]]:
-            await self.slots.pop(name).stop()
+            stopped = self.slots.pop(name)
+            await stopped.stop()
             self.say(f"{name}: stopped")
+            if all(spec["model_dir"] != stopped.spec["model_dir"] for spec in wanted.values()):
+                shutil.rmtree(stopped.spec["model_dir"], ignore_errors=True)  # the deploy task's copy
         for name, spec in wanted.items():
             if name not in self.slots:
                 self.slots[name] = Slot(self, name, spec)

@@ -34,6 +34,7 @@ $(STAMP):
 	scripts/install-debian-packages.sh $(DEBIAN_PACKAGES)
 	scripts/build-horovod.sh $(BIN)/python
 	scripts/install-kubeflow-models.sh $(BIN)/python $(VENV)/kubeflow-models
+	scripts/install-kserve-models.sh $(BIN)/python $(VENV)/kserve-models
 	touch $@
 
 demo: $(STAMP)

@@ -97,6 +97,9 @@ def _answers(port: int) -> bool:
         return False
 
 
+ENVIRONMENT_REQUIREMENT = "pyjokes==0.8.3"  # small, pure Python, and not among the worker's packages
+
+
 def timed_deploy(serving, version) -> float:
     from airflow_provider_dnntrain.backends.serving import roll_out
     from airflow_provider_dnntrain.operators import smoke
@@ -155,8 +158,29 @@ def main() -> None:
         "p99_ms": {"by_hand": medians[0][2], "endpoint": medians[1][2]},
         "deploy_to_first_answer_s": {"new_endpoint": round(cold, 2), "new_version": round(warm, 2)},
         "rollback_s": round(rollback, 2),
+        "with_an_environment_s": environment_deploys(first),
     }
     print(json.dumps(result))
+
+
+def environment_deploys(model_dir: Path) -> dict[str, float]:
+    """Deploy to first answer of a version needing a package the worker lacks: the environment built
+    (cold), then cached (warm: a new endpoint, the same requirements)."""
+    import tempfile
+
+    from airflow_provider_dnntrain.backends.local.serving import LocalServing
+    from airflow_provider_dnntrain.backends.serving import ServedVersion
+
+    needs = ServedVersion("bench", "1", model_dir, requirements=(ENVIRONMENT_REQUIREMENT,))
+    with tempfile.TemporaryDirectory(prefix="dnntrain-bench-environments-") as environments:
+        times = {}
+        for label in ("cold", "warm"):
+            serving = LocalServing(environments_root=environments)
+            try:
+                times[label] = round(timed_deploy(serving, needs), 2)
+            finally:
+                serving.undeploy("bench")
+    return times
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@
   accuracy beats the champion's (else the deploy is skipped, saying why), then promoted.
 - ``dnntrain_stage_digits``: scheduled on the Asset of that model: every new version is deployed to a
   staging endpoint as soon as it is registered.
+- ``dnntrain_canary_digits`` (needs a cluster: connection ``kubernetes_default``): retraining on
+  Kubernetes, gated, deployed as a canary taking about 20% of the requests until an hour after the
+  run's interval ended, then given all of them and promoted.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import DAG, Param
 
+from airflow_provider_dnntrain.launchers import KubernetesLauncher, KubernetesServing
 from airflow_provider_dnntrain.operators import (
     DeployModelOperator,
     PyTorchTrainOperator,
@@ -87,3 +91,42 @@ with DAG(
         model="{{ (triggering_asset_events.values() | first | last).extra['model_uri'] }}",
         endpoint="digits-ddp-staging",
     )
+
+with DAG(
+    dag_id="dnntrain_canary_digits",
+    schedule="@weekly",
+    start_date=START,
+    catchup=False,
+    tags=["dnntrain", "pytorch", "deploy", "kubernetes"],
+):
+    from airflow.providers.standard.sensors.time_delta import TimeDeltaSensor
+
+    train = PyTorchTrainOperator(
+        task_id="train",
+        source_directory=SCRIPTS,
+        entry_script="torch_ddp_digits.py",
+        arguments=["--epochs", "3"],
+        distribution=TorchDistributed(node_count=2, process_count_per_node=1),
+        launcher=KubernetesLauncher(),
+    )
+    register = RegisterModelOperator(task_id="register", run_id=train.output, model_name="digits-k8s")
+    serving = KubernetesServing(replicas=4)  # the serving version's 4 pods, and 1 of the canary
+    canary = DeployModelOperator(
+        task_id="canary",
+        model=f"models:/digits-k8s/{REGISTERED}",
+        endpoint="digits",
+        serving=serving,
+        must_beat="champion",
+        metric="accuracy",
+        canary_traffic_percent=20,
+    )
+    watch = TimeDeltaSensor(task_id="watch_the_canary", delta=pendulum.duration(hours=1), deferrable=True)
+    promote = DeployModelOperator(
+        task_id="promote",
+        model=f"models:/digits-k8s/{REGISTERED}",
+        endpoint="digits",
+        serving=serving,
+        canary_traffic_percent=100,
+        promote_alias="champion",
+    )
+    train >> register >> canary >> watch >> promote

@@ -36,6 +36,21 @@ def airflow_db():
     yield AIRFLOW_HOME
 
 
+@pytest.fixture(scope="session")
+def tiny_versions(airflow_db):
+    """Versions of the model "tiny-served" by scale (2, 3 and 1): it predicts each row's sum times its
+    scale, which is also its run's metric "score". Trained and registered once, through a DAG, for the
+    deployment tests of every backend."""
+    from airflow_helpers import TEST_DAGS, load_dag, xcom
+
+    registered = {}
+    for scale in (2.0, 3.0, 1.0):
+        dag_run = load_dag(TEST_DAGS, "dnntrain_test_train_tiny").test(run_conf={"scale": scale})
+        assert dag_run.state == "success"
+        registered[scale] = xcom(dag_run, "register")
+    return registered
+
+
 @pytest.fixture(autouse=True)
 def _no_tracking_uri_left_behind():
     """Processes started later (the real-Airflow suites' components and their tasks) inherit this

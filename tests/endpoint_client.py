@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
 
 
 def ask(scoring_uri: str, rows: list, key: str | None) -> tuple[int, list | None, str | None]:
@@ -50,3 +53,35 @@ def assert_switched_once(answers: list[tuple], old: str, new: str) -> None:
     served = [a[2] for a in answers]
     first_new = served.index(new)
     assert set(served[:first_new]) <= {old} and set(served[first_new:]) == {new}
+
+
+@contextlib.contextmanager
+def broken(model: str, version: int) -> Iterator[None]:
+    """The registered TorchScript version's file made garbage (its server cannot load it), meanwhile."""
+    from airflow_provider_dnntrain import tracking
+
+    client = tracking.client(tracking.resolve_tracking_uri())
+    source = urlsplit(client.get_model_version(model, str(version)).source).path
+    model_file = Path(source) / "data" / "model" / "model.pt"
+    kept = model_file.read_bytes()
+    model_file.write_bytes(b"not TorchScript any more")
+    try:
+        yield
+    finally:
+        model_file.write_bytes(kept)
+
+
+def assert_one_holder_at_a_time(first, second, endpoint: str) -> None:
+    """Two servings' ``locked(endpoint)``: the second waits while the first holds it, then gets it."""
+    taken = threading.Event()
+
+    def take_second() -> None:
+        with second.locked(endpoint):
+            taken.set()
+
+    with first.locked(endpoint):
+        waiting = threading.Thread(target=take_second)
+        waiting.start()
+        assert not taken.wait(3), "the lock was taken twice"
+    assert taken.wait(30)
+    waiting.join()

@@ -41,33 +41,40 @@ def validate_kubeflow(obj: dict) -> None:
     model = getattr(models, f"KubeflowOrgV1{obj.get('kind', '')}", None)
     if model is None:
         raise KubeflowSchemaError(f"kind: {obj.get('kind')!r} is not a Kubeflow training job")
-    _check(obj, model.__name__, "", models)
+    check_model(obj, model.__name__, "", models, _REQUIRED)
 
 
-def _check(value, type_name: str, path: str, models) -> None:
+def check_model(value, type_name: str, path: str, models, required: dict, error=None) -> None:
+    """``value`` as the SDK model ``type_name`` of ``models`` describes it (``required``: fields by
+    model name); ``error``: the exception class to raise (default KubeflowSchemaError)."""
+    error = error or KubeflowSchemaError
+    _check(value, type_name, path, models, required, error)
+
+
+def _check(value, type_name: str, path: str, models, required: dict, error) -> None:  # noqa: C901
     scalar = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object}
     if type_name in scalar:
         if not isinstance(value, scalar[type_name]) or (type_name == "int" and isinstance(value, bool)):
-            raise KubeflowSchemaError(f"{path}: {value!r} is not {type_name}")
+            raise error(f"{path}: {value!r} is not {type_name}")
         return
     if type_name == "Quantity":
         if not isinstance(value, (str, int, float)):
-            raise KubeflowSchemaError(f"{path}: {value!r} is not a quantity")
+            raise error(f"{path}: {value!r} is not a quantity")
         return
     if match := re.fullmatch(r"list\[(.+)\]", type_name):
         if not isinstance(value, list):
-            raise KubeflowSchemaError(f"{path}: not a list")
+            raise error(f"{path}: not a list")
         for i, item in enumerate(value):
-            _check(item, match.group(1), f"{path}[{i}]", models)
+            _check(item, match.group(1), f"{path}[{i}]", models, required, error)
         return
     if match := re.fullmatch(r"dict[(\[]str, (.+)[)\]]", type_name):
         if not isinstance(value, dict):
-            raise KubeflowSchemaError(f"{path}: not a map")
+            raise error(f"{path}: not a map")
         for key, item in value.items():
-            _check(item, match.group(1), f"{path}.{key}", models)
+            _check(item, match.group(1), f"{path}.{key}", models, required, error)
         return
     if type_name == "V1PodTemplateSpec":
-        _check_pod_template(value, path)
+        _check_pod_template(value, path, error)
         return
     model = getattr(models, type_name, None)
     if model is None:  # a core type (V1ObjectMeta...): its own model from the kubernetes client
@@ -75,21 +82,21 @@ def _check(value, type_name: str, path: str, models) -> None:
 
         model = getattr(kubernetes.client, type_name)
     if not isinstance(value, dict):
-        raise KubeflowSchemaError(f"{path}: not an object ({type_name})")
+        raise error(f"{path}: not an object ({type_name})")
     by_json = {json_name: attr for attr, json_name in model.attribute_map.items()}
     for key, item in value.items():
         if key not in by_json:
-            raise KubeflowSchemaError(f"{path}.{key}: unknown field of {type_name}")
-        _check(item, model.openapi_types[by_json[key]], f"{path}.{key}".lstrip("."), models)
-    for attr in _REQUIRED.get(type_name, ()):
+            raise error(f"{path}.{key}: unknown field of {type_name}")
+        _check(item, model.openapi_types[by_json[key]], f"{path}.{key}".lstrip("."), models, required, error)
+    for attr in required.get(type_name, ()):
         if model.attribute_map[attr] not in value:
-            raise KubeflowSchemaError(f"{path}.{model.attribute_map[attr]}: required")
+            raise error(f"{path}.{model.attribute_map[attr]}: required")
 
 
-def _check_pod_template(value: dict, path: str) -> None:
+def _check_pod_template(value: dict, path: str, error) -> None:
     template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": value}
     try:
         kubernetes_validate.validate(template, KUBERNETES_VERSION, strict=True)
-    except kubernetes_validate.ValidationError as error:
-        where = ".".join(str(p) for p in list(error.path)[1:])
-        raise KubeflowSchemaError(f"{path}.{where}: {str(error).splitlines()[0]}") from None
+    except kubernetes_validate.ValidationError as failure:
+        where = ".".join(str(p) for p in list(failure.path)[1:])
+        raise error(f"{path}.{where}: {str(failure).splitlines()[0]}") from None

@@ -82,7 +82,7 @@ class SSHHosts:
     count: int = 3
     user: str = field(default_factory=lambda: os.environ.get("USER") or "root")
     hosts: list[SSHHost] = field(default_factory=list)
-    _forwarders: list[_Forwarder] = field(default_factory=list)
+    _forwarders: list[NamespaceForwarder] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         # Unique on the machine while it runs; the subnet can be the same for every set of hosts,
@@ -108,7 +108,7 @@ class SSHHosts:
             self._network()
             for host in self.hosts:
                 self._start_sshd(host)
-                forwarder = _Forwarder(host.namespace, host.address, 22)
+                forwarder = NamespaceForwarder(host.namespace, host.address, 22)
                 self._forwarders.append(forwarder)
                 host.port = forwarder.port
             known = [f"{h.name},{h.address},[127.0.0.1]:{h.port} {h.host_key}\n" for h in self.hosts]
@@ -206,7 +206,7 @@ class SSHHosts:
     def reach(self, host: SSHHost, port: int) -> int:
         """A port on 127.0.0.1 here whose connections reach ``port`` at the host's address (a server
         it runs for the network, such as an endpoint), as a client on the hosts' LAN would."""
-        forwarder = _Forwarder(host.namespace, host.address, port)
+        forwarder = NamespaceForwarder(host.namespace, host.address, port)
         self._forwarders.append(forwarder)
         return forwarder.port
 
@@ -309,7 +309,7 @@ def _wait_for_banner(port: int, timeout: float = 15) -> None:
         time.sleep(0.05)
 
 
-class _Forwarder:
+class NamespaceForwarder:
     """127.0.0.1:port here → address:port inside ``namespace``: each connection is opened by a thread
     that joined the namespace (``setns`` applies to the calling thread only). Once ``cut``, it holds
     every byte in both directions and connects nothing, as a network that lost the host does: connections
@@ -351,8 +351,14 @@ class _Forwarder:
             return
         upstream.settimeout(None)
         self.connections.append(upstream)
-        threading.Thread(target=_pump, args=(upstream, client, self.cut), daemon=True).start()
+        back = threading.Thread(target=_pump, args=(upstream, client, self.cut), daemon=True)
+        back.start()
         _pump(client, upstream, self.cut)
+        back.join()
+        for connection in (client, upstream):  # both ways ended: let go of them
+            with contextlib.suppress(ValueError):
+                self.connections.remove(connection)
+            connection.close()
 
     def close(self) -> None:
         self.closed = True

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pendulum
 import pytest
@@ -96,6 +97,12 @@ def test_example_dags_parse():
     assert set(EXAMPLES) <= set(bag.dag_ids)
     for dag_id in EXAMPLES:
         assert {t.task_id for t in bag.get_dag(dag_id).tasks} == {"train", "register"}
+    canary = bag.get_dag("dnntrain_canary_digits")  # retrain, register, gate, canary, promote
+    order = ["train", "register", "canary", "watch_the_canary", "promote"]
+    assert [t.task_id for t in canary.topological_sort()] == order
+    assert canary.get_task("canary").canary_traffic_percent == 20
+    assert canary.get_task("canary").must_beat == "champion"
+    assert canary.get_task("promote").promote_alias == "champion"
 
 
 @pytest.mark.slow
@@ -246,3 +253,59 @@ def test_retraining_deploys_a_better_version_and_skips_a_worse_one(capfd):
         assert serving.serving == f"digits-ddp/{deployed['model_version']}"  # the champion still serves
     finally:
         LocalServing().undeploy("digits-ddp")
+
+
+@pytest.fixture(scope="module")
+def ssh_host(tmp_path_factory):
+    from ssh_hosts import SSHHosts
+
+    with (
+        SSHHosts(tmp_path_factory.mktemp("ssh") / "hosts", count=1) as hosts,
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        patch.setenv("AIRFLOW_CONN_SSH_EXAMPLES", hosts.airflow_connection(hosts.hosts[0]))
+        yield hosts
+
+
+@pytest.mark.slow
+def test_every_example_model_is_served_locally_and_on_an_ssh_host_answering_as_it_loads(ssh_host, tmp_path):
+    """Each example's latest version (registered by the tests above), rolled out in turn on one endpoint
+    per backend - blue/green, smoke-tested with its input example - answers the digits test split
+    through the endpoint, with the key, exactly as ``mlflow.pyfunc`` predicts in this process."""
+    import mlflow
+    import numpy as np
+    from endpoint_client import ask
+
+    from airflow_provider_dnntrain.backends.serving import ServedVersion, roll_out
+    from airflow_provider_dnntrain.launchers import LocalServing, SSHServing
+    from airflow_provider_dnntrain.operators import smoke
+
+    x_test = _digits_test_split()[0][:64].tolist()
+    key, uri = "example-endpoints-key", tracking.resolve_tracking_uri()
+    backends = {"local": LocalServing(), "ssh": SSHServing(ssh_conn_id="ssh_examples")}
+    try:
+        for model_name in EXAMPLES.values():
+            version = _latest_version(model_name)
+            assert version, f"{model_name} was not registered by the tests above"
+            model_dir = Path(tracking.download_model(uri, model_name, version, tmp_path / model_name))
+            served = ServedVersion(model_name, str(version), model_dir)
+            expected = np.asarray(
+                mlflow.pyfunc.load_model(str(model_dir)).predict(np.asarray(x_test, "float32"))
+            )
+            for where, serving in backends.items():
+                with serving.locked("examples"):
+                    state = roll_out(
+                        serving, "examples", served, smoke.key_hash(key), smoke.check(model_dir, key, None)
+                    )
+                scoring_uri = state.scoring_uri
+                if where == "ssh":  # called on the hosts' network, at the address the endpoint names
+                    port = int(urlsplit(scoring_uri).port)
+                    scoring_uri = f"http://127.0.0.1:{ssh_host.reach(ssh_host.hosts[0], port)}/invocations"
+                status, predictions, answered_by = ask(scoring_uri, x_test, key)
+                assert (status, answered_by) == (200, served.label), where
+                assert np.allclose(predictions, expected, atol=1e-5), (where, model_name)
+                assert ask(scoring_uri, x_test, None)[0] == 401
+    finally:
+        for serving in backends.values():
+            with serving.locked("examples"):
+                serving.undeploy("examples")

@@ -31,16 +31,25 @@ class ServingFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class ServedVersion:
-    """A registered version, as a backend serves it: its files here (an MLflow pyfunc model)."""
+    """A registered version, as a backend serves it: its files here (an MLflow pyfunc model), what it
+    needs, and the registry it is in (for a backend whose servers fetch it themselves)."""
 
     name: str
     version: str
     model_dir: Path
     requirements: tuple[str, ...] = ()
+    framework: str = ""  # "pytorch", "tensorflow" (the version's tag)
+    resources: dict = field(default_factory=dict)  # its resource configuration: cpu, memory_in_gb, gpu
+    registry_uri: str = ""
+    registry_credentials: dict = field(default_factory=dict, repr=False)
 
     @property
     def label(self) -> str:
         return f"{self.name}/{self.version}"
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
 
 
 @dataclass
@@ -53,6 +62,12 @@ class EndpointState:
     serving: str | None  # "<model>/<version>", None before the first switch
     state: str  # "serving", "absent"
     slots: dict[str, str] = field(default_factory=dict)  # slot -> "<model>/<version>"
+    traffic: dict[str, int] = field(default_factory=dict)  # slot -> its share of requests, in percent
+
+    def __post_init__(self) -> None:
+        if not self.traffic and self.serving:
+            active = [slot for slot, label in self.slots.items() if label == self.serving]
+            self.traffic = {active[0]: 100} if active else {}
 
 
 class Serving(ABC):
@@ -80,6 +95,10 @@ class Serving(ABC):
     def switch(self, endpoint: str, slot: str) -> EndpointState:
         """Send the endpoint's traffic to ``slot``."""
 
+    def split(self, endpoint: str, slot: str, percent: int) -> EndpointState:
+        """Send about ``percent`` of the traffic to ``slot``, the rest to what serves (a canary)."""
+        raise ServingFailed(f"canary_traffic_percent: {type(self).__name__} switches all traffic at once")
+
     @abstractmethod
     def stop(self, endpoint: str, slot: str) -> None:
         """Stop a slot's version (not the endpoint)."""
@@ -96,14 +115,41 @@ def roll_out(
     key_hash: str,
     check: Callable[[str], None],
     log: Callable[[str], None] = print,
+    canary_percent: int | None = None,
 ) -> EndpointState:
     """Blue/green: ``version`` started beside what serves, ``check(slot base URL)`` passed (it raises
     ``ServingFailed`` otherwise), then switched to, then the old slots stopped. Serving it already: a
-    no-op. Call with ``serving.locked(endpoint)`` held."""
+    no-op. ``canary_percent`` below 100: about that share of the traffic only, the old version kept
+    serving the rest (a later roll-out of the same version moves it, 100 finishes; with nothing serving
+    yet, it takes all of it). Call with
+    ``serving.locked(endpoint)`` held."""
     now = serving.current(endpoint)
-    if now.serving == version.label:
+    share = 100 if canary_percent is None else canary_percent
+    if now.serving == version.label and len(now.traffic) == 1:
         log(f"Endpoint {endpoint} already serves {version.label}: nothing to do")
         return now
+    slot = next((s for s, label in now.slots.items() if label == version.label and s in now.traffic), None)
+    if slot is None and len(now.traffic) > 1:
+        raise ServingFailed(
+            f"endpoint {endpoint} has a canary in progress ({now.slots}, traffic {now.traffic}): finish it "
+            "(deploy its version with canary_traffic_percent=100) or roll it back (deploy the other) first"
+        )
+    if slot is None:
+        slot = _started_and_checked(serving, endpoint, version, key_hash, check)
+        log(f"Endpoint {endpoint}: {version.label} passed its checks in slot {slot}")
+    if share < 100 and now.traffic:
+        log(f"Endpoint {endpoint}: sending about {share}% of the traffic to {version.label}")
+        return serving.split(endpoint, slot, share)
+    log(f"Endpoint {endpoint}: switching all traffic to {version.label}")
+    serving.switch(endpoint, slot)
+    for old in [s for s in now.slots if s != slot]:
+        serving.stop(endpoint, old)
+    return serving.current(endpoint)
+
+
+def _started_and_checked(
+    serving: Serving, endpoint: str, version: ServedVersion, key_hash: str, check: Callable[[str], None]
+) -> str:
     slot = serving.start(endpoint, version, key_hash)
     try:
         with serving.reaching(endpoint, slot) as base_url:
@@ -111,8 +157,4 @@ def roll_out(
     except BaseException:
         serving.stop(endpoint, slot)
         raise
-    log(f"Endpoint {endpoint}: {version.label} passed its checks in slot {slot}; switching traffic to it")
-    serving.switch(endpoint, slot)
-    for old in [s for s in now.slots if s != slot]:
-        serving.stop(endpoint, old)
-    return serving.current(endpoint)
+    return slot

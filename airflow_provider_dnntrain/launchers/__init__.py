@@ -1,6 +1,6 @@
 """The launchers a DAG names in ``launcher=``: ``from airflow_provider_dnntrain.launchers import
 LocalLauncher, SSHLauncher, KubernetesLauncher``; and where models are served, in ``serving=`` of
-DeployModelOperator: ``LocalServing``, ``SSHServing``.
+DeployModelOperator: ``LocalServing``, ``SSHServing``, ``KubernetesServing``.
 
 Each lives in its backend's package (``backends/local``, ``backends/ssh``, ``backends/kubernetes``) and
 is imported when first named here, so a DAG file that uses one launcher does not pay for the others.
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from airflow_provider_dnntrain.backends.base import Launcher
     from airflow_provider_dnntrain.backends.kubernetes.launcher import KubernetesLauncher
+    from airflow_provider_dnntrain.backends.kubernetes.serving import KubernetesServing
     from airflow_provider_dnntrain.backends.local.launcher import LocalLauncher
     from airflow_provider_dnntrain.backends.local.serving import LocalServing
     from airflow_provider_dnntrain.backends.ssh.launcher import SSHLauncher
@@ -26,8 +27,17 @@ _HOMES = {
     "KubernetesLauncher": "airflow_provider_dnntrain.backends.kubernetes.launcher",
     "LocalServing": "airflow_provider_dnntrain.backends.local.serving",
     "SSHServing": "airflow_provider_dnntrain.backends.ssh.serving",
+    "KubernetesServing": "airflow_provider_dnntrain.backends.kubernetes.serving",
 }
-__all__ = ["KubernetesLauncher", "Launcher", "LocalLauncher", "LocalServing", "SSHLauncher", "SSHServing"]
+__all__ = [
+    "KubernetesLauncher",
+    "KubernetesServing",
+    "Launcher",
+    "LocalLauncher",
+    "LocalServing",
+    "SSHLauncher",
+    "SSHServing",
+]
 
 
 def __getattr__(name: str):

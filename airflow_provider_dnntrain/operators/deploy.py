@@ -3,6 +3,7 @@ registry), and take an endpoint down."""
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import tempfile
@@ -45,10 +46,14 @@ class DeployModelOperator(BaseOperator):
     check stops it, leaves the old version serving and fails the task. Serving it already: nothing
     happens. ``promote_alias`` then points the registry's alias at it. ``must_beat="champion"`` with
     ``metric=``: deploy only if the version's run beat that alias's on the metric, else skip.
+    ``canary_traffic_percent`` (Kubernetes): about that share of the requests only, the old version
+    serving the rest; a later deploy of the same version moves it, and 100 finishes (then the alias
+    moves). Deploying the other version rolls the canary back.
 
-    ``serving=``: where (``LocalServing()`` by default; a process on this worker's host that outlives
-    the task). Returns the endpoint: ``scoring_uri``, ``health_uri``, model, version, run ids, state and
-    ``key_variable``, the Airflow Variable with the endpoint's key (``Authorization: Bearer <key>``).
+    ``serving=``: where (``LocalServing()`` by default, a process on this worker's host that outlives
+    the task; ``SSHServing``; ``KubernetesServing``). Returns the endpoint: ``scoring_uri``,
+    ``health_uri``, model, version, run ids, state, ``traffic`` and ``key_variable``, the Airflow
+    Variable with the endpoint's key (``Authorization: Bearer <key>``).
     """
 
     template_fields: Sequence[str] = (
@@ -58,6 +63,7 @@ class DeployModelOperator(BaseOperator):
         "must_beat",
         "metric",
         "tracking_uri",
+        "canary_traffic_percent",
     )
     ui_color = "#d6eaf8"
 
@@ -72,6 +78,7 @@ class DeployModelOperator(BaseOperator):
         must_beat: str | None = None,
         metric: str | None = None,
         greater_is_better: bool = True,
+        canary_traffic_percent: int | str | None = None,
         tracking_uri: str | None = None,
         tracking_conn_id: str | None = tracking.DEFAULT_CONN_ID,
         **kwargs: Any,
@@ -92,13 +99,21 @@ class DeployModelOperator(BaseOperator):
         self.must_beat = must_beat
         self.metric = metric
         self.greater_is_better = greater_is_better
+        self.canary_traffic_percent = canary_traffic_percent
+        if not isinstance(canary_traffic_percent, str):
+            _percent(canary_traffic_percent)
         self.tracking_uri = tracking_uri
         self.tracking_conn_id = tracking_conn_id
 
     def execute(self, context) -> dict[str, Any]:
+        target = tracking.resolve_target(self.tracking_uri, self.tracking_conn_id)
+        with target.credentials_in_env():
+            return self._deploy(context, target)
+
+    def _deploy(self, context, target: tracking.TrackingTarget) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        uri = tracking.resolve_tracking_uri(self.tracking_uri, self.tracking_conn_id)
+        uri = target.uri
         client = tracking.client(uri)
         version = resolve_version(client, self.model)
         if self.must_beat and (reason := self._short_of(client, version)):
@@ -113,12 +128,22 @@ class DeployModelOperator(BaseOperator):
                     "model_format='files'?); register it with its format to serve it"
                 )
             served = ServedVersion(
-                version.name, version.version, model_dir, tuple(version.tags.get("requirements", "").split())
+                version.name,
+                version.version,
+                model_dir,
+                requirements=tuple(version.tags.get("requirements", "").split()),
+                framework=version.tags.get("framework", ""),
+                resources=json.loads(version.tags.get("resource_configuration") or "{}"),
+                registry_uri=uri,
+                registry_credentials=dict(target.credentials),
             )
             check = smoke.check(model_dir, key, self.smoke_test)
             with serving.locked(self.endpoint):
-                state = roll_out(serving, self.endpoint, served, smoke.key_hash(key), check, self.log.info)
-        if self.promote_alias:
+                state = roll_out(
+                    serving, self.endpoint, served, smoke.key_hash(key), check, self.log.info,
+                    canary_percent=_percent(self.canary_traffic_percent),
+                )  # fmt: skip
+        if self.promote_alias and state.serving == served.label and len(state.traffic) == 1:
             client.set_registered_model_alias(version.name, self.promote_alias, version.version)
             self.log.info(
                 "Alias %s of %s now points at version %s", self.promote_alias, version.name, version.version
@@ -132,6 +157,7 @@ class DeployModelOperator(BaseOperator):
             "run_id": version.tags.get("dnntrain.run_id", version.run_id),
             "tracking_run_id": version.run_id,
             "state": state.state,
+            "traffic": {state.slots[slot]: share for slot, share in state.traffic.items()},
             "key_variable": key_variable(self.endpoint),
         }
         self.log.info("Endpoint %s serves %s at %s", self.endpoint, state.serving, state.scoring_uri)
@@ -220,6 +246,19 @@ def _model_uri(model: str) -> re.Match:
     if not match:
         raise ValueError(f"model: {model!r} is not models:/<name>/<version> nor models:/<name>@<alias>")
     return match
+
+
+def _percent(value: int | str | None) -> int | None:
+    """``canary_traffic_percent`` as a number from 1 to 100 (None: all the traffic at once)."""
+    if value in (None, ""):
+        return None
+    try:
+        percent = int(value)
+    except (TypeError, ValueError):
+        percent = -1
+    if not 0 < percent <= 100:
+        raise ValueError(f"canary_traffic_percent: {value!r} is not a whole number from 1 to 100")
+    return percent
 
 
 def _outlet(endpoint: str) -> Asset | AssetAlias:

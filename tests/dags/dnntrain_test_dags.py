@@ -124,7 +124,12 @@ with DAG("dnntrain_test_train_tiny", schedule=None, start_date=START, params={"s
         entry_script="tiny_model.py",
         arguments=["{{ params.scale }}"],
     )
-    RegisterModelOperator(task_id="register", run_id=train.output, model_name="tiny-served")
+    RegisterModelOperator(
+        task_id="register",
+        run_id=train.output,
+        model_name="tiny-served",
+        resource_configuration=ResourceConfiguration(cpu=0.5, memory_in_gb=1),  # a pod's resources
+    )
 
 MODEL_FROM_CONF = {"model": "models:/tiny-served/1"}
 with DAG("dnntrain_test_deploy", schedule=None, start_date=START, params=MODEL_FROM_CONF):

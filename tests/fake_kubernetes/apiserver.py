@@ -40,6 +40,7 @@ from pathlib import Path
 from aiohttp import web
 from fake_kubelet import KINDS, Cluster, status_error  # beside this script, on its path
 from fake_scheduler import FakeScheduler
+from fake_serving import connect_in_namespace
 from fake_store import TOKEN
 from faults import Faults, Rbac, middleware, owner_references_allowed
 from faults import routes as fault_routes
@@ -145,9 +146,14 @@ def routes(cluster: Cluster, faults: Faults, rbac: Rbac) -> web.Application:
             obj = cluster.store.objects.get(key)
             if obj is None:
                 return status_error(404, "NotFound", f'{scope[2]} "{key[3]}" not found')
+            old_spec = json.loads(json.dumps(obj.get("spec")))
             _merge(obj, await request.json())
             cluster.store.put(key, obj, "MODIFIED")
+            if scope[2] == "deployments":
+                cluster.deployment_changed(key, old_spec)
             return web.json_response(obj)
+        if request.method == "PUT":
+            return cluster.replace(key, await request.json())
         return status_error(405, "MethodNotAllowed", request.method)
 
     async def pod_log(request: web.Request) -> web.StreamResponse:
@@ -258,6 +264,42 @@ def routes(cluster: Cluster, faults: Faults, rbac: Rbac) -> web.Application:
         await socket_.close()
         return socket_
 
+    async def pod_port_forward(request: web.Request) -> web.StreamResponse:
+        """One connection to the pod's port per websocket: channel 0 its data, 1 its errors, each
+        opened with a frame naming the port (little-endian), as the API server's v4 protocol does."""
+        key = ("api/v1", request.match_info["namespace"], "pods", request.match_info["name"])
+        runtime = cluster.runtimes.get(key)
+        port = int(request.query.get("ports", "0").split(",")[0])
+        if runtime is None or runtime.ip is None:
+            return status_error(400, "BadRequest", f'pod "{key[3]}" is not running')
+        socket_ = web.WebSocketResponse(protocols=("v4.channel.k8s.io", "v5.channel.k8s.io"))
+        await socket_.prepare(request)
+        opening = port.to_bytes(2, "little")
+        await socket_.send_bytes(b"\x00" + opening)
+        await socket_.send_bytes(b"\x01" + opening)
+        try:
+            sock = await asyncio.to_thread(connect_in_namespace, cluster.bridge, (runtime.ip, port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except OSError as error:
+            await socket_.send_bytes(b"\x01" + f"connection refused: {error}".encode())
+            await socket_.close()
+            return socket_
+
+        async def from_pod() -> None:
+            while data := await reader.read(65536):
+                await socket_.send_bytes(b"\x00" + data)
+            await socket_.close()
+
+        async def to_pod() -> None:
+            async for message in socket_:
+                if message.type == web.WSMsgType.BINARY and message.data[:1] == b"\x00":
+                    writer.write(message.data[1:])
+                    await writer.drain()
+            writer.close()
+
+        await asyncio.gather(from_pod(), to_pod(), return_exceptions=True)
+        return socket_
+
     async def evict(request: web.Request) -> web.Response:
         key = ("api/v1", request.match_info["namespace"], "pods", request.match_info["name"])
         message = "The node was low on resource: memory. Threshold quantity: 100Mi, available: 20Mi."
@@ -281,6 +323,7 @@ def routes(cluster: Cluster, faults: Faults, rbac: Rbac) -> web.Application:
         app.router.add_route("*", base + "/{name}", item)
     app.router.add_get("/api/v1/namespaces/{namespace}/pods/{name}/{sub:log}", pod_log)
     app.router.add_route("*", "/api/v1/namespaces/{namespace}/pods/{name}/{sub:exec}", pod_exec)
+    app.router.add_get("/api/v1/namespaces/{namespace}/pods/{name}/{sub:portforward}", pod_port_forward)
     app.router.add_post("/fake/evict/{namespace}/{name}", evict)
     app.router.add_get("/fake/requests", requests_made)
     app.router.add_get("/fake/memory", memory_peaks)

@@ -22,6 +22,7 @@ import kubernetes_validate
 from aiohttp import web
 from fake_limits import MemoryCgroups, admit
 from fake_network import GATEWAY, PodNetwork, namespace_pids
+from fake_serving import APPS, ServingControllers
 from fake_store import TOKEN, Store, expand, log_timestamp, now_rfc3339
 from fake_training_operator import GROUP as KUBEFLOW_GROUP
 from fake_training_operator import KINDS as KUBEFLOW_KINDS
@@ -78,11 +79,12 @@ class PodRuntime:
         self.task: asyncio.Task | None = None
         self.volume_sync: asyncio.Task | None = None
         self.deadline: asyncio.Task | None = None  # ends the pod at its activeDeadlineSeconds
+        self.readiness: asyncio.Task | None = None  # probes its containers' readiness
         self.terminating = False
         self.evicted = False
 
 
-class Cluster(PodNetwork, TrainingOperator):
+class Cluster(PodNetwork, TrainingOperator, ServingControllers):
     def __init__(
         self,
         root: Path,
@@ -104,6 +106,7 @@ class Cluster(PodNetwork, TrainingOperator):
         self.bridge = f"{prefix}-br"
         self.memory = MemoryCgroups(f"{prefix}-{os.getpid()}")
         self.memory_peaks: dict[str, int] = {}  # "namespace/pod/container" -> most bytes it used
+        self.services_running: dict = {}
 
     # -- the kubelet ------------------------------------------------------------------------------
 
@@ -113,6 +116,7 @@ class Cluster(PodNetwork, TrainingOperator):
             return
         pod.setdefault("status", {}).update(changes)
         self.store.put(key, pod, "MODIFIED")
+        self.pod_status_changed(pod)
 
     def container_statuses(self, pod: dict, state_of) -> list[dict]:
         statuses = []
@@ -175,6 +179,9 @@ class Cluster(PodNetwork, TrainingOperator):
             conditions=[*scheduled, {"type": "Ready", "status": "True"}],
             containerStatuses=self.container_statuses(pod, lambda _: running),
         )
+        if probes := self.readiness_probes(pod):  # ready once its servers answer
+            self.set_readiness(key, {name: False for name in probes})
+            runtime.readiness = asyncio.create_task(self.probe_readiness(key, runtime, probes))
         await asyncio.gather(
             *(self.watch_container(runtime, c, started) for c in runtime.containers.values())
         )
@@ -305,6 +312,19 @@ class Cluster(PodNetwork, TrainingOperator):
             "KUBERNETES_SERVICE_HOST": GATEWAY,
             "KUBERNETES_SERVICE_PORT": str(self.api_port),
         }
+        for source in container.get("envFrom") or []:  # every key of a Secret or ConfigMap; env wins
+            kind, ref = (
+                ("secrets", source["secretRef"])
+                if "secretRef" in source
+                else ("configmaps", source["configMapRef"])
+            )
+            found = self.store.objects.get(("api/v1", namespace, kind, ref["name"]))
+            if found is None:
+                if ref.get("optional"):
+                    continue
+                raise LookupError(f'{kind[:-1]} "{ref["name"]}" not found')
+            for name, value in (found.get("data") or {}).items():
+                env[name] = base64.b64decode(value).decode() if kind == "secrets" else value
         for item in container.get("env") or []:
             if "value" in item:
                 env[item["name"]] = expand(item["value"], env)
@@ -499,14 +519,8 @@ class Cluster(PodNetwork, TrainingOperator):
         name = meta.get("name")
         if not name:
             return status_error(422, "Invalid", f"{plural}: metadata.name: Required value")
-        if prefix == "api/v1":
-            try:
-                kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
-            except kubernetes_validate.ValidationError as error:
-                message = str(error).splitlines()[0]
-                return status_error(
-                    422, "Invalid", f'{KINDS.get(plural, plural)} "{name}" is invalid: {message}'
-                )
+        if refused := _invalid(prefix, plural, name, obj):
+            return refused
         training_job = prefix == KUBEFLOW_GROUP and plural in KUBEFLOW_KINDS
         if prefix.startswith("apis/kubeflow.org/") and not (training_job and self.training_operator):
             return status_error(404, "NotFound", "the server could not find the requested resource")
@@ -516,6 +530,8 @@ class Cluster(PodNetwork, TrainingOperator):
         key = (prefix, namespace, plural, name)
         if key in self.store.objects:
             return status_error(409, "AlreadyExists", f'{plural} "{name}" already exists')
+        if plural == "secrets":
+            _fold_string_data(obj)
         meta.update(namespace=namespace, uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339())
         if plural == "pods" and (refused := admit(obj, self.limit_ranges(namespace))):
             code, message = refused
@@ -534,9 +550,38 @@ class Cluster(PodNetwork, TrainingOperator):
             runtime.task = asyncio.create_task(self.run_pod(key))
         if plural == "services":
             self.publish_names(namespace)
+            asyncio.ensure_future(self.service_created(key))
+        if prefix == APPS and plural == "deployments":
+            self.deployment_changed(key, None)
         if training_job and self.training_operator == "run":
             self.start_training_job(key)
         return web.json_response(obj, status=201)
+
+    def replace(self, key: tuple, obj: dict) -> web.Response:
+        """PUT: the object as sent, with what the server keeps (uid, creation, a Service's address)."""
+        current = self.store.objects.get(key)
+        if current is None:
+            return status_error(404, "NotFound", f'{key[2]} "{key[3]}" not found')
+        if refused := _invalid(key[0], key[2], key[3], obj):
+            return refused
+        meta = obj.setdefault("metadata", {})
+        for kept in ("uid", "creationTimestamp", "generation"):
+            if kept in current["metadata"]:
+                meta[kept] = current["metadata"][kept]
+        meta["namespace"] = key[1]
+        if key[2] == "secrets":
+            _fold_string_data(obj)
+        if key[2] == "services":
+            for kept in ("clusterIP", "clusterIPs"):
+                if kept in current["spec"]:
+                    obj["spec"][kept] = current["spec"][kept]
+        if "status" in current:
+            obj.setdefault("status", current["status"])
+        old_spec = current.get("spec")
+        self.store.put(key, obj, "MODIFIED")
+        if key[2] == "deployments":
+            self.deployment_changed(key, old_spec)
+        return web.json_response(obj)
 
     def limit_ranges(self, namespace: str) -> list[dict]:
         return [o for k, o in self.store.objects.items() if k[:3] == ("api/v1", namespace, "limitranges")]
@@ -554,6 +599,8 @@ class Cluster(PodNetwork, TrainingOperator):
             asyncio.create_task(self.terminate(key, grace))
         else:
             self.store.remove(key)
+            if key[2] == "services":
+                await self.service_deleted(key)
         await self.collect_garbage(obj["metadata"]["uid"])
         return obj
 
@@ -565,3 +612,21 @@ class Cluster(PodNetwork, TrainingOperator):
         ]
         for key in dependents:
             await self.delete(key)
+
+
+def _invalid(prefix: str, plural: str, name: str, obj: dict) -> web.Response | None:
+    """Admission of a core or apps object: kubernetes-validate (strict) for the cluster's version."""
+    if prefix not in ("api/v1", APPS):
+        return None
+    try:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        message = str(error).splitlines()[0]
+        return status_error(422, "Invalid", f'{KINDS.get(plural, plural)} "{name}" is invalid: {message}')
+    return None
+
+
+def _fold_string_data(secret: dict) -> None:
+    """``stringData`` into ``data`` (base64), as the API server stores a Secret."""
+    for name, value in (secret.pop("stringData", None) or {}).items():
+        secret.setdefault("data", {})[name] = base64.b64encode(value.encode()).decode()

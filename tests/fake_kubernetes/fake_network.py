@@ -95,6 +95,7 @@ class PodNetwork:
                 if chosen and name != pod["spec"].get("subdomain") and _selects(chosen, labels):
                     names += [f"{name}.{namespace}.svc.cluster.local", f"{name}.{namespace}.svc", name]
             lines.append(f"{runtime.ip} {' '.join(dict.fromkeys(names))}")
+        lines += self.cluster_ip_names(namespace)
         text = "\n".join(lines) + "\n"
         for runtime in self.runtimes.values():
             if runtime.key[1] == namespace and runtime.netns:

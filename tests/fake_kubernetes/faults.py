@@ -85,7 +85,7 @@ def _matches(allowed: list[str], value: str) -> bool:
 def verb_of(request: web.Request) -> str:
     info = request.match_info
     if request.method == "GET":
-        if info.get("sub") == "exec":  # a websocket upgrade: Kubernetes 1.31+ authorizes it as create
+        if info.get("sub") in ("exec", "portforward"):  # a websocket upgrade: authorized as create
             return "create"
         if "name" in info:
             return "get"

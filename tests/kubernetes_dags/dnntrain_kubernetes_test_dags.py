@@ -8,8 +8,13 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import DAG
 
-from airflow_provider_dnntrain.launchers import KubernetesLauncher
-from airflow_provider_dnntrain.operators import PyTorchTrainOperator, RegisterModelOperator
+from airflow_provider_dnntrain.launchers import KubernetesLauncher, KubernetesServing
+from airflow_provider_dnntrain.operators import (
+    DeployModelOperator,
+    PyTorchTrainOperator,
+    RegisterModelOperator,
+    UndeployModelOperator,
+)
 from airflow_provider_dnntrain.spec import TorchDistributed
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
@@ -54,3 +59,22 @@ for dag_id, kubeflow in (("dnntrain_kubernetes_deferred", False), ("dnntrain_kub
             deferrable=True,
             tracking=False,
         )
+
+
+# -- deployment on the cluster ------------------------------------------------------------------------
+
+SERVING = KubernetesServing(kubernetes_conn_id="kubernetes_fake", startup_timeout=120, api_request_timeout=5)
+DEPLOY_CONF = {"model": "models:/tiny-served/1", "canary": ""}
+
+with DAG("dnntrain_kubernetes_deploy", schedule=None, start_date=START, params=DEPLOY_CONF):
+    DeployModelOperator(
+        task_id="deploy",
+        model="{{ params.model }}",
+        endpoint="tiny-k8s",
+        serving=SERVING,
+        canary_traffic_percent="{{ params.canary }}",
+        promote_alias="k8s-champion",
+    )
+
+with DAG("dnntrain_kubernetes_undeploy", schedule=None, start_date=START):
+    UndeployModelOperator(task_id="undeploy", endpoint="tiny-k8s", serving=SERVING)

@@ -14,7 +14,6 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import endpoint_client
 import pytest
@@ -28,14 +27,8 @@ ROWS = [[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]]  # sums 6 and 4
 
 
 @pytest.fixture(scope="module")
-def versions(airflow_db):
-    """Versions of "tiny-served" by scale, trained and registered through a DAG."""
-    registered = {}
-    for scale in (2.0, 3.0, 1.0):
-        dag_run = load_dag(TEST_DAGS, "dnntrain_test_train_tiny").test(run_conf={"scale": scale})
-        assert dag_run.state == "success"
-        registered[scale] = xcom(dag_run, "register")
-    yield registered
+def versions(tiny_versions):
+    yield tiny_versions
     LocalServing().undeploy("tiny")  # what a failed test left
 
 
@@ -110,10 +103,8 @@ def test_a_version_short_of_the_champions_metric_is_skipped(versions, capfd):
 
 
 def test_a_version_that_cannot_start_is_refused_and_the_old_one_keeps_serving(versions, capfd):
-    client = tracking.client(tracking.resolve_tracking_uri())
-    source = urlsplit(client.get_model_version("tiny-served", str(versions[1.0])).source).path
-    (Path(source) / "data" / "model" / "model.pt").write_bytes(b"not TorchScript any more")
-    dag_run = deploy(versions[1.0])
+    with endpoint_client.broken("tiny-served", versions[1.0]):
+        dag_run = deploy(versions[1.0])
     assert task_instance(dag_run, "deploy").state == "failed"
     assert "the new version never answered /ping" in "".join(capfd.readouterr())
     assert ask(scoring_uri(), endpoint_key()) == (200, [[18.0], [12.0]], f"tiny-served/{versions[3.0]}")

@@ -10,6 +10,8 @@ prints one JSON value.
 - ``reload FOLDER``: tell the supervisor to read ``desired.json`` again;
 - ``ping PORT``: whether a server answers ``GET /ping`` on this host's loopback at ``PORT``;
 - ``requirements JSON``: which of the pinned requirements this interpreter (the one serving) lacks;
+- ``environment ROOT JSON [UV_SETTINGS]``: this interpreter's packages plus those requirements, in an
+  environment built once per content (``environments.py``, as jobs' are), cached under ``ROOT``;
 - ``undeploy FOLDER``: end the supervisor (and with it every server) and remove the folder;
 - ``lock ROOT ENDPOINT``: hold the endpoint's lock until standard input ends (the deploy task's SSH
   channel closing), printing ``"locked"`` once it is held.
@@ -33,10 +35,11 @@ import time
 import urllib.request
 
 if __package__:
-    from airflow_provider_dnntrain.backends.common import endpoint_supervisor
+    from airflow_provider_dnntrain.backends.common import endpoint_supervisor, environments
 else:  # run by path on a host, beside endpoint_supervisor.py; -I leaves this folder off the path
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import endpoint_supervisor
+    import environments
 
 SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "endpoint_supervisor.py")
 CARRIED_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR")  # nothing of the caller's secrets
@@ -156,8 +159,8 @@ def ping(port: str) -> bool:
         return False
 
 
-def requirements(lines_json: str) -> list[str]:
-    """``"<requirement> (here: <version>)"`` for each pinned requirement this interpreter lacks."""
+def requirements(lines_json: str) -> list[list[str]]:
+    """``[requirement, version here or ""]`` for each pinned requirement this interpreter lacks."""
     import importlib.metadata
 
     missing = []
@@ -168,8 +171,20 @@ def requirements(lines_json: str) -> list[str]:
         except importlib.metadata.PackageNotFoundError:
             installed = None
         if installed is None or not wanted(installed):
-            missing.append(f"{line} (here: {installed or 'not installed'})")
+            missing.append([line, installed or ""])
     return missing
+
+
+def environment(root: str, lines_json: str, uv_settings_json: str = "{}") -> dict:
+    """An environment of this interpreter's packages plus the requirements it lacks, built once per
+    content and cached under ``root`` like jobs' environments: ``{"python", "key", "built"}``."""
+    try:
+        built = environments.ensure_environment(
+            root, sys.executable, json.loads(lines_json), "", json.loads(uv_settings_json)
+        )
+    except environments.EnvironmentBuildFailed as error:
+        raise AgentError(f"the model's environment could not be built: {error}") from None
+    return {"python": built["python"], "key": built["key"], "built": built["built"]}
 
 
 def _parsed(line: str):
@@ -212,6 +227,7 @@ COMMANDS = {
     "reload": reload,
     "ping": ping,
     "requirements": requirements,
+    "environment": environment,
     "undeploy": undeploy,
     "lock": lock,
 }

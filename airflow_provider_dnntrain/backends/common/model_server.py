@@ -6,7 +6,10 @@ which say nothing about the model): a Kubernetes probe or a load balancer cannot
 process gets the key's SHA-256 (``DNNTRAIN_ENDPOINT_KEY_SHA256``), never the key. Standard library at
 module level: it runs by path in the model's own environment (MLflow, uvicorn and the framework).
 
-Run: ``python model_server.py MODEL_DIR FD``
+Run: ``python model_server.py MODEL_DIR FD`` (a listening socket handed over), or ``MODEL_DIR
+--port=PORT`` (its own, on every address: a pod's); ``python model_server.py fetch MODEL_URI DIR``
+downloads a registered version (``models:/<name>/<version>``) from the registry ``MLFLOW_TRACKING_URI``
+names into ``DIR`` (a pod's init container).
 """
 
 from __future__ import annotations
@@ -74,5 +77,24 @@ def main(model_dir: str, listener: socket.socket) -> None:
     uvicorn.Server(config).run(sockets=[listener])
 
 
+def fetch(model_uri: str, into: str) -> None:
+    import tempfile
+
+    import mlflow.artifacts
+
+    parent = os.path.dirname(os.path.abspath(into))
+    with tempfile.TemporaryDirectory(dir=parent) as work:
+        os.rename(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=work), into)
+
+
+def _listener(argument: str) -> socket.socket:
+    if argument.startswith("--port="):
+        return socket.create_server(("", int(argument.split("=", 1)[1])), backlog=1024)
+    return socket.socket(fileno=int(argument))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], socket.socket(fileno=int(sys.argv[2])))
+    if sys.argv[1] == "fetch":
+        fetch(sys.argv[2], sys.argv[3])
+    else:
+        main(sys.argv[1], _listener(sys.argv[2]))

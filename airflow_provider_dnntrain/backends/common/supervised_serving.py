@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from abc import abstractmethod
 from collections.abc import Callable
@@ -27,14 +28,28 @@ _EMPTY = {"active": None, "slots": {}}
 
 class SupervisedServing(Serving):
     """An endpoint per folder under ``root`` on one host, at ``host`` (the address it listens on) and
-    ``port`` (None: a free one, kept by the endpoint)."""
+    ``port`` (None: a free one, kept by the endpoint). A version whose pinned requirements the serving
+    interpreter lacks is served from an environment of its packages plus those, built with ``uv``
+    once per content and cached (``build_environments=False``: refused instead; ``uv_settings``:
+    ``UV_*`` variables of the builds, as the launchers take them)."""
 
     poll_seconds = 0.1
 
-    def __init__(self, *, host: str, port: int | None, startup_timeout: float) -> None:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int | None,
+        startup_timeout: float,
+        build_environments: bool = True,
+        uv_settings: dict | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.startup_timeout = startup_timeout
+        self.build_environments = build_environments
+        self.uv_settings = dict(uv_settings or {})
+        self.log: Callable[[str], None] = logging.getLogger(__name__).info
 
     # -- what a backend provides ------------------------------------------------------------------
 
@@ -46,6 +61,10 @@ class SupervisedServing(Serving):
     @abstractmethod
     def python(self) -> str:
         """The interpreter that serves, on the host."""
+
+    @abstractmethod
+    def environments_root(self) -> str:
+        """Where models' environments are built and cached on the host."""
 
     @abstractmethod
     def _agent(self, command: str, *args: str):
@@ -128,22 +147,38 @@ class SupervisedServing(Serving):
         )
 
     def start(self, endpoint: str, version: ServedVersion, key_hash: str) -> str:
-        missing = self._agent("requirements", json.dumps(list(version.requirements)))
-        if missing:
-            raise ServingFailed(
-                f"{version.label} needs what the serving interpreter ({self.python}) lacks: "
-                f"{', '.join(missing)}; serve it where its requirements are installed"
-            )
+        python = self._interpreter_for(version)
         self._ensure_supervisor(endpoint, key_hash)
         slot = self._free_slot(endpoint)
         model_dir = f"{self.folder_path(endpoint)}/versions/{version.name}-{version.version}"
         self._upload(version.model_dir, model_dir)
-        spec = {"python": self.python, "model_dir": model_dir, "version": version.label}
+        spec = {"python": python, "model_dir": model_dir, "version": version.label}
         self._want(endpoint, lambda desired: desired["slots"].__setitem__(slot, spec))
         started = lambda s: s.get("slots", {}).get(slot, {}).get("version") == version.label  # noqa: E731
         self._wait(endpoint, started, f"slot {slot}")
         self._wait_for_probe(endpoint, slot)
         return slot
+
+    def _interpreter_for(self, version: ServedVersion) -> str:
+        """The serving interpreter, or, when it lacks some of the version's pinned requirements, an
+        environment of its packages plus those (built once per content, cached on the host)."""
+        missing = self._agent("requirements", json.dumps(list(version.requirements)))
+        if not missing:
+            return self.python
+        said = ", ".join(f"{line} (here: {here or 'not installed'})" for line, here in missing)
+        if not self.build_environments:
+            raise ServingFailed(
+                f"{version.label} needs what the serving interpreter ({self.python}) lacks: {said}; "
+                "serve it where its requirements are installed, or let environments be built"
+            )
+        started = time.monotonic()
+        built = self._agent("environment", self.environments_root(), json.dumps([m[0] for m in missing]),
+                            json.dumps(self.uv_settings))  # fmt: skip
+        self.log(
+            f"{version.label} needs {said}: environment {built['key']} "
+            f"{'built' if built['built'] else 'reused'} in {time.monotonic() - started:.1f} s"
+        )
+        return built["python"]
 
     def _free_slot(self, endpoint: str) -> str:
         """The slot that does not take the traffic (whatever an interrupted deploy left there goes)."""

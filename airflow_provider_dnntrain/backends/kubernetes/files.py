@@ -18,6 +18,9 @@ from airflow_provider_dnntrain.source import snapshot as copy_snapshot
 from airflow_provider_dnntrain.spec import TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan
 
+# The servers' images by a version's framework: the training images, which have MLflow too.
+SERVING_IMAGES = {"pytorch": "dnntrain-torch:cpu", "tensorflow": "dnntrain-tensorflow:cpu"}
+
 
 def default_image(job: TrainingJob) -> str:
     """The project's training images (``make images``): ``dnntrain-{torch,tensorflow}:{cpu,gpu}``."""

@@ -22,7 +22,8 @@ from airflow_provider_dnntrain.backends.serving import ServingFailed, checked_en
 
 class LocalServing(SupervisedServing):
     """Models served on this worker's host, at ``host`` (``127.0.0.1``: this host only; ``0.0.0.0``:
-    every address) and ``port`` (None: a free one, kept by the endpoint), by this worker's interpreter."""
+    every address) and ``port`` (None: a free one, kept by the endpoint), by this worker's interpreter
+    (or an environment of its packages plus a version's requirements it lacks)."""
 
     def __init__(
         self,
@@ -31,9 +32,16 @@ class LocalServing(SupervisedServing):
         port: int | None = None,
         root: str | Path | None = None,
         startup_timeout: float = 180,
+        build_environments: bool = True,
+        uv_settings: dict | None = None,
+        environments_root: str | Path | None = None,
     ) -> None:
-        super().__init__(host=host, port=port, startup_timeout=startup_timeout)
+        super().__init__(
+            host=host, port=port, startup_timeout=startup_timeout,
+            build_environments=build_environments, uv_settings=uv_settings,
+        )  # fmt: skip
         self.root = Path(root) if root else beside_runs("endpoints")
+        self._environments = Path(environments_root) if environments_root else beside_runs("environments")
 
     def folder(self, endpoint: str) -> Path:
         return self.root / checked_endpoint(endpoint)
@@ -44,6 +52,9 @@ class LocalServing(SupervisedServing):
     @property
     def python(self) -> str:
         return sys.executable
+
+    def environments_root(self) -> str:
+        return str(self._environments)  # the launcher's: jobs and models share built environments
 
     def locked(self, endpoint: str) -> contextlib.AbstractContextManager:
         return endpoint_agent.locked(str(self.root), checked_endpoint(endpoint))

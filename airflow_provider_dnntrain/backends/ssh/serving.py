@@ -12,15 +12,20 @@ import contextlib
 import json
 import posixpath
 import shlex
-import socket
 import sys
-import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from airflow_provider_dnntrain.backends.common import endpoint_agent, endpoint_supervisor, model_server
+from airflow_provider_dnntrain.backends.common import (
+    endpoint_agent,
+    endpoint_supervisor,
+    environments,
+    host_cache,
+    model_server,
+)
 from airflow_provider_dnntrain.backends.common.supervised_serving import SupervisedServing
+from airflow_provider_dnntrain.backends.common.tunnels import local_forward
 from airflow_provider_dnntrain.backends.serving import ServingFailed, checked_endpoint
 from airflow_provider_dnntrain.backends.ssh.remote import (
     HostUnreachable,
@@ -29,7 +34,7 @@ from airflow_provider_dnntrain.backends.ssh.remote import (
     hosts_from_connections,
 )
 
-_SHIPPED = (endpoint_agent, endpoint_supervisor, model_server)
+_SHIPPED = (endpoint_agent, endpoint_supervisor, model_server, environments, host_cache)
 COMMAND_TIMEOUT_SECONDS = 90
 
 
@@ -40,7 +45,9 @@ class SSHServing(SupervisedServing):
     ``address`` (else its host). ``python``: the serving interpreter on the host, with MLflow and the
     model's framework (default: the connection's extra ``python``, else this worker's path).
     ``root``: the endpoints' folders on the host (relative: to the home), one folder per host name
-    within it, so that hosts sharing a home do not share endpoints."""
+    within it, so that hosts sharing a home do not share endpoints. A version's requirements the
+    interpreter lacks: an environment built on the host (``uv_settings``), as the launcher builds jobs'.
+    """
 
     poll_seconds = 0.2
 
@@ -54,8 +61,13 @@ class SSHServing(SupervisedServing):
         python: str | None = None,
         root: str = ".dnntrain/endpoints",
         startup_timeout: float = 180,
+        build_environments: bool = True,
+        uv_settings: dict | None = None,
     ) -> None:
-        super().__init__(host=host, port=port, startup_timeout=startup_timeout)
+        super().__init__(
+            host=host, port=port, startup_timeout=startup_timeout,
+            build_environments=build_environments, uv_settings=uv_settings,
+        )  # fmt: skip
         self.ssh_conn_id = ssh_conn_id
         self.on_host = on_host
         self.python_path = python
@@ -68,6 +80,7 @@ class SSHServing(SupervisedServing):
         return SSHServing(
             ssh_conn_id=self.ssh_conn_id, on_host=self.on_host, host=self.host, port=self.port,
             python=self.python_path, root=self.root, startup_timeout=self.startup_timeout,
+            build_environments=self.build_environments, uv_settings=self.uv_settings,
         )  # fmt: skip
 
     # -- the host -------------------------------------------------------------------------------------
@@ -98,6 +111,11 @@ class SSHServing(SupervisedServing):
     @property
     def python(self) -> str:
         return self.python_path or self._host().spec.python or sys.executable
+
+    def environments_root(self) -> str:
+        """Beside the endpoints' root, where the SSH launcher builds jobs' environments too."""
+        self._host()
+        return posixpath.join(posixpath.dirname(posixpath.dirname(self._root_on_host)), "environments")
 
     def folder_path(self, endpoint: str) -> str:
         self._host()
@@ -173,52 +191,7 @@ class SSHServing(SupervisedServing):
     @contextlib.contextmanager
     def reaching(self, endpoint: str, slot: str) -> Iterator[str]:
         port = self._running(endpoint)["slots"][slot]["port"]
-        with forwarded(self._host(), port) as local_port:
-            yield f"http://127.0.0.1:{local_port}"
-
-
-@contextlib.contextmanager
-def forwarded(host: RemoteHost, port: int) -> Iterator[int]:
-    """A port on this worker's loopback whose connections reach ``port`` on the host's loopback
-    (``ssh -L``), for as long as the context lasts."""
-    transport = host.connect().client.get_transport()
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def accept() -> None:
-        while True:
-            try:
-                client, origin = listener.accept()
-            except OSError:
-                return  # the context ended
-            try:
-                channel = transport.open_channel("direct-tcpip", ("127.0.0.1", port), origin, timeout=15)
-            except Exception:
-                client.close()
-                continue
-            threading.Thread(target=_carry, args=(client, channel), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        listener.close()
-
-
-def _carry(client: socket.socket, channel) -> None:
-    """Both ways; an end of one way is passed on (half-close), and both are closed once both ended."""
-    ended = threading.Barrier(2)
-
-    def pump(source, sink, end_sink) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-            end_sink()
-            ended.wait(300)
-        except (OSError, threading.BrokenBarrierError):
-            ended.abort()  # the other way stops waiting too
-        channel.close()
-        client.close()
-
-    to_client = (channel, client, lambda: client.shutdown(socket.SHUT_WR))
-    threading.Thread(target=pump, args=to_client, daemon=True).start()
-    pump(client, channel, channel.shutdown_write)
+        transport = self._host().connect().client.get_transport()
+        target = ("127.0.0.1", port)  # the host's loopback, through the connection (ssh -L)
+        with local_forward(lambda: transport.open_channel("direct-tcpip", target, ("127.0.0.1", 0))) as local:
+            yield f"http://127.0.0.1:{local}"

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import endpoint_client
 import pytest
-from airflow_helpers import TEST_DAGS, load_dag, task_instance, xcom
+from airflow_helpers import load_dag, task_instance, xcom
 from ssh_hosts import SSHHosts
 
 from airflow_provider_dnntrain.launchers import SSHServing
@@ -42,14 +41,8 @@ def connection(hosts):
 
 
 @pytest.fixture(scope="module")
-def versions(airflow_db, connection):
-    """Versions of "tiny-served" by scale, trained and registered (on this worker) through a DAG."""
-    registered = {}
-    for scale in (2.0, 3.0):
-        dag_run = load_dag(TEST_DAGS, "dnntrain_test_train_tiny").test(run_conf={"scale": scale})
-        assert dag_run.state == "success"
-        registered[scale] = xcom(dag_run, "register")
-    yield registered
+def versions(tiny_versions, connection):
+    yield tiny_versions
     serving = SSHServing(ssh_conn_id="ssh_h0")
     with serving.locked(ENDPOINT):  # what a failed test left
         serving.undeploy(ENDPOINT)
@@ -133,19 +126,9 @@ def test_a_killed_server_on_the_host_is_started_again(versions, client):
 
 
 def test_two_deploys_of_one_endpoint_go_one_after_the_other(versions):
-    first, second = SSHServing(ssh_conn_id="ssh_h0"), SSHServing(ssh_conn_id="ssh_h0")
-    taken = threading.Event()
-
-    def take_second() -> None:
-        with second.locked(ENDPOINT):
-            taken.set()
-
-    with first.locked(ENDPOINT):
-        waiting = threading.Thread(target=take_second)
-        waiting.start()
-        assert not taken.wait(2), "the lock was taken twice"
-    assert taken.wait(30)
-    waiting.join()
+    endpoint_client.assert_one_holder_at_a_time(
+        SSHServing(ssh_conn_id="ssh_h0"), SSHServing(ssh_conn_id="ssh_h0"), ENDPOINT
+    )
 
 
 def test_rolling_back_and_undeploying_leave_nothing_on_the_host(hosts, versions, client):

@@ -1,0 +1,165 @@
+"""KubernetesServing in real Airflow runs on the fake cluster: a Deployment per version whose pods fetch
+the version from the registry and pass their readiness probe, behind the endpoint's Service, called by
+a client on the pods' network through the Service's address (with and without the key); blue/green
+under load; a broken version refused with its pod's last words while the old one serves; a canary
+moved up by a later deploy; the smoke test through ``pods/portforward``; deploys serialised by a
+Lease; undeploy leaving nothing.
+
+The tests run in order, on one endpoint ("tiny-k8s") and versions of a model whose predictions are each
+row's sum times its scale (2, 3 and 1)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import endpoint_client
+import pytest
+from airflow_helpers import load_dag, task_instance, xcom
+from ssh_hosts import NamespaceForwarder
+
+from airflow_provider_dnntrain import tracking
+from airflow_provider_dnntrain.launchers import KubernetesServing
+from airflow_provider_dnntrain.operators.deploy import key_variable
+
+KUBERNETES_DAGS = Path(__file__).resolve().parents[2] / "kubernetes_dags"
+ROWS = [[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]]  # sums 6 and 4
+ENDPOINT = "tiny-k8s"
+NAMESPACE = "training"
+
+
+@pytest.fixture(scope="module")
+def connection(cluster):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AIRFLOW_CONN_KUBERNETES_FAKE", cluster.airflow_connection())
+        yield
+
+
+@pytest.fixture(scope="module")
+def versions(tiny_versions, connection):
+    yield tiny_versions
+    serving = KubernetesServing(kubernetes_conn_id="kubernetes_fake")
+    with serving.locked(ENDPOINT):  # what a failed test left
+        serving.undeploy(ENDPOINT)
+
+
+def deploy(version: int, canary: int | str = ""):
+    conf = {"model": f"models:/tiny-served/{version}", "canary": str(canary)}
+    return load_dag(KUBERNETES_DAGS, "dnntrain_kubernetes_deploy").test(run_conf=conf)
+
+
+def api(cluster, path: str) -> dict:
+    request = urllib.request.Request(f"http://127.0.0.1:{cluster.port}{path}")
+    request.add_header("Authorization", "Bearer fake-cluster-token")
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.load(answer)
+
+
+def owned(cluster, kind: str) -> list[dict]:
+    prefix = "apis/apps/v1" if kind == "deployments" else "api/v1"
+    found = api(
+        cluster, f"/{prefix}/namespaces/{NAMESPACE}/{kind}?labelSelector=dnntrain.io/endpoint={ENDPOINT}"
+    )
+    return found["items"]
+
+
+@pytest.fixture(scope="module")
+def client(cluster, versions):
+    """A client on the pods' network, at the Service's address (what its DNS name resolves to)."""
+    dag_run = deploy(versions[2.0])
+    assert dag_run.state == "success"
+    result = xcom(dag_run, "deploy")
+    assert urlsplit(result["scoring_uri"]).hostname == f"{ENDPOINT}.{NAMESPACE}.svc.cluster.local"
+    service = api(cluster, f"/api/v1/namespaces/{NAMESPACE}/services/{ENDPOINT}")
+    forwarder = NamespaceForwarder(f"{cluster.prefix}-br", service["spec"]["clusterIP"], 80)
+    yield f"http://127.0.0.1:{forwarder.port}/invocations"
+    forwarder.close()
+
+
+def endpoint_key() -> str:
+    from airflow.models import Variable
+
+    return Variable.get(key_variable(ENDPOINT))
+
+
+def ask(url: str, key: str | None = None):
+    return endpoint_client.ask(url, ROWS, key if key is not None else endpoint_key())
+
+
+def test_a_version_serves_from_pods_that_fetched_it_behind_the_key(cluster, versions, client):
+    assert ask(client) == (200, [[12.0], [8.0]], f"tiny-served/{versions[2.0]}")
+    assert ask(client, "")[0] == 401 and ask(client, "not-the-key")[0] == 401
+    (deployment,) = owned(cluster, "deployments")
+    pod = deployment["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    assert server["readinessProbe"]["httpGet"] == {"path": "/ping", "port": 8080}
+    assert server["livenessProbe"]["httpGet"] == {"path": "/ping", "port": 8080}
+    assert server["resources"] == {
+        "requests": {"cpu": "500m", "memory": "1024Mi"},
+        "limits": {"memory": "1024Mi"},
+    }
+    assert pod["initContainers"][0]["command"][-2] == f"models:/tiny-served/{versions[2.0]}"
+    everything = json.dumps(
+        [owned(cluster, kind) for kind in ("deployments", "secrets", "configmaps", "pods")]
+    )
+    assert endpoint_key() not in everything  # the Secret has its hash only
+
+
+def test_a_new_version_takes_over_blue_green_while_requests_keep_coming(cluster, versions, client):
+    def deployed() -> None:
+        assert deploy(versions[3.0]).state == "success"
+
+    key = endpoint_key()  # read here: Airflow's in-process task runner is not for several threads
+    answers = endpoint_client.asked_during(lambda: ask(client, key), deployed)
+    endpoint_client.assert_switched_once(
+        answers, f"tiny-served/{versions[2.0]}", f"tiny-served/{versions[3.0]}"
+    )
+    assert [d["metadata"]["name"] for d in owned(cluster, "deployments")] == [f"{ENDPOINT}-green"]
+
+
+def test_a_broken_version_is_refused_with_its_pods_words_and_the_old_one_serves(
+    cluster, versions, client, capfd
+):
+    with endpoint_client.broken("tiny-served", versions[1.0]):
+        dag_run = deploy(versions[1.0])
+    assert task_instance(dag_run, "deploy").state == "failed"
+    said = "".join(capfd.readouterr())
+    assert "the new version never answered /ping: pod tiny-k8s-blue-" in said and "exited 1" in said
+    assert ask(client)[2] == f"tiny-served/{versions[3.0]}"
+    assert [d["metadata"]["name"] for d in owned(cluster, "deployments")] == [f"{ENDPOINT}-green"]
+
+
+def test_a_canary_takes_part_of_the_traffic_until_a_later_deploy_finishes_it(cluster, versions, client):
+    dag_run = deploy(versions[1.0], canary=50)
+    assert dag_run.state == "success"
+    old, new = f"tiny-served/{versions[3.0]}", f"tiny-served/{versions[1.0]}"
+    assert xcom(dag_run, "deploy")["traffic"] == {old: 50, new: 50}
+    served = Counter(ask(client)[2] for _ in range(40))
+    assert set(served) == {old, new} and min(served.values()) >= 10, served
+    registry = tracking.client(tracking.resolve_tracking_uri())
+    assert int(registry.get_model_version_by_alias("tiny-served", "k8s-champion").version) == versions[3.0]
+    dag_run = deploy(versions[1.0], canary=100)
+    assert xcom(dag_run, "deploy")["traffic"] == {new: 100}
+    assert {ask(client)[2] for _ in range(10)} == {new}
+    assert len(owned(cluster, "deployments")) == 1
+    assert int(registry.get_model_version_by_alias("tiny-served", "k8s-champion").version) == versions[1.0]
+
+
+def test_two_deploys_of_one_endpoint_go_one_after_the_other(connection):
+    endpoint_client.assert_one_holder_at_a_time(
+        KubernetesServing(kubernetes_conn_id="kubernetes_fake"),
+        KubernetesServing(kubernetes_conn_id="kubernetes_fake"),
+        ENDPOINT,
+    )
+
+
+def test_undeploy_leaves_nothing(cluster, versions, client):
+    assert load_dag(KUBERNETES_DAGS, "dnntrain_kubernetes_undeploy").test().state == "success"
+    for kind in ("deployments", "services", "secrets", "configmaps"):
+        assert owned(cluster, kind) == [], kind
+    leases = api(cluster, f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases")["items"]
+    assert leases == []
+    assert ask(client)[0] == 0

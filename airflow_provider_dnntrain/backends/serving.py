@@ -95,9 +95,11 @@ class Serving(ABC):
     def switch(self, endpoint: str, slot: str) -> EndpointState:
         """Send the endpoint's traffic to ``slot``."""
 
+    splits_traffic = False  # whether split() can send part of the traffic to a slot (a canary)
+
     def split(self, endpoint: str, slot: str, percent: int) -> EndpointState:
         """Send about ``percent`` of the traffic to ``slot``, the rest to what serves (a canary)."""
-        raise ServingFailed(f"canary_traffic_percent: {type(self).__name__} switches all traffic at once")
+        raise NotImplementedError
 
     @abstractmethod
     def stop(self, endpoint: str, slot: str) -> None:
@@ -121,10 +123,11 @@ def roll_out(
     ``ServingFailed`` otherwise), then switched to, then the old slots stopped. Serving it already: a
     no-op. ``canary_percent`` below 100: about that share of the traffic only, the old version kept
     serving the rest (a later roll-out of the same version moves it, 100 finishes; with nothing serving
-    yet, it takes all of it). Call with
-    ``serving.locked(endpoint)`` held."""
-    now = serving.current(endpoint)
+    yet, it takes all of it). Call with ``serving.locked(endpoint)`` held."""
     share = 100 if canary_percent is None else canary_percent
+    if share < 100 and not serving.splits_traffic:
+        raise ServingFailed(f"canary_traffic_percent: {type(serving).__name__} switches all traffic at once")
+    now = serving.current(endpoint)
     if now.serving == version.label and len(now.traffic) == 1:
         log(f"Endpoint {endpoint} already serves {version.label}: nothing to do")
         return now

@@ -54,19 +54,25 @@ class LeaseLock:
         except Exception as error:
             if getattr(error, "status", None) != 409:
                 raise
-        held = self.api.call("read lease", self.leases.read_namespaced_lease, self.name, self.namespace)
-        renewed = held.spec.renew_time
-        lapsed = renewed is None or (datetime.now(timezone.utc) - renewed).total_seconds() > (
-            held.spec.lease_duration_seconds or LEASE_SECONDS
-        )
-        if lapsed:
-            with contextlib.suppress(Exception):
-                self.leases.delete_namespaced_lease(
-                    self.name,
-                    self.namespace,
-                    body={"preconditions": {"resourceVersion": held.metadata.resource_version}},
-                )
+        held = self._held()
+        if held is not None and _lapsed(held):
+            self._delete(held)  # its holder stopped renewing it: a task that was killed
         return False
+
+    def _held(self):
+        """The Lease as it is now (None: gone meanwhile)."""
+        try:
+            return self.api.call("read lease", self.leases.read_namespaced_lease, self.name, self.namespace)
+        except Exception as error:
+            if getattr(error, "status", None) == 404:
+                return None
+            raise
+
+    def _delete(self, held) -> None:
+        """That Lease, unless it changed since it was read (renewed, or taken by another holder)."""
+        precondition = {"preconditions": {"resourceVersion": held.metadata.resource_version}}
+        with contextlib.suppress(Exception):
+            self.leases.delete_namespaced_lease(self.name, self.namespace, body=precondition)
 
     def _renew(self) -> None:
         while not self._done.wait(LEASE_SECONDS / 4):
@@ -77,7 +83,15 @@ class LeaseLock:
     def __exit__(self, *exc) -> None:
         self._done.set()
         with contextlib.suppress(Exception):
-            self.api.call("delete lease", self.leases.delete_namespaced_lease, self.name, self.namespace)
+            held = self._held()
+            if held is not None and held.spec.holder_identity == self.holder:  # not one taken over
+                self._delete(held)
+
+
+def _lapsed(held) -> bool:
+    renewed = held.spec.renew_time
+    duration = held.spec.lease_duration_seconds or LEASE_SECONDS
+    return renewed is None or (datetime.now(timezone.utc) - renewed).total_seconds() > duration
 
 
 def _micro_time() -> str:

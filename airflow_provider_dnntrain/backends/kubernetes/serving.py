@@ -297,6 +297,8 @@ class KubernetesServing(Serving):
         name = manifests.service_name(endpoint)
         self._call("patch service", self.core.patch_namespaced_service, name, self._ns(), patch)
 
+    splits_traffic = True
+
     def split(self, endpoint: str, slot: str, percent: int) -> EndpointState:
         now = self.current(endpoint)
         old = [s for s in now.traffic if s != slot]

@@ -132,8 +132,9 @@ class SSHServing(SupervisedServing):
         return [self.python, "-I", self._shipped(endpoint_agent), command, *args]
 
     def _agent(self, command: str, *args: str):
+        timeout = environments.BUILD_TIMEOUT_SECONDS if command == "environment" else COMMAND_TIMEOUT_SECONDS
         try:
-            return json.loads(self._host().run(self._agent_argv(command, *args), COMMAND_TIMEOUT_SECONDS))
+            return json.loads(self._host().run(self._agent_argv(command, *args), timeout))
         except (RemoteCommandFailed, HostUnreachable) as error:
             raise ServingFailed(str(error)) from error
 

@@ -64,3 +64,13 @@ def test_a_version_is_served_from_an_environment_with_what_the_worker_lacks_buil
             deploy(refusing, served(tiny_versions[1.0], tmp_path / "d", ("pyjokes==0.8.3",)))
     finally:
         serving.undeploy("needs")
+
+
+def test_a_canary_where_traffic_cannot_be_split_is_refused_before_anything_starts(tmp_path):
+    serving = LocalServing(root=tmp_path / "endpoints")
+    version = ServedVersion("tiny-served", "1", tmp_path / "model")
+    with pytest.raises(
+        ServingFailed, match="canary_traffic_percent: LocalServing switches all traffic at once"
+    ):
+        roll_out(serving, "canary", version, smoke.key_hash(KEY), lambda base: None, canary_percent=20)
+    assert not (tmp_path / "endpoints").exists()

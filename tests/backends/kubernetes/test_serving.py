@@ -11,8 +11,10 @@ row's sum times its scale (2, 3 and 1)."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -51,9 +53,11 @@ def deploy(version: int, canary: int | str = ""):
     return load_dag(KUBERNETES_DAGS, "dnntrain_kubernetes_deploy").test(run_conf=conf)
 
 
-def api(cluster, path: str) -> dict:
-    request = urllib.request.Request(f"http://127.0.0.1:{cluster.port}{path}")
+def api(cluster, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://127.0.0.1:{cluster.port}{path}", data=data)
     request.add_header("Authorization", "Bearer fake-cluster-token")
+    request.add_header("Content-Type", "application/json")
     with urllib.request.urlopen(request, timeout=10) as answer:
         return json.load(answer)
 
@@ -154,6 +158,23 @@ def test_two_deploys_of_one_endpoint_go_one_after_the_other(connection):
         KubernetesServing(kubernetes_conn_id="kubernetes_fake"),
         ENDPOINT,
     )
+
+
+def test_the_lease_of_a_killed_deploy_is_taken_over_once_it_has_lapsed(cluster, connection):
+    stale = (datetime.now(timezone.utc) - timedelta(minutes=5)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    spec = {"holderIdentity": "a-killed-task", "leaseDurationSeconds": 60, "renewTime": stale}
+    lease = {
+        "apiVersion": "coordination.k8s.io/v1",
+        "kind": "Lease",
+        "metadata": {"name": f"{ENDPOINT}-dnntrain-deploy"},
+        "spec": spec,
+    }
+    api(cluster, f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases", lease)
+    started = time.monotonic()
+    with KubernetesServing(kubernetes_conn_id="kubernetes_fake").locked(ENDPOINT):
+        assert time.monotonic() - started < 10
+    leases = api(cluster, f"/apis/coordination.k8s.io/v1/namespaces/{NAMESPACE}/leases")["items"]
+    assert leases == []  # released: the next deploy does not wait
 
 
 def test_undeploy_leaves_nothing(cluster, versions, client):

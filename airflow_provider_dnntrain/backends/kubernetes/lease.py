@@ -55,6 +55,8 @@ class LeaseLock:
             if getattr(error, "status", None) != 409:
                 raise
         held = self._held()
+        if held is not None and held.spec.holder_identity == self.holder:
+            return True  # this create was made, its answer lost
         if held is not None and _lapsed(held):
             self._delete(held)  # its holder stopped renewing it: a task that was killed
         return False

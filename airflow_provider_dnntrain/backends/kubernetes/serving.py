@@ -204,13 +204,25 @@ class KubernetesServing(Serving):
             python=self.python, replicas=self.replicas,
             resources=manifests.resources_of(version, self.resources), pod_options=self.pod_options,
         )  # fmt: skip
-        self._call("create deployment", self.apps.create_namespaced_deployment, self._ns(), obj)
+        self._create_deployment(obj, version)
         try:
             self._wait_ready(endpoint, slot, self.replicas)
         except BaseException:
             self._delete_deployment(endpoint, slot)
             raise
         return slot
+
+    def _create_deployment(self, obj: dict, version: ServedVersion) -> None:
+        """Created; one that exists already for this version is a create whose answer was lost."""
+        try:
+            self.api.call("create deployment", self.apps.create_namespaced_deployment, self._ns(), obj)
+        except Exception as error:
+            if getattr(error, "status", None) != 409:
+                raise
+            name = obj["metadata"]["name"]
+            found = self._call("read deployment", self.apps.read_namespaced_deployment, name, self._ns())
+            if (found.metadata.annotations or {}).get(manifests.VERSION_ANNOTATION) != version.label:
+                raise
 
     def _wait_ready(self, endpoint: str, slot: str, replicas: int) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -271,10 +283,16 @@ class KubernetesServing(Serving):
         pod, port = ready[0].metadata.name, manifests.SERVER_PORT
 
         def open_way():
-            forward = portforward(
-                self.core.connect_get_namespaced_pod_portforward, pod, self._ns(), ports=str(port)
-            )
-            return forward.socket(port)
+            for attempt in range(5):  # the API server may refuse a handshake now and then (429, 5xx)
+                try:
+                    forward = portforward(
+                        self.core.connect_get_namespaced_pod_portforward, pod, self._ns(), ports=str(port)
+                    )
+                    return forward.socket(port)
+                except Exception:
+                    if attempt == 4:
+                        raise
+                    time.sleep(0.5 * 2**attempt)
 
         with local_forward(open_way) as local:
             yield f"http://127.0.0.1:{local}"
@@ -291,8 +309,12 @@ class KubernetesServing(Serving):
         ``None`` removes the slot from the selector, so that every slot's pods take requests)."""
         if self._service(endpoint) is None:
             obj = manifests.service(endpoint, self._ns(), slot, self.service_type, self.port)
-            self._call("create service", self.core.create_namespaced_service, self._ns(), obj)
-            return
+            try:
+                self.api.call("create service", self.core.create_namespaced_service, self._ns(), obj)
+                return
+            except Exception as error:
+                if getattr(error, "status", None) != 409:  # made meanwhile (an answer lost): patched
+                    raise
         patch = {"spec": {"selector": {manifests.SLOT_LABEL: slot}}}
         name = manifests.service_name(endpoint)
         self._call("patch service", self.core.patch_namespaced_service, name, self._ns(), patch)

@@ -11,6 +11,7 @@ row's sum times its scale (2, 3 and 1)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 from collections import Counter
@@ -20,6 +21,7 @@ from urllib.parse import urlsplit
 
 import endpoint_client
 import pytest
+import yaml
 from airflow_helpers import load_dag, task_instance, xcom
 from ssh_hosts import NamespaceForwarder
 
@@ -158,6 +160,26 @@ def test_two_deploys_of_one_endpoint_go_one_after_the_other(connection):
         KubernetesServing(kubernetes_conn_id="kubernetes_fake"),
         ENDPOINT,
     )
+
+
+def documented_role() -> list[dict]:
+    page = (Path(__file__).resolve().parents[3] / "docs" / "deployment.md").read_text()
+    block = re.search(r"```yaml\n(# dnntrain-serving-role\.yaml\n.*?)```", page, re.DOTALL).group(1)
+    return yaml.safe_load(block)["rules"]
+
+
+def test_deploys_go_through_an_api_server_that_errs_loses_answers_and_holds_to_the_documented_role(
+    cluster, versions, client
+):
+    with cluster.misbehaving(documented_role(), error_rate=0.1, lose_answers=4):
+        rolled_back = deploy(versions[3.0])
+        canary = deploy(versions[2.0], canary=50)
+        seen = cluster.injected()
+    assert [run.state for run in (rolled_back, canary)] == ["success"] * 2
+    assert seen["denied"] == {}, seen["denied"]
+    assert seen["injected"]["500 after the change"] >= 4 and len(seen["injected"]) > 1, seen["injected"]
+    served = {ask(client)[2] for _ in range(20)}
+    assert served == {f"tiny-served/{versions[3.0]}", f"tiny-served/{versions[2.0]}"}
 
 
 def test_the_lease_of_a_killed_deploy_is_taken_over_once_it_has_lapsed(cluster, connection):

@@ -19,6 +19,7 @@ from typing import Any
 
 from airflow_provider_dnntrain.backends.common.tunnels import local_forward
 from airflow_provider_dnntrain.backends.kubernetes import serving_manifests as manifests
+from airflow_provider_dnntrain.backends.kubernetes import serving_status
 from airflow_provider_dnntrain.backends.kubernetes.api import ApiPatience
 from airflow_provider_dnntrain.backends.kubernetes.files import SERVING_IMAGES
 from airflow_provider_dnntrain.backends.kubernetes.lease import LeaseLock
@@ -31,13 +32,6 @@ from airflow_provider_dnntrain.backends.serving import (
 )
 
 SLOTS = ("blue", "green")
-_BROKEN = {
-    "CrashLoopBackOff",
-    "ErrImagePull",
-    "ImagePullBackOff",
-    "CreateContainerConfigError",
-    "InvalidImageName",
-}
 
 
 class KubernetesServing(Serving):
@@ -157,7 +151,7 @@ class KubernetesServing(Serving):
             slot: d.metadata.annotations[manifests.VERSION_ANNOTATION] for slot, d in deployments.items()
         }
         selected = (service.spec.selector or {}).get(manifests.SLOT_LABEL) if service else None
-        traffic = self._traffic(deployments, selected) if service else {}
+        traffic = serving_status.traffic_shares(deployments, selected) if service else {}
         primary = max(traffic, key=traffic.get) if traffic else None
         base = self._base_uri(endpoint, service)
         return EndpointState(
@@ -169,15 +163,6 @@ class KubernetesServing(Serving):
             slots=slots,
             traffic=traffic,
         )
-
-    def _traffic(self, deployments: dict, selected: str | None) -> dict[str, int]:
-        """Each slot's share of the traffic, in percent: the selected slot's all of it; both selected
-        (a canary), by their replicas, as the Service spreads connections over pods."""
-        if selected:
-            return {selected: 100} if selected in deployments else {}
-        counts = {slot: d.spec.replicas or 0 for slot, d in deployments.items()}
-        total = sum(counts.values())
-        return {slot: round(100 * n / total) for slot, n in counts.items()} if total else {}
 
     def _base_uri(self, endpoint: str, service) -> str:
         balancer = service.status.load_balancer if service and service.status else None
@@ -251,7 +236,7 @@ class KubernetesServing(Serving):
         for pod in self._pods(endpoint, slot):
             statuses = [*(pod.status.init_container_statuses or []), *(pod.status.container_statuses or [])]
             for status in statuses:
-                why = _broken(status)
+                why = serving_status.broken(status)
                 if why:
                     log = self._log_tail(pod.metadata.name, status.name)
                     raise ServingFailed(
@@ -277,7 +262,7 @@ class KubernetesServing(Serving):
     def reaching(self, endpoint: str, slot: str) -> Iterator[str]:
         from kubernetes.stream import portforward
 
-        ready = [p for p in self._pods(endpoint, slot) if _is_ready(p)]
+        ready = [p for p in self._pods(endpoint, slot) if serving_status.is_ready(p)]
         if not ready:
             raise ServingFailed(f"endpoint {endpoint}: slot {slot} has no ready pod")
         pod, port = ready[0].metadata.name, manifests.SERVER_PORT
@@ -378,21 +363,6 @@ class KubernetesServing(Serving):
         )
         with lease:
             yield
-
-
-def _broken(status) -> str | None:
-    waiting = status.state.waiting if status.state else None
-    if waiting and waiting.reason in _BROKEN:
-        return f"{waiting.reason}: {waiting.message or ''}".strip()
-    for state in (status.state, status.last_state):
-        ended = state.terminated if state else None
-        if ended and ended.exit_code:
-            return f"exited {ended.exit_code} ({ended.reason or 'Error'})"
-    return None
-
-
-def _is_ready(pod) -> bool:
-    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
 
 
 def _with_registry(version: ServedVersion, registry_uri: str) -> ServedVersion:

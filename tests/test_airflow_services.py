@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from airflow_helpers import EXAMPLE_DAGS, job_processes, wait_until_gone
+from airflow_helpers import EXAMPLE_DAGS, job_processes, wait_for, wait_until_gone
 from airflow_services import AirflowServices
 
 from airflow_provider_dnntrain import tracking
@@ -22,6 +22,7 @@ from airflow_provider_dnntrain.run_id import make_run_id
 SERVICE_DAGS = Path(__file__).resolve().parent / "service_dags"
 TORCHRUN, MPIRUN, TIMEOUT = "dnntrain_service_torchrun", "dnntrain_service_mpirun", "dnntrain_service_timeout"
 STUBBORN = "dnntrain_service_stubborn"  # ranks ignore SIGTERM
+STAGING = "dnntrain_stage_digits"  # scheduled on the Asset of the model the retraining example registers
 # A stopped task: the supervisor notices at its next heartbeat (5 s), SIGTERMs, SIGKILLs 5 s later,
 # and the reapers finish within the launcher's grace (10 s).
 STOPPED_WITHIN = 5 + 5 + 10 + 10
@@ -75,7 +76,9 @@ def test_an_example_dag_triggered_through_the_api_trains_and_registers(services)
 def test_retraining_deploys_through_the_api_and_emits_the_models_asset(services):
     """The gated retraining example triggered through the REST API: its endpoint's scoring URI, read
     from XCom, answers with the key (kept in an Airflow Variable) and refuses without it; the
-    registration is an event of the ``model://`` Asset the staging DAG is scheduled on."""
+    registration is an event of the ``model://`` Asset the staging DAG is scheduled on (unpaused, so
+    that the event queues a run of it: the last test of the module runs it)."""
+    services.wait_for_dag(STAGING)
     run_id = services.trigger("dnntrain_retrain_digits", {"epochs": 2})
     assert services.wait_for_run("dnntrain_retrain_digits", run_id, timeout=300) == "success"
     deployed = services.xcom("dnntrain_retrain_digits", run_id, "deploy")
@@ -146,3 +149,29 @@ def test_execution_timeout_under_the_scheduler(services):
     run = services.tracking_run(job)
     assert run.info.status == "FAILED"
     assert run.data.tags["dnntrain.end_reason"].startswith("AirflowTaskTimeout")
+
+
+def test_last_the_scheduler_runs_the_staging_dag_on_the_version_the_retraining_registered(services):
+    """Run last: until now the scheduler created no runs of its own (``use_job_schedule`` off, so that
+    unpausing the weekly examples to trigger them makes no scheduled runs). Those paused, it is restarted
+    with scheduling on: it runs the staging DAG for the Asset event the retraining made, and the staging
+    endpoint from its XCom answers."""
+    for dag in services.api("GET", "/dags?paused=false")["dags"]:
+        if dag["dag_id"] != STAGING:
+            services.api("PATCH", f"/dags/{dag['dag_id']}", {"is_paused": True})
+    services.extra_env["AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE"] = "True"
+    services.restart("scheduler")
+    runs = wait_for(lambda: services.api("GET", f"/dags/{STAGING}/dagRuns")["dag_runs"], 60, "a staging run")
+    (run,) = runs
+    assert run["run_type"] == "asset_triggered"
+    assert services.wait_for_run(STAGING, run["dag_run_id"], timeout=180) == "success"
+    deployed = services.xcom(STAGING, run["dag_run_id"], "deploy_to_staging")
+    registered = services.api("GET", "/assets/events?limit=100")["asset_events"]
+    (event,) = [e for e in registered if e["uri"] == "model://digits-ddp/"]
+    assert deployed["model_version"] == event["extra"]["version"]
+    key = services.airflow("variables", "get", deployed["key_variable"]).stdout.strip()
+    rows = json.dumps({"inputs": [[0.0] * 64]}).encode()
+    try:
+        assert len(predictions(deployed["scoring_uri"], rows, key)) == 1
+    finally:
+        LocalServing(root=services.home / "dnntrain" / "endpoints").undeploy("digits-ddp-staging")

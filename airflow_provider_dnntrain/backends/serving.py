@@ -42,6 +42,7 @@ class ServedVersion:
     resources: dict = field(default_factory=dict)  # its resource configuration: cpu, memory_in_gb, gpu
     registry_uri: str = ""
     registry_credentials: dict = field(default_factory=dict, repr=False)
+    artifact_uri: str = ""  # where the registry keeps its files (for a server that fetches them there)
 
     @property
     def label(self) -> str:
@@ -96,6 +97,7 @@ class Serving(ABC):
         """Send the endpoint's traffic to ``slot``."""
 
     splits_traffic = False  # whether split() can send part of the traffic to a slot (a canary)
+    requires_key = True  # whether the endpoint checks its own key (else the cluster's gateway does)
 
     def split(self, endpoint: str, slot: str, percent: int) -> EndpointState:
         """Send about ``percent`` of the traffic to ``slot``, the rest to what serves (a canary)."""

@@ -119,7 +119,10 @@ class DeployModelOperator(BaseOperator):
         if self.must_beat and (reason := self._short_of(client, version)):
             raise AirflowSkipException(reason)
         serving = self.serving or default_serving()
-        key = self._key()
+        key = self._key() if serving.requires_key else None
+        if key is None:
+            kind = type(serving).__name__
+            self.log.info("%s checks no key of its own: the cluster's gateway authenticates callers", kind)
         with tempfile.TemporaryDirectory(prefix="dnntrain-deploy-") as work:
             model_dir = Path(tracking.download_model(uri, version.name, version.version, Path(work)))
             if not (model_dir / "MLmodel").is_file():
@@ -136,11 +139,12 @@ class DeployModelOperator(BaseOperator):
                 resources=json.loads(version.tags.get("resource_configuration") or "{}"),
                 registry_uri=uri,
                 registry_credentials=dict(target.credentials),
+                artifact_uri=client.get_model_version_download_uri(version.name, version.version),
             )
             check = smoke.check(model_dir, key, self.smoke_test)
             with serving.locked(self.endpoint):
                 state = roll_out(
-                    serving, self.endpoint, served, smoke.key_hash(key), check, self.log.info,
+                    serving, self.endpoint, served, smoke.key_hash(key or ""), check, self.log.info,
                     canary_percent=_percent(self.canary_traffic_percent),
                 )  # fmt: skip
         if self.promote_alias and state.serving == served.label and len(state.traffic) == 1:
@@ -158,7 +162,7 @@ class DeployModelOperator(BaseOperator):
             "tracking_run_id": version.run_id,
             "state": state.state,
             "traffic": {state.slots[slot]: share for slot, share in state.traffic.items()},
-            "key_variable": key_variable(self.endpoint),
+            "key_variable": key_variable(self.endpoint) if key else None,
         }
         self.log.info("Endpoint %s serves %s at %s", self.endpoint, state.serving, state.scoring_uri)
         self._emit(context, result)

@@ -31,8 +31,9 @@ GATEWAY = "10.215.0.1"  # this machine, as the pods see it
 NAMESPACE = "training"
 IMAGES = ("dnntrain-torch", "dnntrain-tensorflow")
 # Mount points the fake containers bind volumes at (the fake shares this machine's file system): ours,
-# and an MPIJob launcher's. (The service account's, under /run, are in each container's own /run.)
-MOUNT_ROOTS = ("/dnntrain", "/etc/mpi", "/opt/kube")
+# an MPIJob launcher's and a KServe predictor's. (The service account's, under /run, are in each
+# container's own /run.)
+MOUNT_ROOTS = ("/dnntrain", "/etc/mpi", "/opt/kube", "/mnt/models")
 _sets = itertools.count()
 # What a run (or the training operator, for it) may create, by API group.
 _RUN_KINDS = {
@@ -137,6 +138,18 @@ class FakeCluster:
         """Objects of a kind (``group``: ``<group>/<version>`` of a custom resource's)."""
         prefix = f"/apis/{group}" if group else "/api/v1"
         return self.api(f"{prefix}/namespaces/{namespace}/{plural}")["items"]
+
+    @contextlib.contextmanager
+    def service_reached(self, name: str, namespace: str = NAMESPACE, port: int = 80):
+        """A local base URL relayed to a Service's cluster address: a client on the pods' network."""
+        from ssh_hosts import NamespaceForwarder
+
+        address = self.api(f"/api/v1/namespaces/{namespace}/services/{name}")["spec"]["clusterIP"]
+        forwarder = NamespaceForwarder(f"{self.prefix}-br", address, port)
+        try:
+            yield f"http://127.0.0.1:{forwarder.port}"
+        finally:
+            forwarder.close()
 
     def patch(self, path: str, body: dict) -> dict:
         request = urllib.request.Request(

@@ -149,8 +149,7 @@ def routes(cluster: Cluster, faults: Faults, rbac: Rbac) -> web.Application:
             old_spec = json.loads(json.dumps(obj.get("spec")))
             _merge(obj, await request.json())
             cluster.store.put(key, obj, "MODIFIED")
-            if scope[2] == "deployments":
-                cluster.deployment_changed(key, old_spec)
+            cluster.spec_changed(key, old_spec)
             return web.json_response(obj)
         if request.method == "PUT":
             return cluster.replace(key, await request.json())

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import kubernetes_validate
 from aiohttp import web
+from fake_kserve import ENTRYPOINTS as KSERVE_ENTRYPOINTS
+from fake_kserve import KSERVE, KServeController, admit_inference_service
 from fake_limits import MemoryCgroups, admit
 from fake_network import GATEWAY, PodNetwork, namespace_pids
-from fake_serving import APPS, ServingControllers
+from fake_serving import APPS
 from fake_store import TOKEN, Store, expand, log_timestamp, now_rfc3339
 from fake_training_operator import GROUP as KUBEFLOW_GROUP
 from fake_training_operator import KINDS as KUBEFLOW_KINDS
@@ -33,7 +35,10 @@ CONTAINER_SHIM = Path(__file__).with_name("container.py")
 FAKE_KUBECTL = Path(__file__).with_name("fake_kubectl.py")
 VENV_BIN = Path(sys.executable).parent
 # Images whose own entrypoint runs when a container gives no command (other images need one here).
-ENTRYPOINTS = {"kubeflow/kubectl-delivery": [sys.executable, str(FAKE_KUBECTL), "deliver"]}
+ENTRYPOINTS = {
+    "kubeflow/kubectl-delivery": [sys.executable, str(FAKE_KUBECTL), "deliver"],
+    **KSERVE_ENTRYPOINTS,
+}
 SERVICE_ACCOUNT_MOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 KUBERNETES_VERSION = "1.37.0"
 NODE_LABELS = {"kubernetes.io/hostname": "fake-node", "kubernetes.io/os": "linux"}
@@ -84,7 +89,7 @@ class PodRuntime:
         self.evicted = False
 
 
-class Cluster(PodNetwork, TrainingOperator, ServingControllers):
+class Cluster(PodNetwork, TrainingOperator, KServeController):
     def __init__(
         self,
         root: Path,
@@ -107,6 +112,7 @@ class Cluster(PodNetwork, TrainingOperator, ServingControllers):
         self.memory = MemoryCgroups(f"{prefix}-{os.getpid()}")
         self.memory_peaks: dict[str, int] = {}  # "namespace/pod/container" -> most bytes it used
         self.services_running: dict = {}
+        self.turns: dict = {}
 
     # -- the kubelet ------------------------------------------------------------------------------
 
@@ -171,15 +177,16 @@ class Cluster(PodNetwork, TrainingOperator, ServingControllers):
             left = deadline - (time.monotonic() - scheduled_at)
             runtime.deadline = asyncio.create_task(self.end_at_deadline(key, runtime, left))
         running = {"running": {"startedAt": started}}
+        probes = self.readiness_probes(pod)
         self.set_status(
             key,
             phase="Running",
             podIP=runtime.ip,
             podIPs=[{"ip": runtime.ip}],
-            conditions=[*scheduled, {"type": "Ready", "status": "True"}],
+            conditions=[*scheduled, {"type": "Ready", "status": "False" if probes else "True"}],
             containerStatuses=self.container_statuses(pod, lambda _: running),
         )
-        if probes := self.readiness_probes(pod):  # ready once its servers answer
+        if probes:  # ready once its servers answer
             self.set_readiness(key, {name: False for name in probes})
             runtime.readiness = asyncio.create_task(self.probe_readiness(key, runtime, probes))
         await asyncio.gather(
@@ -527,6 +534,11 @@ class Cluster(PodNetwork, TrainingOperator, ServingControllers):
         if training_job and (refused := self.admit_training_job(plural, obj)):
             kind = KUBEFLOW_KINDS[plural]["kind"]
             return status_error(422, "Invalid", f'{kind}.kubeflow.org "{name}" is invalid: {refused}')
+        isvc = prefix == KSERVE and plural == "inferenceservices"
+        if isvc and (refused := admit_inference_service(obj)):
+            return status_error(
+                422, "Invalid", f'InferenceService.serving.kserve.io "{name}" is invalid: {refused}'
+            )
         key = (prefix, namespace, plural, name)
         if key in self.store.objects:
             return status_error(409, "AlreadyExists", f'{plural} "{name}" already exists')
@@ -555,6 +567,8 @@ class Cluster(PodNetwork, TrainingOperator, ServingControllers):
             self.deployment_changed(key, None)
         if training_job and self.training_operator == "run":
             self.start_training_job(key)
+        if isvc:
+            self.inference_service_changed(key, None)
         return web.json_response(obj, status=201)
 
     def replace(self, key: tuple, obj: dict) -> web.Response:
@@ -579,9 +593,15 @@ class Cluster(PodNetwork, TrainingOperator, ServingControllers):
             obj.setdefault("status", current["status"])
         old_spec = current.get("spec")
         self.store.put(key, obj, "MODIFIED")
+        self.spec_changed(key, old_spec)
+        return web.json_response(obj)
+
+    def spec_changed(self, key: tuple, old_spec: dict | None) -> None:
+        """What a controller does when an object it runs is changed (replaced or patched)."""
         if key[2] == "deployments":
             self.deployment_changed(key, old_spec)
-        return web.json_response(obj)
+        if key[2] == "inferenceservices":
+            self.inference_service_changed(key, old_spec)
 
     def limit_ranges(self, namespace: str) -> list[dict]:
         return [o for k, o in self.store.objects.items() if k[:3] == ("api/v1", namespace, "limitranges")]

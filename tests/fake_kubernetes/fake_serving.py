@@ -46,6 +46,15 @@ def connect_in_namespace(namespace: str, address: tuple[str, int], timeout: floa
     return connection
 
 
+def count_generation(obj: dict, old_spec: dict | None) -> None:
+    """``metadata.generation``: 1 when made, one more at each change of its spec."""
+    meta = obj["metadata"]
+    if old_spec is None:
+        meta["generation"] = 1
+    elif old_spec != obj["spec"]:
+        meta["generation"] = meta.get("generation", 1) + 1
+
+
 def template_hash(template: dict) -> str:
     return hashlib.sha256(json.dumps(template, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -59,11 +68,7 @@ class ServingControllers:
         deployment = self.store.objects.get(key)
         if deployment is None:
             return
-        meta = deployment["metadata"]
-        if old_spec is None:
-            meta["generation"] = 1
-        elif old_spec != deployment["spec"]:
-            meta["generation"] = meta.get("generation", 1) + 1
+        count_generation(deployment, old_spec)
         self.reconcile_deployment(key)
 
     def owned_pods(self, deployment: dict) -> list[tuple[tuple, dict]]:
@@ -216,6 +221,7 @@ class ServingControllers:
                     for k, v in selector.items()
                 )
             ]
+            chosen = self.routed(key, chosen)
             if not chosen:
                 writer.close()  # no endpoints: refused, as kube-proxy's REJECT
                 return
@@ -230,6 +236,10 @@ class ServingControllers:
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
         return relay
+
+    def routed(self, service_key: tuple, chosen: list) -> list:
+        """The pods a connection may go to, of those the selector chose (all, for a plain Service)."""
+        return chosen
 
     async def service_deleted(self, key: tuple) -> None:
         address, servers = self.services_running.pop(key, (None, []))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pendulum
 from airflow.sdk import DAG
 
-from airflow_provider_dnntrain.launchers import KubernetesLauncher, KubernetesServing
+from airflow_provider_dnntrain.launchers import KServeServing, KubernetesLauncher, KubernetesServing
 from airflow_provider_dnntrain.operators import (
     DeployModelOperator,
     PyTorchTrainOperator,
@@ -78,3 +78,20 @@ with DAG("dnntrain_kubernetes_deploy", schedule=None, start_date=START, params=D
 
 with DAG("dnntrain_kubernetes_undeploy", schedule=None, start_date=START):
     UndeployModelOperator(task_id="undeploy", endpoint="tiny-k8s", serving=SERVING)
+
+# -- deployment by the cluster's KServe ---------------------------------------------------------------
+
+KSERVE = KServeServing(kubernetes_conn_id="kubernetes_fake", startup_timeout=120, api_request_timeout=5)
+
+with DAG("dnntrain_kserve_deploy", schedule=None, start_date=START, params=DEPLOY_CONF):
+    DeployModelOperator(
+        task_id="deploy",
+        model="{{ params.model }}",
+        endpoint="tiny-kserve",
+        serving=KSERVE,
+        canary_traffic_percent="{{ params.canary }}",
+        promote_alias="kserve-champion",
+    )
+
+with DAG("dnntrain_kserve_undeploy", schedule=None, start_date=START):
+    UndeployModelOperator(task_id="undeploy", endpoint="tiny-kserve", serving=KSERVE)

@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--progress", type=int, default=0, help="show a tqdm bar of this many steps")
     parser.add_argument("--long-line", type=int, default=0, help="write this many bytes without a newline")
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--until", default=None, help="end the --sleep early once this file exists")
     args, _unknown = parser.parse_known_args()
 
     if args.ignore_term:
@@ -61,7 +62,7 @@ def main() -> None:
     if args.spawn:
         spawn_children(outputs)
     print(f"{NAME} ready", flush=True)
-    time.sleep(args.sleep)
+    sleep_until(args.sleep, args.until)
     for spec in args.fail:
         name, code = spec.split(":")
         if name == NAME:
@@ -115,6 +116,12 @@ def spawn_children(outputs: Path) -> None:
     escaped = subprocess.Popen(sleeper, start_new_session=True)
     pids = {"child": child.pid, "escaped": escaped.pid, "self": os.getpid()}
     publish(outputs / "pids.json", json.dumps(pids))
+
+
+def sleep_until(seconds: float, path: str | None) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not (path and os.path.exists(path)):
+        time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
 if __name__ == "__main__":

@@ -82,9 +82,13 @@ class KubernetesServing(Serving):
         self.startup_timeout = startup_timeout
         self.api = ApiPatience(request_timeout=api_request_timeout)
 
+    server_port = manifests.SERVER_PORT  # where a slot's pods answer, for the smoke test
+    probe_path = "/ping"  # what says they are ready
+
     def __deepcopy__(self, memo):  # an operator's copy: the same settings, no clients of its own yet
-        copied = object.__new__(KubernetesServing)
-        copied.__dict__.update({k: v for k, v in self.__dict__.items() if k not in ("hook", "core", "apps")})
+        copied = object.__new__(type(self))
+        clients = ("hook", "core", "apps", "custom")
+        copied.__dict__.update({k: v for k, v in self.__dict__.items() if k not in clients})
         return copied
 
     # -- the cluster --------------------------------------------------------------------------------
@@ -225,8 +229,11 @@ class KubernetesServing(Serving):
             f"{self._pods_said(endpoint, slot)}"
         )
 
+    def _pod_selector(self, endpoint: str, slot: str) -> str:
+        return f"{manifests.ENDPOINT_LABEL}={endpoint},{manifests.SLOT_LABEL}={slot}"
+
     def _pods(self, endpoint: str, slot: str) -> list:
-        selector = f"{manifests.ENDPOINT_LABEL}={endpoint},{manifests.SLOT_LABEL}={slot}"
+        selector = self._pod_selector(endpoint, slot)
         return self._call(
             "list pods", self.core.list_namespaced_pod, self._ns(), label_selector=selector
         ).items
@@ -240,13 +247,16 @@ class KubernetesServing(Serving):
                 if why:
                     log = self._log_tail(pod.metadata.name, status.name)
                     raise ServingFailed(
-                        f"endpoint {endpoint}: the new version never answered /ping: pod "
+                        f"endpoint {endpoint}: the new version never answered {self.probe_path}: pod "
                         f"{pod.metadata.name}, container {status.name}: {why}; its log ends:\n{log}"
                     )
 
     def _log_tail(self, pod: str, container: str) -> str:
         try:
-            return self.core.read_namespaced_pod_log(pod, self._ns(), container=container, tail_lines=40)
+            answer = self.core.read_namespaced_pod_log(
+                pod, self._ns(), container=container, tail_lines=40, _preload_content=False
+            )
+            return answer.data.decode(errors="replace")
         except Exception as error:
             return f"(no log: {error})"
 
@@ -265,7 +275,7 @@ class KubernetesServing(Serving):
         ready = [p for p in self._pods(endpoint, slot) if serving_status.is_ready(p)]
         if not ready:
             raise ServingFailed(f"endpoint {endpoint}: slot {slot} has no ready pod")
-        pod, port = ready[0].metadata.name, manifests.SERVER_PORT
+        pod, port = ready[0].metadata.name, self.server_port
 
         def open_way():
             for attempt in range(5):  # the API server may refuse a handshake now and then (429, 5xx)

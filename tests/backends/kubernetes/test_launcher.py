@@ -182,13 +182,14 @@ def test_cancel_deletes_the_run_in_one_request_and_the_cluster_removes_everythin
 
 
 @pytest.mark.slow
-def test_a_64_replica_job_costs_one_api_request_per_wait_interval(cluster, launcher):
+def test_a_64_replica_job_costs_one_api_request_per_wait_interval(cluster, launcher, tmp_path):
     replicas = 64
+    measured = tmp_path / "measured"  # the replicas end once it exists (the fake's pods see this disk)
     job = TrainingJob(
         framework="tensorflow",
         source_directory=str(TEST_SCRIPTS),
         entry_script="replica.py",
-        arguments=["--sleep", "20"],  # longer than 64 pods take to start here
+        arguments=["--sleep", "60", "--until", str(measured)],  # past 64 pods' start, to the measure
         distribution=MultiWorkerMirrored(worker_count=replicas),
     )
     submitted, at_submit = time.monotonic(), cluster.requests()
@@ -199,6 +200,7 @@ def test_a_64_replica_job_costs_one_api_request_per_wait_interval(cluster, launc
     before, began = cluster.requests(), time.monotonic()
     time.sleep(3)
     after, ended = cluster.requests(), time.monotonic()
+    measured.touch()
     thread.join(120)
     assert "status" in outcome, outcome
     made = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}

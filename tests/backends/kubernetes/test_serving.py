@@ -23,7 +23,6 @@ import endpoint_client
 import pytest
 import yaml
 from airflow_helpers import load_dag, task_instance, xcom
-from ssh_hosts import NamespaceForwarder
 
 from airflow_provider_dnntrain import tracking
 from airflow_provider_dnntrain.launchers import KubernetesServing
@@ -79,10 +78,8 @@ def client(cluster, versions):
     assert dag_run.state == "success"
     result = xcom(dag_run, "deploy")
     assert urlsplit(result["scoring_uri"]).hostname == f"{ENDPOINT}.{NAMESPACE}.svc.cluster.local"
-    service = api(cluster, f"/api/v1/namespaces/{NAMESPACE}/services/{ENDPOINT}")
-    forwarder = NamespaceForwarder(f"{cluster.prefix}-br", service["spec"]["clusterIP"], 80)
-    yield f"http://127.0.0.1:{forwarder.port}/invocations"
-    forwarder.close()
+    with cluster.service_reached(ENDPOINT) as base:
+        yield f"{base}/invocations"
 
 
 def endpoint_key() -> str:

@@ -3,10 +3,13 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-EXTRAS := tensorflow,torch,ssh,kubernetes,s3,examples,test
+EXTRAS := tensorflow,torch,ssh,kubernetes,docker,s3,examples,test
 # Open MPI and a compiler for Horovod (built from source by scripts/build-horovod.sh, wheel cached);
-# sshd, ssh and ip for the test hosts (tests/ssh_hosts.py: sshd in network namespaces).
-DEBIAN_PACKAGES := openmpi-bin libopenmpi-dev cmake g++ make openssh-server openssh-client iproute2
+# sshd, ssh and ip for the test hosts (tests/ssh_hosts.py: sshd in network namespaces); Docker's
+# daemon and debootstrap for the Docker backend's tests (tests/docker_daemon.py: its own dockerd, and
+# images made here, not pulled).
+DEBIAN_PACKAGES := openmpi-bin libopenmpi-dev cmake g++ make openssh-server openssh-client iproute2 \
+	docker.io debootstrap
 # Rebuilt when the dependency declarations change.
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt scripts/*.sh | sha256sum | cut -c1-12)
 DEMO_HOME := $(CURDIR)/.demo/airflow
@@ -19,7 +22,7 @@ DEMO_HOSTS = $(if $(findstring _ssh_,$(DEMO_DAG)),$(BIN)/python scripts/with_ssh
 AIRFLOW_ENV := AIRFLOW_HOME=$(DEMO_HOME) AIRFLOW__CORE__LOAD_EXAMPLES=False \
 	AIRFLOW__CORE__DAGS_FOLDER=$(CURDIR)/dags TF_CPP_MIN_LOG_LEVEL=2
 
-.PHONY: env demo test lint clean images
+.PHONY: env demo test lint clean images images-test
 
 env: $(STAMP)
 
@@ -55,8 +58,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: $(STAMP) lint
+test: $(STAMP) lint images-test
 	$(BIN)/python -m pytest -p no:cacheprovider --durations=15
+
+# The images the Docker backend's tests run: built once, again when what they are built from changes.
+images-test: $(STAMP)
+	$(BIN)/python tests/docker_daemon.py images
 
 # Training images (not part of the tests): dnntrain-{torch,tensorflow}:$(DEVICE), DEVICE=cpu|gpu.
 # DOCKER="docker -H unix:///..." and BASE_IMAGE=... to override.

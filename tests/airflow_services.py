@@ -199,7 +199,7 @@ class AirflowServices:
             state = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}")["state"]
             if state in ("success", "failed"):
                 return state
-            time.sleep(1)
+            time.sleep(0.25)
         raise AssertionError(f"{dag_id} {run_id} still running after {timeout}s")
 
     def tracking_run(self, job: str):

@@ -51,6 +51,16 @@ def tiny_versions(airflow_db):
     return registered
 
 
+@pytest.fixture(scope="session")
+def docker_daemon():
+    """One real Docker daemon for every test that runs containers, with the images ``make env`` built."""
+    from docker_daemon import TORCH_IMAGE, DockerDaemon
+
+    with DockerDaemon() as started:
+        assert started.has_image(TORCH_IMAGE), "no test image: run `python tests/docker_daemon.py images`"
+        yield started
+
+
 @pytest.fixture(autouse=True)
 def _no_tracking_uri_left_behind():
     """Processes started later (the real-Airflow suites' components and their tasks) inherit this

@@ -13,7 +13,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "airflow_provider_dnntrain"
 NAME = PACKAGE.name
-BACKENDS = ("local", "ssh", "kubernetes")
+BACKENDS = ("local", "ssh", "kubernetes", "docker")
 # Below the backends: they may use backends/common, never base.py or a backend.
 GROUND_FLOOR = ("spec", "topology", "run_id", "source", "inputs", "tracking", "fs", "replica_site", "models")
 SHIPPED = [
@@ -24,7 +24,8 @@ SHIPPED = [
     "backends/common/model_server.py",
     "backends/common/endpoint_agent.py",
     "backends/ssh/agent.py",
-    "backends/kubernetes/bootstrap.py",
+    "backends/docker/watchdog.py",
+    "backends/common/bootstrap.py",
     "replica_site/sitecustomize.py",
     "replica_site/azureml_compat.py",
 ]
@@ -147,8 +148,11 @@ def test_the_public_names_import_from_where_dags_name_them():
         KubernetesLauncher,
     )
     assert (old_local, old_ssh, old_kubernetes) == (LocalLauncher, SSHLauncher, KubernetesLauncher)
-    with pytest.raises(AttributeError, match="no attribute 'DockerLauncher'"):
-        launchers.DockerLauncher  # noqa: B018
+    from airflow_provider_dnntrain.backends.docker.launcher import DockerLauncher
+
+    assert launchers.DockerLauncher is DockerLauncher
+    with pytest.raises(AttributeError, match="no attribute 'SlurmLauncher'"):
+        launchers.SlurmLauncher  # noqa: B018
 
 
 def test_naming_one_launcher_imports_no_other_backend():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from airflow_provider_dnntrain import source as source_module
-from airflow_provider_dnntrain.backends.kubernetes.files import run_bundle
+from airflow_provider_dnntrain.backends.common.bundle import run_bundle
 from airflow_provider_dnntrain.backends.ssh.shipping import bundle as ssh_bundle
 from airflow_provider_dnntrain.source import snapshot
 from airflow_provider_dnntrain.spec import TrainingJob

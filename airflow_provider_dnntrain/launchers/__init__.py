@@ -1,6 +1,7 @@
 """The launchers a DAG names in ``launcher=``: ``from airflow_provider_dnntrain.launchers import
-LocalLauncher, SSHLauncher, KubernetesLauncher``; and where models are served, in ``serving=`` of
-DeployModelOperator: ``LocalServing``, ``SSHServing``, ``KubernetesServing``, ``KServeServing``.
+LocalLauncher, SSHLauncher, KubernetesLauncher, DockerLauncher``; and where models are served, in
+``serving=`` of DeployModelOperator: ``LocalServing``, ``SSHServing``, ``KubernetesServing``,
+``KServeServing``.
 
 Each lives in its backend's package (``backends/local``, ``backends/ssh``, ``backends/kubernetes``) and
 is imported when first named here, so a DAG file that uses one launcher does not pay for the others.
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from airflow_provider_dnntrain.backends.base import Launcher
+    from airflow_provider_dnntrain.backends.docker.launcher import DockerLauncher
     from airflow_provider_dnntrain.backends.kubernetes.kserve import KServeServing
     from airflow_provider_dnntrain.backends.kubernetes.launcher import KubernetesLauncher
     from airflow_provider_dnntrain.backends.kubernetes.serving import KubernetesServing
@@ -26,12 +28,14 @@ _HOMES = {
     "LocalLauncher": "airflow_provider_dnntrain.backends.local.launcher",
     "SSHLauncher": "airflow_provider_dnntrain.backends.ssh.launcher",
     "KubernetesLauncher": "airflow_provider_dnntrain.backends.kubernetes.launcher",
+    "DockerLauncher": "airflow_provider_dnntrain.backends.docker.launcher",
     "LocalServing": "airflow_provider_dnntrain.backends.local.serving",
     "SSHServing": "airflow_provider_dnntrain.backends.ssh.serving",
     "KubernetesServing": "airflow_provider_dnntrain.backends.kubernetes.serving",
     "KServeServing": "airflow_provider_dnntrain.backends.kubernetes.kserve",
 }
 __all__ = [
+    "DockerLauncher",
     "KServeServing",
     "KubernetesLauncher",
     "KubernetesServing",

@@ -22,6 +22,10 @@ import sys
 import tarfile
 from collections.abc import Callable
 
+# Python 3.11.4+ checks what a tar extracts; an older one (Debian 12 has 3.11.2) unpacks our own archive
+# as it is.
+SAFE_EXTRACT = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
 
 def entry(root: str, key: str) -> str:
     return os.path.join(root, key)
@@ -69,7 +73,7 @@ def main() -> None:
 
         def extract(scratch: str) -> None:
             with tarfile.open(archive) as tar:
-                tar.extractall(scratch, filter="data")
+                tar.extractall(scratch, **SAFE_EXTRACT)
 
         try:
             make_once(root, key, extract)

@@ -22,6 +22,8 @@ MASK = "***"
 
 Publish = Callable[[str | None, list[str]], None]  # (rank label or None for the replica itself, lines)
 _BREAKS = re.compile(rb"(\r\n|\n|\r)")
+# A rank's line a container's bootstrap passed on from the rank's own file (mpirun's --output-filename).
+RANK_LINE = re.compile(r"^\[(rank\.\d+)\] (.*)$", re.DOTALL)
 
 
 class Redactor:

@@ -14,8 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from airflow_provider_dnntrain import inputs
+from airflow_provider_dnntrain.backends.common.bundle import run_bundle
 from airflow_provider_dnntrain.backends.kubernetes.cluster import Cluster
-from airflow_provider_dnntrain.backends.kubernetes.files import run_bundle, ssh_files
+from airflow_provider_dnntrain.backends.kubernetes.files import ssh_files
 from airflow_provider_dnntrain.backends.kubernetes.inputs import SOURCES_KEY
 from airflow_provider_dnntrain.backends.kubernetes.job import KubernetesJobHandle
 from airflow_provider_dnntrain.backends.kubernetes.kubeflow import kubeflow_kind, render_kubeflow_job

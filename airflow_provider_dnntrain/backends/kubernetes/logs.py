@@ -19,7 +19,6 @@ import asyncio
 import collections
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from airflow_provider_dnntrain.backends.base import LogLine
-from airflow_provider_dnntrain.backends.common.lines import LineSplitter, Redactor
+from airflow_provider_dnntrain.backends.common.lines import RANK_LINE, LineSplitter, Redactor
 from airflow_provider_dnntrain.backends.kubernetes.run import KubernetesRun
 
 log = logging.getLogger(__name__)
@@ -37,7 +36,6 @@ REOPEN_SECONDS = 0.5  # after a stream ended early (a dropped connection, a kube
 CURSOR_SAVE_SECONDS = 10.0
 _TAIL_LINES = 20
 _STAMP_BYTES = 64  # kubelet's RFC 3339 timestamp, with room
-_RANK_LINE = re.compile(r"^\[(rank\.\d+)\] (.*)$", re.DOTALL)
 
 
 @dataclass(frozen=True, order=True)
@@ -154,7 +152,7 @@ class PodLogs:
     def _labelled(self, replica: str, text: str) -> LogLine:
         """A rank's line a pod passed on from its per-rank file (``[rank.N] ...``) is the runner's rank's,
         whichever pod it ran in, labelled as every launcher labels it."""
-        match = _RANK_LINE.match(text) if self.run.plan.hosts else None
+        match = RANK_LINE.match(text) if self.run.plan.hosts else None
         if match:
             return LogLine(f"{self.run.plan.replicas[0].name}/{match.group(1)}", match.group(2))
         return LogLine(replica, text)

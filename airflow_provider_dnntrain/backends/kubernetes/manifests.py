@@ -11,11 +11,11 @@ A host of the plan that runs no replica (Horovod's other nodes) runs an SSH daem
 from __future__ import annotations
 
 import base64
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from airflow_provider_dnntrain.backends.common.names import run_label
 from airflow_provider_dnntrain.backends.common.replica import LAUNCH_ID_VAR
 from airflow_provider_dnntrain.backends.kubernetes.gang import Gang, join_gang, pod_group
 from airflow_provider_dnntrain.backends.kubernetes.options import PodOptions, merge_pod_template
@@ -48,11 +48,7 @@ _JOB_NAME_LENGTH = 45  # room for "-<role>-<index>" in a 63-character host name
 def job_name(run_id: str) -> str:
     """The run's name for its objects: a DNS-1035 label (a Service's name starts with a letter), short
     enough that ``<name>-evaluator-<index>`` is a host name; the run id's hash suffix keeps it unique."""
-    name = run_id if run_id[:1].isalpha() else f"r-{run_id}"
-    if len(name) > _JOB_NAME_LENGTH:
-        digest = hashlib.sha256(run_id.encode()).hexdigest()[:10]
-        name = f"{name[: _JOB_NAME_LENGTH - 11].rstrip('-')}-{digest}"
-    return name
+    return run_label(run_id, _JOB_NAME_LENGTH)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
-from airflow_provider_dnntrain.backends.kubernetes.bootstrap import MANIFEST, sha256_of
+from airflow_provider_dnntrain.backends.common.bootstrap import MANIFEST, sha256_of
 from airflow_provider_dnntrain.backends.kubernetes.cluster import Cluster
 from airflow_provider_dnntrain.backends.kubernetes.manifests import (
     BOOTSTRAP,

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from functools import cached_property
 from typing import Any
 
+from airflow_provider_dnntrain.backends.common.bundle import SERVING_IMAGES
 from airflow_provider_dnntrain.backends.common.tunnels import local_forward
 from airflow_provider_dnntrain.backends.kubernetes import serving_manifests as manifests
 from airflow_provider_dnntrain.backends.kubernetes import serving_status
 from airflow_provider_dnntrain.backends.kubernetes.api import ApiPatience
-from airflow_provider_dnntrain.backends.kubernetes.files import SERVING_IMAGES
 from airflow_provider_dnntrain.backends.kubernetes.lease import LeaseLock
 from airflow_provider_dnntrain.backends.serving import (
     EndpointState,

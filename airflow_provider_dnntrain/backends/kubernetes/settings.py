@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_dnntrain.backends.kubernetes.files import default_image
+from airflow_provider_dnntrain.backends.common.bundle import default_image
 from airflow_provider_dnntrain.backends.kubernetes.inputs import input_volumes
 from airflow_provider_dnntrain.backends.kubernetes.manifests import Gang, RunSettings, job_name
 from airflow_provider_dnntrain.backends.kubernetes.options import GangScheduler, PodOptions, to_api_json

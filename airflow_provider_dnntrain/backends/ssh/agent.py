@@ -45,6 +45,10 @@ import tarfile
 import time
 from pathlib import Path
 
+# Python 3.11.4+ checks what a tar extracts; an older one (Debian 12 has 3.11.2) unpacks our own archive
+# as it is.
+SAFE_EXTRACT = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
 if __package__:  # imported by the launcher (for its path): the path of the importer stays as it is
     from airflow_provider_dnntrain.backends.common import reaper
 else:  # run on a host as a script, beside reaper.py; -I leaves the script's folder off the path
@@ -97,7 +101,7 @@ def prepare(paths: Paths, port_count: str) -> dict:
         else:
             stale.unlink(missing_ok=True)
     with tarfile.open(bundle) as tar:
-        tar.extractall(paths.host, filter="data")
+        tar.extractall(paths.host, **SAFE_EXTRACT)
     bundle.unlink()
     for sub in ("logs", "state"):
         (paths.host / sub).mkdir(exist_ok=True)

@@ -12,7 +12,7 @@ from fake_kubernetes import NAMESPACE, assert_nothing_left, fake_launcher
 from fake_kubernetes import run_job as run
 from object_store import ObjectStore, S3Store
 
-from airflow_provider_dnntrain.backends.kubernetes import bootstrap as kubernetes_bootstrap
+from airflow_provider_dnntrain.backends.common import bootstrap as kubernetes_bootstrap
 from airflow_provider_dnntrain.backends.kubernetes.launcher import KubernetesLauncher
 from airflow_provider_dnntrain.spec import Horovod, Input, MultiWorkerMirrored, TrainingJob
 

@@ -1,4 +1,5 @@
-"""Runs first in every pod of a run (mounted from the run's ConfigMap; standard library only).
+"""Runs first in every pod or container of a run (mounted from a Kubernetes run's ConfigMap, put into a
+Docker run's containers; standard library only). "Pod" below is either.
 
 ``run -- argv...``: unpack the source into the working directory, write the replica's files, put
 the replica site (in the bundle) first on ``PYTHONPATH``, wait (bounded) until every
@@ -37,6 +38,10 @@ import tarfile
 import threading
 import time
 
+# Python 3.11.4+ checks what a tar extracts; an older one (Debian 12 has 3.11.2) unpacks our own archive
+# as it is.
+SAFE_EXTRACT = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+
 BUNDLE = os.path.dirname(os.path.abspath(__file__))
 SSH_DIR = "/dnntrain/ssh"
 SSH = "/usr/bin/ssh"
@@ -53,7 +58,7 @@ MANIFEST = ".dnntrain-manifest.json"  # the last member of what ``pack`` sends: 
 def unpack() -> None:
     workdir = os.getcwd()
     with tarfile.open(os.path.join(BUNDLE, "source.tar.gz")) as tar:
-        tar.extractall(workdir, filter="data")
+        tar.extractall(workdir, **SAFE_EXTRACT)
     for folder in ("outputs", "logs"):  # every launcher gives the script both
         os.makedirs(os.path.join(workdir, folder), exist_ok=True)
     replica = os.environ.get("DNNTRAIN_POD_REPLICA", "")

@@ -1,0 +1,96 @@
+"""A Docker run's containers and network as the daemon is asked for them (pure): a container per replica
+named ``<run>-<role>-<index>``, which is also its host name on the run's network; labels that find
+everything of a run; the bootstrap (``common/bootstrap.py``, in the run's bundle) as its first process."""
+
+from __future__ import annotations
+
+from airflow_provider_dnntrain.backends.common.names import run_label
+from airflow_provider_dnntrain.topology import JobPlan, Replica
+from airflow_provider_dnntrain.topology.plan import Endpoint
+
+MANAGED_LABEL = "dnntrain.io/managed-by"
+RUN_LABEL = "dnntrain.io/run"
+REPLICA_LABEL = "dnntrain.io/replica"
+ROOT = "/"  # where what is put into each container goes: dnntrain/bundle/ and dnntrain/secrets/
+BUNDLE = "/dnntrain/bundle"
+WORKDIR = "/dnntrain/run"
+PENDING_FILE = "/dnntrain/secrets/pending.json"
+LEASE_FILE = f"{BUNDLE}/lease"  # the watchdog's: renewed while someone watches the run
+
+
+def member(path: str) -> str:
+    """An absolute path of a container as the member of an archive put at ``ROOT``."""
+    return path.lstrip("/")
+
+
+def run_name(run_id: str) -> str:
+    """The run's name on the daemon: its network's, and the stem of its containers' (DNS labels)."""
+    return run_label(run_id)
+
+
+class DockerPlacement:
+    """Every replica in a container of its own, at ``<run>-<role>-<index>``, on the topology's port."""
+
+    runs_as_root = True  # images run as root unless told otherwise
+
+    def __init__(self, run_id: str) -> None:
+        self.name = run_name(run_id)
+
+    def endpoint(self, role: str, index: int, default_port: int) -> Endpoint:
+        return Endpoint(f"{self.name}-{role}-{index}", default_port)
+
+
+def labels(run_id: str, replica: str | None = None) -> dict[str, str]:
+    found = {MANAGED_LABEL: "dnntrain", RUN_LABEL: run_label(run_id, 63)}
+    return {**found, REPLICA_LABEL: replica} if replica else found
+
+
+def run_filter(run_id: str) -> dict:
+    """What finds every container and network of a run (``filters=`` of the daemon's lists)."""
+    return {"label": [f"{RUN_LABEL}={run_label(run_id, 63)}"]}
+
+
+def container_config(
+    plan: JobPlan, replica: Replica, *, image: str, python: str, network: str, env: dict[str, str]
+) -> dict:
+    """``containers.create`` arguments for ``replica``: the bootstrap unpacks the bundle into the
+    working directory, then runs the replica's argv (and prints the lines of the ranks it starts that
+    write to files of their own, as ``[rank.N] line``)."""
+    ranks = ["--rank-logs", replica.rank_logs] if replica.rank_logs else []
+    return {
+        "image": image,
+        "command": [python, f"{BUNDLE}/bootstrap.py", "run", *ranks, "--", *replica.argv],
+        "name": replica.host,
+        "hostname": replica.host,
+        "labels": labels(plan.run_id, replica.name),
+        "environment": {**env, **replica.env, "DNNTRAIN_POD_REPLICA": replica.name},
+        "working_dir": WORKDIR,
+        "network": network,
+        "init": True,  # a process that is PID 1 gets no SIGTERM it does not handle: docker-init forwards it
+        "detach": True,
+    }
+
+
+def watchdog_config(
+    run_id: str, *, image: str, python: str, socket: str, timeout: float, grace: float
+) -> dict:
+    """The run's watchdog (``watchdog.py``): the daemon's ``socket`` mounted, no network; it removes
+    the run once its lease lapses or says ``stop``."""
+    return {
+        "image": image,
+        "command": [
+            python,
+            f"{BUNDLE}/watchdog.py",
+            "--run",
+            run_label(run_id, 63),
+            "--timeout",
+            f"{timeout:g}",
+            "--grace",
+            f"{grace:g}",
+        ],  # fmt: skip
+        "name": f"{run_name(run_id)}-watchdog",
+        "labels": labels(run_id, "watchdog"),
+        "volumes": {socket: {"bind": "/var/run/docker.sock", "mode": "rw"}},
+        "network_mode": "none",
+        "detach": True,
+    }

@@ -1,0 +1,134 @@
+"""A Docker run in this process: its containers, the lines their logs stream (a thread per container,
+through the shared line splitter, redacted), and files put into and read out of containers as tar
+streams - which works the same with a daemon on another host."""
+
+from __future__ import annotations
+
+import collections
+import io
+import queue
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from airflow_provider_dnntrain.backends.base import JobHandle, LogLine
+from airflow_provider_dnntrain.backends.common.lines import RANK_LINE, LineSplitter, Redactor
+from airflow_provider_dnntrain.topology import JobPlan
+
+TAIL_LINES = 40
+
+
+@dataclass
+class DockerJobHandle(JobHandle):
+    run_id: str
+    plan: JobPlan
+    name: str  # the run's name: its network's, its containers' stem
+    run_dir: Path
+    containers: dict[str, str] = field(default_factory=dict)  # replica -> container id
+    network: str | None = None
+    watchdog: str | None = None  # the watchdog container's id
+    redactor: Redactor | None = None
+    pending: dict[str, str] = field(default_factory=dict, repr=False)  # secrets and pending variables
+    lines: queue.Queue = field(default_factory=queue.Queue)
+    tails: dict[str, collections.deque] = field(default_factory=dict)
+    followers: list[threading.Thread] = field(default_factory=list)
+    lease_renewed: float = 0.0
+    cancelled: bool = False
+    stopped: bool = False
+    exit_codes: dict[str, int | None] = field(default_factory=dict)
+    outputs_lost: str | None = None
+    relay: object | None = None  # the embedded tracking store served to the containers
+
+    def follow(self, api, replica: str) -> None:
+        """Stream ``replica``'s container log into ``lines`` (and its tail), in a thread of its own."""
+        self.tails[replica] = collections.deque(maxlen=TAIL_LINES)
+        thread = threading.Thread(
+            target=self._pump, args=(api, replica), name=f"docker-logs-{replica}", daemon=True
+        )
+        thread.start()
+        self.followers.append(thread)
+
+    def _pump(self, api, replica: str) -> None:
+        splitter = LineSplitter(self.redactor)
+        try:
+            for chunk in api.logs(self.containers[replica], stream=True, follow=True):
+                self._publish(replica, splitter.feed(chunk))
+        except Exception as error:  # the container removed under the stream: its lines are all in
+            self._publish(replica, [f"(log stream ended: {error})"] if not self.stopped else [])
+        self._publish(replica, splitter.flush())
+
+    def _publish(self, replica: str, texts: list[str]) -> None:
+        for text in texts:
+            self.tails[replica].append(text)
+            self.lines.put(self._labelled(replica, text))
+
+    def _labelled(self, replica: str, text: str) -> LogLine:
+        """A rank's line the bootstrap passed on from its per-rank file (``[rank.N] ...``) is labelled
+        ``<runner>/rank.N``, as every launcher labels it."""
+        match = RANK_LINE.match(text) if self.plan.hosts else None
+        return LogLine(f"{replica}/{match.group(1)}", match.group(2)) if match else LogLine(replica, text)
+
+    def drain(self, timeout: float) -> list[LogLine]:
+        out = []
+        try:
+            out.append(self.lines.get(timeout=timeout) if timeout > 0 else self.lines.get_nowait())
+            while True:
+                out.append(self.lines.get_nowait())
+        except queue.Empty:
+            pass
+        return out
+
+    def finish_reading(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for thread in self.followers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def tar_of(files: dict[str, bytes], mode: int = 0o644) -> bytes:
+    """``files`` (relative path -> content) as a tar archive with their folders, for ``put_archive``."""
+    buffer = io.BytesIO()
+    folders = sorted({str(parent) for path in files for parent in Path(path).parents if str(parent) != "."})
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for folder in folders:
+            entry = tarfile.TarInfo(folder)
+            entry.type, entry.mode, entry.mtime = tarfile.DIRTYPE, 0o755, int(time.time())
+            tar.addfile(entry)
+        for path, content in files.items():
+            entry = tarfile.TarInfo(path)
+            entry.size, entry.mode, entry.mtime = len(content), mode, int(time.time())
+            tar.addfile(entry, io.BytesIO(content))
+    return buffer.getvalue()
+
+
+class _Chunks(io.RawIOBase):
+    """The daemon's archive stream (an iterator of byte chunks) as a file to read."""
+
+    def __init__(self, chunks) -> None:
+        self._chunks, self._left = iter(chunks), b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._left:
+            self._left = next(self._chunks, b"")
+            if not self._left:
+                return 0
+        size = min(len(buffer), len(self._left))
+        buffer[:size], self._left = self._left[:size], self._left[size:]
+        return size
+
+
+def copy_out(api, container: str, path: str, into: Path) -> list[str]:
+    """``path`` of ``container`` (running or not) into ``into``, streamed: the files copied. A cut
+    stream or a member shorter than its header says raises (``tarfile.ReadError``)."""
+    stream, _ = api.get_archive(container, path)
+    copied = []
+    with tarfile.open(fileobj=io.BufferedReader(_Chunks(stream), 1 << 20), mode="r|") as tar:
+        for member in tar:
+            if member.isfile() or member.isdir():
+                tar.extract(member, into, filter="data")
+                copied += [member.name] if member.isfile() else []
+    return copied

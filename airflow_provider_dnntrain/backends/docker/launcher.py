@@ -1,0 +1,335 @@
+"""Docker: every replica a container on one Docker daemon, on a network of the run's own where replicas
+reach each other by name (``<run>-<role>-<index>``), through the Docker SDK.
+
+Each container starts from the run's bundle (put into it before it starts, as a tar stream: the daemon
+may be on another host): the bootstrap unpacks the source snapshot into ``/dnntrain/run``, puts the
+replica site first on the path and becomes the replica's argv. Secrets and the variables pending at
+submit reach the script's processes through a file put into each container (``/dnntrain/secrets``),
+never through its environment, so ``docker inspect`` shows none. Stopping saves the primary
+replica's outputs, then removes every container and the network of the run; so does a new submit of
+the same run id. Each run has a watchdog container (``watchdog.py``, the daemon's socket mounted):
+while the task watches the run it renews the run's lease there; once the lease has not changed for
+``orphan_timeout`` seconds (the task SIGKILLed, its worker lost), or the task asks (``on_kill``), the
+watchdog stops and removes the whole run, itself last.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Collection, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
+from pathlib import Path
+
+from airflow_provider_dnntrain.backends.base import (
+    JobState,
+    JobStatus,
+    Launcher,
+    LogLine,
+    aggregate_status,
+    secret_values,
+)
+from airflow_provider_dnntrain.backends.common.bundle import default_image, run_bundle
+from airflow_provider_dnntrain.backends.common.lines import Redactor
+from airflow_provider_dnntrain.backends.common.replica import PENDING_ENV_VAR, PENDING_FILE_VAR, launch_env
+from airflow_provider_dnntrain.backends.common.tracking_server import StoreServer, needs_relay
+from airflow_provider_dnntrain.backends.docker import containers as specs
+from airflow_provider_dnntrain.backends.docker import watchdog
+from airflow_provider_dnntrain.backends.docker.job import DockerJobHandle, copy_out, tar_of
+from airflow_provider_dnntrain.source import check_source
+from airflow_provider_dnntrain.spec import Horovod, TrainingJob
+from airflow_provider_dnntrain.topology import JobPlan
+
+log = logging.getLogger(__name__)
+
+
+class DockerLauncher(Launcher):
+    """Run every replica in a container on the Docker daemon at ``docker_url`` (default: the
+    environment's, ``DOCKER_HOST`` or the local socket).
+
+    ``image``: the replicas' image (default: the project's training image for the job's framework,
+    ``dnntrain-{torch,tensorflow}:{cpu,gpu}``, or the job's ``environment.image``); ``python``: its
+    interpreter. ``orphan_timeout``: how long a run outlives a task that stopped renewing its lease
+    (SIGKILLed, its worker lost) before its watchdog removes it. ``daemon_socket``: the daemon's socket
+    on its own host, mounted into the watchdog (default: ``docker_url``'s, for ``unix://``, else
+    ``/var/run/docker.sock``).
+    """
+
+    name = "docker"
+
+    def __init__(
+        self,
+        *,
+        docker_url: str | None = None,
+        image: str | None = None,
+        python: str = "python",
+        work_root: str | None = None,
+        stop_grace_seconds: float = 10.0,
+        orphan_timeout: float = 300.0,
+        lease_interval: float = 10.0,
+        daemon_socket: str | None = None,
+    ) -> None:
+        self.docker_url = docker_url
+        self.image, self.python = image, python
+        self.work_root = Path(work_root) if work_root else None
+        self.stop_grace_seconds = stop_grace_seconds
+        self.orphan_timeout, self.lease_interval = orphan_timeout, lease_interval
+        self.daemon_socket = daemon_socket
+
+    def __deepcopy__(self, memo):  # an operator's copy: the same settings, no client of its own yet
+        copied = object.__new__(type(self))
+        copied.__dict__.update({k: v for k, v in self.__dict__.items() if k != "client"})
+        return copied
+
+    @cached_property
+    def client(self):
+        import docker
+
+        return docker.DockerClient(base_url=self.docker_url) if self.docker_url else docker.from_env()
+
+    def placement(self, run_id: str) -> specs.DockerPlacement:
+        return specs.DockerPlacement(run_id)
+
+    def interpreter(self, job: TrainingJob) -> str:
+        return job.environment.python or self.python
+
+    def inputs_folder(self, run_id: str) -> str:
+        return f"{specs.WORKDIR}/inputs"
+
+    def validate(self, job: TrainingJob) -> None:
+        super().validate(job)
+        if job.environment.has_packages:
+            raise ValueError(
+                "environment.pip_packages: the docker launcher runs its image as it is; name an image that "
+                "has the packages in environment.image"
+            )
+        if job.inputs:
+            raise ValueError(
+                "inputs: the docker launcher does not deliver inputs yet; read them in the script"
+            )
+        if isinstance(job.distribution, Horovod) and job.distribution.node_count > 1:
+            raise ValueError(
+                "distribution.node_count: the docker launcher runs Horovod in one container "
+                "(node_count=1, process_count_per_node=N)"
+            )
+
+    # -- submit ---------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        job: TrainingJob,
+        plan: JobPlan,
+        extra_env: Mapping[str, str],
+        *,
+        pending_env: Collection[str] = (),
+        time_limit: float | None = None,
+    ) -> DockerJobHandle:
+        source = check_source(job)
+        self._remove_run(plan.run_id)  # what an earlier submit of this run id left
+        run_dir = self.fresh_run_dir(plan.run_id)
+        (run_dir / "plan.json").write_text(plan.to_json())
+        secrets = secret_values(job)
+        handle = DockerJobHandle(
+            run_id=plan.run_id, plan=plan, name=specs.run_name(plan.run_id), run_dir=run_dir,
+            redactor=Redactor(secrets.values()), pending=dict(secrets),
+        )  # fmt: skip
+        try:
+            env = self._environment(handle, job, extra_env, [*secrets, *pending_env])
+            bundle = run_bundle(source, plan, job.resume_from)
+            self._create(handle, job, env, bundle)
+            for replica, container in handle.containers.items():
+                self.client.api.start(container)
+                handle.follow(self.client.api, replica)
+            handle.lease_renewed = time.monotonic()
+        except BaseException:
+            self.stop(handle, grace_seconds=0)
+            raise
+        return handle
+
+    def _environment(self, handle, job: TrainingJob, extra_env, pending: list[str]) -> dict[str, str]:
+        network = self.client.networks.create(
+            handle.name, driver="bridge", labels=specs.labels(handle.run_id)
+        )
+        handle.network = network.id
+        env = {**extra_env, **launch_env(uuid.uuid4().hex, job.entry_script, handle.plan.chief.name)}
+        tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
+        if tracking_uri and needs_relay(tracking_uri):
+            env["MLFLOW_TRACKING_URI"] = self._serve_tracking(handle, tracking_uri, network)
+        if pending:
+            env.update({PENDING_ENV_VAR: ",".join(pending), PENDING_FILE_VAR: specs.PENDING_FILE})
+        return env
+
+    def _serve_tracking(self, handle: DockerJobHandle, tracking_uri: str, network) -> str:
+        """The embedded store served on the run network's gateway: this host, as its containers see it
+        (a daemon on this host; a remote daemon's containers need a tracking server they reach)."""
+        network.reload()
+        gateway = network.attrs["IPAM"]["Config"][0]["Gateway"]
+        log_file = handle.run_dir.with_suffix(".tracking-server.log")
+        handle.relay = StoreServer(tracking_uri, log_file, handle.run_id, listen=(gateway, 0))
+        handle.relay.start(run_exists=False)
+        return f"http://{gateway}:{handle.relay.target[1]}"
+
+    def _create(self, handle: DockerJobHandle, job: TrainingJob, env: dict, bundle: dict[str, bytes]) -> None:
+        image = job.environment.image or self.image or default_image(job)
+        self._start_watchdog(handle, image, self.interpreter(job))
+        files = {specs.member(f"{specs.BUNDLE}/{name}"): content for name, content in bundle.items()}
+        for replica in handle.plan.replicas:
+            config = specs.container_config(
+                handle.plan, replica, image=image, python=self.interpreter(job), network=handle.name, env=env
+            )
+            if job.resources.use_gpu:
+                config["device_requests"] = [_gpus(getattr(job.distribution, "process_count_per_node", 1))]
+            container = self.client.containers.create(**config)
+            handle.containers[replica.name] = container.id
+            self.client.api.put_archive(container.id, specs.ROOT, tar_of(files))
+            self._put_pending(handle, container.id)
+
+    def _socket(self) -> str:
+        """The daemon's socket on its host: given, or ``docker_url``'s (or ``DOCKER_HOST``'s) for a
+        ``unix://`` one, else Docker's default."""
+        url = self.docker_url or os.environ.get("DOCKER_HOST", "")
+        return (
+            self.daemon_socket
+            or (url.removeprefix("unix://") if url.startswith("unix://") else None)
+            or ("/var/run/docker.sock")
+        )
+
+    def _start_watchdog(self, handle: DockerJobHandle, image: str, python: str) -> None:
+        config = specs.watchdog_config(
+            handle.run_id, image=image, python=python, socket=self._socket(),
+            timeout=self.orphan_timeout, grace=self.stop_grace_seconds,
+        )  # fmt: skip
+        handle.watchdog = self.client.containers.create(**config).id
+        code = {
+            specs.member(f"{specs.BUNDLE}/watchdog.py"): Path(watchdog.__file__).read_bytes(),
+            specs.member(specs.LEASE_FILE): b"0",
+        }
+        self.client.api.put_archive(handle.watchdog, specs.ROOT, tar_of(code))
+        self.client.api.start(handle.watchdog)
+
+    def _put_pending(self, handle: DockerJobHandle, container: str) -> None:
+        if handle.pending:
+            secret = tar_of(
+                {specs.member(specs.PENDING_FILE): json.dumps(handle.pending).encode()}, mode=0o600
+            )
+            self.client.api.put_archive(container, specs.ROOT, secret)
+
+    def provide_env(self, handle: DockerJobHandle, values: Mapping[str, str]) -> None:
+        if handle.relay is not None and "MLFLOW_RUN_ID" in values:
+            handle.relay.start()  # the tracking run exists: the store has its tables
+        handle.pending.update(values)
+        for container in handle.containers.values():
+            self._put_pending(handle, container)
+
+    # -- watching ---------------------------------------------------------------------------------
+
+    def poll(self, handle: DockerJobHandle) -> JobStatus:
+        if handle.cancelled:
+            return JobStatus(JobState.CANCELLED, f"run {handle.run_id} cancelled")
+        for replica, container in handle.containers.items():
+            state = self.client.api.inspect_container(container)["State"]
+            running = state["Running"] or state["Status"] == "created"
+            handle.exit_codes[replica] = None if running else state["ExitCode"]
+        if time.monotonic() - handle.lease_renewed > self.lease_interval:
+            self._renew_lease(handle)
+        return aggregate_status(handle.plan, handle.exit_codes)
+
+    def _renew_lease(self, handle: DockerJobHandle, value: str | None = None) -> None:
+        lease = tar_of({specs.member(specs.LEASE_FILE): (value or str(time.time())).encode()})
+        self.client.api.put_archive(handle.watchdog, specs.ROOT, lease)
+        handle.lease_renewed = time.monotonic()
+
+    def stream_logs(self, handle: DockerJobHandle, timeout: float) -> Iterable[LogLine]:
+        return handle.drain(timeout)
+
+    def tail(self, handle: DockerJobHandle, replica: str) -> list[str]:
+        return list(handle.tails.get(replica, []))
+
+    # -- ending -----------------------------------------------------------------------------------
+
+    def stop(self, handle: DockerJobHandle, grace_seconds: float) -> None:
+        """Stop every container (SIGTERM, SIGKILL after the grace), save the primary's outputs, then
+        remove every container and the network of the run (raise naming any still there)."""
+        if handle.stopped:
+            return
+        with ThreadPoolExecutor(max(1, len(handle.containers))) as pool:
+            list(pool.map(lambda c: self._stop_container(c, grace_seconds), handle.containers.values()))
+        handle.finish_reading(timeout=5)
+        if not handle.cancelled:
+            self._save_outputs(handle)
+        handle.stopped = True
+        if handle.relay is not None:
+            handle.relay.close()
+        left = self._remove_run(handle.run_id)
+        if left:
+            raise RuntimeError(f"run {handle.run_id}: still on the daemon after removal: {', '.join(left)}")
+
+    def _stop_container(self, container: str, grace: float) -> None:
+        try:
+            self.client.api.stop(container, timeout=int(round(grace)))
+        except Exception as error:  # gone already
+            if getattr(error, "status_code", None) != 404:
+                raise
+
+    def cancel(self, handle: DockerJobHandle) -> None:
+        """Ask the run's watchdog to end the run, and return: it stops every container (SIGKILL after
+        the grace) and removes them and the network, whether or not this process is still there."""
+        handle.cancelled = True
+        if handle.watchdog:
+            self._renew_lease(handle, "stop")
+
+    def _remove_run(self, run_id: str, wait: float = 10.0) -> list[str]:
+        """Every container and network of ``run_id`` removed (its watchdog may be at it too); what is
+        still there after ``wait`` seconds."""
+        found, deadline = specs.run_filter(run_id), time.monotonic() + wait
+        while True:
+            for container in self.client.api.containers(all=True, filters=found):
+                _gone_or(self.client.api.remove_container, container["Id"], force=True)
+            for network in self.client.api.networks(filters=found):
+                _gone_or(self.client.api.remove_network, network["Id"])
+            containers = self.client.api.containers(all=True, filters=found)
+            left = [c["Names"][0].lstrip("/") for c in containers]
+            left += [n["Name"] for n in self.client.api.networks(filters=found)]
+            if not left or time.monotonic() > deadline:
+                return left
+            time.sleep(0.5)
+
+    def _save_outputs(self, handle: DockerJobHandle) -> None:
+        chief = handle.containers.get(handle.plan.chief.name)
+        if chief is None:  # never created
+            return
+        artifacts = handle.run_dir / "artifacts"
+        artifacts.mkdir(exist_ok=True)
+        try:
+            for folder in ("outputs", "logs"):
+                copy_out(self.client.api, chief, f"{specs.WORKDIR}/{folder}", artifacts)
+            if handle.redactor:
+                handle.redactor.redact_tree(artifacts)
+        except Exception as error:
+            handle.outputs_lost = f"{type(error).__name__}: {error}"
+            log.warning("run %s: the chief's outputs were not copied: %s", handle.run_id, error)
+
+    def collect_outputs(self, handle: DockerJobHandle) -> Path:
+        artifacts = handle.run_dir / "artifacts"
+        for sub in ("outputs", "logs"):
+            (artifacts / sub).mkdir(parents=True, exist_ok=True)
+        return artifacts
+
+
+def _gone_or(remove, *args, **kwargs) -> None:
+    """``remove``, unless what it removes is gone or going already (404, 409: removal in progress)."""
+    try:
+        remove(*args, **kwargs)
+    except Exception as error:
+        if getattr(error, "status_code", None) not in (404, 409):
+            raise
+
+
+def _gpus(count: int):
+    from docker.types import DeviceRequest
+
+    return DeviceRequest(count=count, capabilities=[["gpu"]])

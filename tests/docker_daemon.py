@@ -71,12 +71,18 @@ class DockerDaemon:
         self.remove_stale()
         return self
 
+    def held(self, run_id: str | None = None) -> tuple[list[str], list[str]]:
+        """The containers and networks of run ``run_id`` (None: of every run) the daemon holds."""
+        label = f"label=dnntrain.io/run={run_id}" if run_id else "label=dnntrain.io/managed-by"
+        containers = self.docker("ps", "-a", "-q", "--filter", label).stdout.split()
+        return containers, self.docker("network", "ls", "-q", "--filter", label).stdout.split()
+
     def remove_stale(self) -> None:
         """What runs of an earlier daemon on this data root left (a test session killed mid-way)."""
-        managed = "label=dnntrain.io/managed-by"
-        if containers := self.docker("ps", "-a", "-q", "--filter", managed).stdout.split():
+        containers, networks = self.held()
+        if containers:
             self.docker("rm", "-f", *containers, check=False)
-        if networks := self.docker("network", "ls", "-q", "--filter", managed).stdout.split():
+        if networks:
             self.docker("network", "rm", *networks, check=False)
 
     def docker(

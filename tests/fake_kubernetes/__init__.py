@@ -16,7 +16,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -280,44 +279,6 @@ class FakeCluster:
 def _namespace_pids(namespace: str) -> list[int]:
     listed = subprocess.run(["ip", "netns", "pids", namespace], capture_output=True, text=True, timeout=30)
     return [int(pid) for pid in listed.stdout.split()]
-
-
-def run_job(launcher, job, run_id: str, timeout: float = 240):
-    """Submit ``job`` through ``launcher`` and wait for it; the handle and every line logged (printed,
-    for a failing test's output)."""
-    from airflow_provider_dnntrain.backends.base import wait_for_job
-
-    handle = launcher.submit(job, launcher.plan(job, run_id), extra_env={})
-    lines = []
-    try:
-        wait_for_job(launcher, handle, lines.append, timeout=timeout)
-    finally:
-        print("\n".join(map(str, lines)))
-    return handle, lines
-
-
-def wait_in_background(launcher, handle):
-    """wait_for_job in a thread; its lines and its outcome (the status, or the exception)."""
-    from airflow_provider_dnntrain.backends.base import wait_for_job
-
-    lines, outcome = [], {}
-
-    def wait() -> None:
-        try:
-            outcome["status"] = wait_for_job(launcher, handle, lines.append, timeout=120)
-        except BaseException as error:  # noqa: BLE001 - handed to the test
-            outcome["error"] = error
-
-    thread = threading.Thread(target=wait, daemon=True)
-    thread.start()
-    return thread, lines, outcome
-
-
-def wait_until_ready(lines: list, count: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while sum(" ready" in line.text for line in list(lines)) < count:
-        assert time.monotonic() < deadline, f"replicas not ready: {[str(line) for line in lines]}"
-        time.sleep(0.1)
 
 
 def fake_launcher(cluster: FakeCluster, monkeypatch, work_root, **options):

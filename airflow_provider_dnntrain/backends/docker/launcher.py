@@ -191,12 +191,10 @@ class DockerLauncher(Launcher):
     def _socket(self) -> str:
         """The daemon's socket on its host: given, or ``docker_url``'s (or ``DOCKER_HOST``'s) for a
         ``unix://`` one, else Docker's default."""
+        if self.daemon_socket:
+            return self.daemon_socket
         url = self.docker_url or os.environ.get("DOCKER_HOST", "")
-        return (
-            self.daemon_socket
-            or (url.removeprefix("unix://") if url.startswith("unix://") else None)
-            or ("/var/run/docker.sock")
-        )
+        return url.removeprefix("unix://") if url.startswith("unix://") else "/var/run/docker.sock"
 
     def _start_watchdog(self, handle: DockerJobHandle, image: str, python: str) -> None:
         config = specs.watchdog_config(

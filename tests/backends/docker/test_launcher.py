@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from airflow_helpers import wait_for
 from docker_daemon import TORCH_IMAGE
-from fake_kubernetes import run_job, wait_in_background, wait_until_ready
+from launcher_jobs import run_job, wait_in_background, wait_until_ready
 
 from airflow_provider_dnntrain.backends.base import JobFailed
 from airflow_provider_dnntrain.spec import Environment, MultiWorkerMirrored, TrainingJob
@@ -26,9 +26,7 @@ HOSTILE = "$(touch /tmp/pwned); `id` ' \" ; rm -rf /"
 
 
 def left_on(daemon, run_id: str) -> list[str]:
-    label = f"label=dnntrain.io/run={run_id}"
-    containers = daemon.docker("ps", "-a", "-q", "--filter", label).stdout.split()
-    networks = daemon.docker("network", "ls", "-q", "--filter", label).stdout.split()
+    containers, networks = daemon.held(run_id)
     return containers + networks
 
 

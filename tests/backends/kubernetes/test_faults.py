@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fake_kubernetes import assert_nothing_left, fake_launcher, wait_in_background
+from fake_kubernetes import assert_nothing_left, fake_launcher
 from fake_kubernetes import ranks_job as two_ranks_job
-from fake_kubernetes import run_job as run
+from launcher_jobs import run_job as run
+from launcher_jobs import wait_in_background
 from long_lines import assert_lines_whole_bounded_and_throttled, long_lines_job
 
 from airflow_provider_dnntrain import cli

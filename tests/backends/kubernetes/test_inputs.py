@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from backends.kubernetes.test_manifests import validate_all
 from fake_kubernetes import NAMESPACE, assert_nothing_left, fake_launcher
-from fake_kubernetes import run_job as run
+from launcher_jobs import run_job as run
 from object_store import ObjectStore, S3Store
 
 from airflow_provider_dnntrain.backends.common import bootstrap as kubernetes_bootstrap

@@ -30,13 +30,11 @@ KSERVE = "serving.kserve.io/v1beta1"
 
 
 @pytest.fixture(scope="module")
-def versions(tiny_versions, cluster):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AIRFLOW_CONN_KUBERNETES_FAKE", cluster.airflow_connection())
-        yield tiny_versions
-        serving = KServeServing(kubernetes_conn_id="kubernetes_fake")
-        with serving.locked(ENDPOINT):  # what a failed test left
-            serving.undeploy(ENDPOINT)
+def versions(tiny_versions, connection):
+    yield tiny_versions
+    serving = KServeServing(kubernetes_conn_id="kubernetes_fake")
+    with serving.locked(ENDPOINT):  # what a failed test left
+        serving.undeploy(ENDPOINT)
 
 
 def deploy(version: int, canary: int | str = ""):

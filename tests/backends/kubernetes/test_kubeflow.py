@@ -11,14 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from fake_kubernetes import (
-    FakeCluster,
-    assert_nothing_left,
-    fake_launcher,
-    wait_in_background,
-    wait_until_ready,
-)
-from fake_kubernetes import run_job as run
+from fake_kubernetes import FakeCluster, assert_nothing_left, fake_launcher
+from launcher_jobs import run_job as run
+from launcher_jobs import wait_in_background, wait_until_ready
 
 from airflow_provider_dnntrain.backends.base import JobFailed, JobState, wait_for_job
 from airflow_provider_dnntrain.backends.kubernetes.launcher import KubernetesLauncher

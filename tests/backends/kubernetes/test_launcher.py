@@ -10,13 +10,9 @@ from pathlib import Path
 
 import pytest
 from azure_script import assert_ran_as_azure_ml_script_offline
-from fake_kubernetes import (
-    assert_nothing_left,
-    fake_launcher,
-    wait_in_background,
-    wait_until_ready,
-)
-from fake_kubernetes import run_job as run
+from fake_kubernetes import assert_nothing_left, fake_launcher
+from launcher_jobs import run_job as run
+from launcher_jobs import wait_in_background, wait_until_ready
 
 from airflow_provider_dnntrain.backends.base import JobFailed, JobState
 from airflow_provider_dnntrain.backends.kubernetes.launcher import KubernetesLauncher

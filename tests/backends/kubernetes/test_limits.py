@@ -10,7 +10,7 @@ import tracemalloc
 
 import pytest
 from fake_kubernetes import assert_nothing_left, fake_launcher, ranks_job
-from fake_kubernetes import run_job as run
+from launcher_jobs import run_job as run
 
 from airflow_provider_dnntrain.backends.base import JobFailed, wait_for_job
 from airflow_provider_dnntrain.backends.kubernetes import settings as kubernetes_settings

@@ -35,13 +35,6 @@ NAMESPACE = "training"
 
 
 @pytest.fixture(scope="module")
-def connection(cluster):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AIRFLOW_CONN_KUBERNETES_FAKE", cluster.airflow_connection())
-        yield
-
-
-@pytest.fixture(scope="module")
 def versions(tiny_versions, connection):
     yield tiny_versions
     serving = KubernetesServing(kubernetes_conn_id="kubernetes_fake")

@@ -6,12 +6,13 @@ BIN := $(VENV)/bin
 EXTRAS := tensorflow,torch,ssh,kubernetes,docker,s3,examples,test
 # Open MPI and a compiler for Horovod (built from source by scripts/build-horovod.sh, wheel cached);
 # sshd, ssh and ip for the test hosts (tests/ssh_hosts.py: sshd in network namespaces); Docker's
-# daemon and debootstrap for the Docker backend's tests (tests/docker_daemon.py: its own dockerd, and
-# images made here, not pulled).
+# daemon, a registry and debootstrap for the Docker backend's tests (tests/docker_daemon.py: its own
+# dockerd, and images made here, not pulled; tests/docker_registry.py).
 DEBIAN_PACKAGES := openmpi-bin libopenmpi-dev cmake g++ make openssh-server openssh-client iproute2 \
-	docker.io debootstrap
+	docker.io docker-registry debootstrap
 # Rebuilt when the dependency declarations change.
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt scripts/*.sh | sha256sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell echo $(DEBIAN_PACKAGES) | cat - pyproject.toml constraints.txt scripts/*.sh \
+	| sha256sum | cut -c1-12)
 DEMO_HOME := $(CURDIR)/.demo/airflow
 DEMO_DAG ?= dnntrain_deploy_digits
 # A DAG that deploys: the demo then calls its endpoint (as a user would: the curl line is printed, key

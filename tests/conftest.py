@@ -61,6 +61,28 @@ def docker_daemon():
         yield started
 
 
+@pytest.fixture(scope="session")
+def docker_registry():
+    """One real image registry (with credentials) for every test that pushes or pulls images."""
+    from docker_registry import LocalRegistry
+
+    with LocalRegistry() as started:
+        yield started
+
+
+@pytest.fixture
+def registry_connection(docker_registry, monkeypatch):
+    """An Airflow docker connection (the docker provider's kind) to the test registry: its id."""
+    from airflow.sdk import Connection
+
+    connection = Connection(
+        conn_id="registry", conn_type="docker", host=docker_registry.address,
+        login=docker_registry.username, password=docker_registry.password,
+    )  # fmt: skip
+    monkeypatch.setenv("AIRFLOW_CONN_REGISTRY", connection.as_json())
+    return "registry"
+
+
 @pytest.fixture(autouse=True)
 def _no_tracking_uri_left_behind():
     """Processes started later (the real-Airflow suites' components and their tasks) inherit this

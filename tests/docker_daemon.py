@@ -7,7 +7,8 @@ own, and builds use the host's network. No registry is pulled from: the base ima
 ``debootstrap --variant=minbase`` and imported, and the training image is built from
 ``docker/Dockerfile`` on it, tagged by the content of what it is built from, so that a change rebuilds.
 
-Run ``python tests/docker_daemon.py images`` (``make env`` does) to make them before the tests.
+Run ``python tests/docker_daemon.py images`` (``make test`` does) to make them before the tests; it also
+puts the training image's layers into the test registry's kept storage (``docker_registry.seed``).
 """
 
 from __future__ import annotations
@@ -163,9 +164,12 @@ def main() -> None:
     if sys.argv[1:] != ["images"]:
         sys.exit("usage: docker_daemon.py images")
     started = time.monotonic()
+    from docker_registry import seed
+
     with DockerDaemon() as daemon:
         daemon.make_base()
         tagged = daemon.build_torch_image()
+        seed(daemon.client(), TORCH_IMAGE)
     print(f"docker test images ready ({tagged}) in {time.monotonic() - started:.0f} s")
 
 

@@ -24,6 +24,7 @@ from fake_kserve import ENTRYPOINTS as KSERVE_ENTRYPOINTS
 from fake_kserve import KSERVE, KServeController, admit_inference_service
 from fake_limits import MemoryCgroups, admit
 from fake_network import GATEWAY, PodNetwork, namespace_pids
+from fake_registry import in_local_registry, pull_credentials, pull_refusal
 from fake_serving import APPS
 from fake_store import TOKEN, Store, expand, log_timestamp, now_rfc3339
 from fake_training_operator import GROUP as KUBEFLOW_GROUP
@@ -156,9 +157,9 @@ class Cluster(PodNetwork, TrainingOperator, KServeController):
         self.set_status(key, phase="Pending", conditions=scheduled, hostIP=GATEWAY, startTime=now_rfc3339())
         self.set_status(key, containerStatuses=self.container_statuses(pod, lambda _: waiting))
         await self.pull_throttled(key, pod)
-        missing = [c for c in pod["spec"]["containers"] if not self.image_exists(c.get("image", ""))]
-        if missing:
-            await self.fail_pull(key, pod, missing)
+        refusals = self.pull_refusals(key[1], pod)  # here: the executor's threads may be in pods' netns
+        if refusals:
+            await self.fail_pull(key, pod, refusals)
             return
         await self.pod_network(runtime)
         try:
@@ -228,17 +229,38 @@ class Cluster(PodNetwork, TrainingOperator, KServeController):
                     self.set_status(key, containerStatuses=statuses)
                     await asyncio.sleep(0.5)
 
-    async def fail_pull(self, key: tuple, pod: dict, missing: list[dict]) -> None:
-        names = {c["name"] for c in missing}
+    def pull_refusals(self, namespace: str, pod: dict) -> dict[str, tuple[str, str]]:
+        """``{container: (image, why it cannot be pulled)}``: a local registry's images are asked for
+        there, with the pod's pull secrets; others must be in the images the cluster was given."""
+        refs = [ref["name"] for ref in pod["spec"].get("imagePullSecrets") or []]
+        secrets = [self.store.objects.get(("api/v1", namespace, "secrets", name)) or {} for name in refs]
+        credentials = pull_credentials(secrets)
+        refusals = {}
+        for container in pod["spec"]["containers"]:
+            image = container.get("image", "")
+            if in_local_registry(image):
+                refusal = pull_refusal(image, credentials)
+            else:
+                refusal = (
+                    None
+                    if self.image_exists(image)
+                    else f'failed to pull and unpack image "{image}": not found'
+                )
+            if refusal:
+                refusals[container["name"]] = (image, refusal)
+        return refusals
+
+    async def fail_pull(self, key: tuple, pod: dict, refusals: dict[str, tuple[str, str]]) -> None:
+        image, refusal = next(iter(refusals.values()))
         for reason in ("ErrImagePull", "ImagePullBackOff"):
             message = (
-                f'Back-off pulling image "{missing[0]["image"]}": ErrImagePull: failed to resolve reference'
+                refusal
+                if reason == "ErrImagePull"
+                else f'Back-off pulling image "{image}": ErrImagePull: {refusal}'
             )
-            if reason == "ErrImagePull":
-                message = f'failed to pull and unpack image "{missing[0]["image"]}": not found'
 
             def state(name: str, reason=reason, message=message) -> dict:
-                if name in names:
+                if name in refusals:
                     return {"waiting": {"reason": reason, "message": message}}
                 return {"waiting": {"reason": "ContainerCreating"}}
 
@@ -638,6 +660,9 @@ def _invalid(prefix: str, plural: str, name: str, obj: dict) -> web.Response | N
     """Admission of a core or apps object: kubernetes-validate (strict) for the cluster's version."""
     if prefix not in ("api/v1", APPS):
         return None
+    if plural in KINDS:  # as the API server does: a body may leave out what the path says
+        obj.setdefault("apiVersion", prefix.removeprefix("api/").removeprefix("apis/"))
+        obj.setdefault("kind", KINDS[plural])
     try:
         kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
     except kubernetes_validate.ValidationError as error:

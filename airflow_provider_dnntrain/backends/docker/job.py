@@ -40,6 +40,7 @@ class DockerJobHandle(JobHandle):
     exit_codes: dict[str, int | None] = field(default_factory=dict)
     outputs_lost: str | None = None
     relay: object | None = None  # the embedded tracking store served to the containers
+    environment_record: str = ""  # the environment image's resolved packages, for the run's logs
 
     def follow(self, api, replica: str) -> None:
         """Stream ``replica``'s container log into ``lines`` (and its tail), in a thread of its own."""

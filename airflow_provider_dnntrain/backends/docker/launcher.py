@@ -34,8 +34,18 @@ from airflow_provider_dnntrain.backends.base import (
     secret_values,
 )
 from airflow_provider_dnntrain.backends.common.bundle import default_image, run_bundle
+from airflow_provider_dnntrain.backends.common.environment_images import (
+    BuiltImage,
+    ImageBuilding,
+    docker_client,
+)
 from airflow_provider_dnntrain.backends.common.lines import Redactor
-from airflow_provider_dnntrain.backends.common.replica import PENDING_ENV_VAR, PENDING_FILE_VAR, launch_env
+from airflow_provider_dnntrain.backends.common.replica import (
+    ENVIRONMENT_RECORD,
+    PENDING_ENV_VAR,
+    PENDING_FILE_VAR,
+    launch_env,
+)
 from airflow_provider_dnntrain.backends.common.tracking_server import StoreServer, needs_relay
 from airflow_provider_dnntrain.backends.docker import containers as specs
 from airflow_provider_dnntrain.backends.docker import watchdog
@@ -53,9 +63,14 @@ class DockerLauncher(Launcher):
 
     ``image``: the replicas' image (default: the project's training image for the job's framework,
     ``dnntrain-{torch,tensorflow}:{cpu,gpu}``, or the job's ``environment.image``); ``python``: its
-    interpreter. ``orphan_timeout``: how long a run outlives a task that stopped renewing its lease
-    (SIGKILLed, its worker lost) before its watchdog removes it. ``daemon_socket``: the daemon's socket
-    on its own host, mounted into the watchdog (default: ``docker_url``'s, for ``unix://``, else
+    interpreter. A job whose environment has ``pip_packages`` or a ``requirements_file`` runs on an
+    image built from that one (``common/environment_images.py``), pushed to ``image_registry``
+    (``host[:port][/namespace]``) or to the registry of the Airflow docker connection ``docker_conn_id``
+    (its host, login and password) when one is given.
+
+    ``orphan_timeout``: how long a run outlives a task that stopped renewing its lease (SIGKILLed, its
+    worker lost) before its watchdog removes it. ``daemon_socket``: the daemon's socket on its own
+    host, mounted into the watchdog (default: ``docker_url``'s, for ``unix://``, else
     ``/var/run/docker.sock``).
     """
 
@@ -72,6 +87,8 @@ class DockerLauncher(Launcher):
         orphan_timeout: float = 300.0,
         lease_interval: float = 10.0,
         daemon_socket: str | None = None,
+        image_registry: str | None = None,
+        docker_conn_id: str | None = None,
     ) -> None:
         self.docker_url = docker_url
         self.image, self.python = image, python
@@ -79,6 +96,7 @@ class DockerLauncher(Launcher):
         self.stop_grace_seconds = stop_grace_seconds
         self.orphan_timeout, self.lease_interval = orphan_timeout, lease_interval
         self.daemon_socket = daemon_socket
+        self.building = ImageBuilding(docker_url, image_registry, docker_conn_id)
 
     def __deepcopy__(self, memo):  # an operator's copy: the same settings, no client of its own yet
         copied = object.__new__(type(self))
@@ -87,9 +105,7 @@ class DockerLauncher(Launcher):
 
     @cached_property
     def client(self):
-        import docker
-
-        return docker.DockerClient(base_url=self.docker_url) if self.docker_url else docker.from_env()
+        return docker_client(self.docker_url)
 
     def placement(self, run_id: str) -> specs.DockerPlacement:
         return specs.DockerPlacement(run_id)
@@ -102,11 +118,6 @@ class DockerLauncher(Launcher):
 
     def validate(self, job: TrainingJob) -> None:
         super().validate(job)
-        if job.environment.has_packages:
-            raise ValueError(
-                "environment.pip_packages: the docker launcher runs its image as it is; name an image that "
-                "has the packages in environment.image"
-            )
         if job.inputs:
             raise ValueError(
                 "inputs: the docker launcher does not deliver inputs yet; read them in the script"
@@ -129,18 +140,19 @@ class DockerLauncher(Launcher):
         time_limit: float | None = None,
     ) -> DockerJobHandle:
         source = check_source(job)
+        image = self._image(job)  # built first: a failed build leaves nothing of the run
         self._remove_run(plan.run_id)  # what an earlier submit of this run id left
         run_dir = self.fresh_run_dir(plan.run_id)
         (run_dir / "plan.json").write_text(plan.to_json())
         secrets = secret_values(job)
         handle = DockerJobHandle(
             run_id=plan.run_id, plan=plan, name=specs.run_name(plan.run_id), run_dir=run_dir,
-            redactor=Redactor(secrets.values()), pending=dict(secrets),
+            redactor=Redactor(secrets.values()), pending=dict(secrets), environment_record=image.freeze,
         )  # fmt: skip
         try:
             env = self._environment(handle, job, extra_env, [*secrets, *pending_env])
             bundle = run_bundle(source, plan, job.resume_from)
-            self._create(handle, job, env, bundle)
+            self._create(handle, job, image.tag, env, bundle)
             for replica, container in handle.containers.items():
                 self.client.api.start(container)
                 handle.follow(self.client.api, replica)
@@ -173,8 +185,14 @@ class DockerLauncher(Launcher):
         handle.relay.start(run_exists=False)
         return f"http://{gateway}:{handle.relay.target[1]}"
 
-    def _create(self, handle: DockerJobHandle, job: TrainingJob, env: dict, bundle: dict[str, bytes]) -> None:
-        image = job.environment.image or self.image or default_image(job)
+    def _image(self, job: TrainingJob) -> BuiltImage:
+        """The job's image: its base as it is, or its environment's, built (or found) now."""
+        base = job.environment.image or self.image or default_image(job)
+        if not job.environment.has_packages:
+            return BuiltImage(base, False, "")
+        return self.building.ensure(job, base, self.interpreter(job), self.client)
+
+    def _create(self, handle, job: TrainingJob, image: str, env: dict, bundle: dict[str, bytes]) -> None:
         self._start_watchdog(handle, image, self.interpreter(job))
         files = {specs.member(f"{specs.BUNDLE}/{name}"): content for name, content in bundle.items()}
         for replica in handle.plan.replicas:
@@ -305,6 +323,9 @@ class DockerLauncher(Launcher):
         try:
             for folder in ("outputs", "logs"):
                 copy_out(self.client.api, chief, f"{specs.WORKDIR}/{folder}", artifacts)
+            if handle.environment_record:
+                (artifacts / "logs").mkdir(exist_ok=True)
+                (artifacts / "logs" / ENVIRONMENT_RECORD).write_text(handle.environment_record)
             if handle.redactor:
                 handle.redactor.redact_tree(artifacts)
         except Exception as error:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_dnntrain.backends.base import JobState, JobStatus, Launcher, LogLine, secret_values
+from airflow_provider_dnntrain.backends.common.environment_images import ImageBuilding
 from airflow_provider_dnntrain.backends.common.lines import Redactor
 from airflow_provider_dnntrain.backends.common.replica import launch_env
 from airflow_provider_dnntrain.backends.common.tracking_server import (
@@ -70,6 +71,11 @@ class KubernetesLauncher(Launcher):
     ``pod_template_file`` / ``full_pod_spec`` as a base and ``role_options`` per role (``{"ps": {...}}``).
     ``gang_scheduling``: ``kueue`` (with ``queue_name``), ``volcano`` or ``coscheduling``, so that all
     pods start together or none does.
+
+    Environments (``pip_packages``, ``requirements_file``): built into an image on the environment's
+    base by the Docker daemon at ``docker_url`` (default: the environment's), pushed to
+    ``image_registry`` or to the registry of the docker connection ``docker_conn_id``, once per content
+    (``common/environment_images.py``); the pods pull it with ``image_pull_secrets``.
 
     ``kubeflow=True``: the job goes to the cluster as a TFJob, PyTorchJob or (Horovod, with
     ``runner='mpirun'``) MPIJob (``kubeflow.org/v1``) that the Kubeflow training operator runs (it makes
@@ -122,6 +128,9 @@ class KubernetesLauncher(Launcher):
         outputs_required: bool = True,
         api_request_timeout: float = 30.0,
         api_unavailable_timeout: float = 600.0,
+        image_registry: str | None = None,
+        docker_conn_id: str | None = None,
+        docker_url: str | None = None,
         **pod_options: Any,
     ) -> None:
         self.kubernetes_conn_id = kubernetes_conn_id
@@ -138,6 +147,7 @@ class KubernetesLauncher(Launcher):
             queue_name=queue_name,
             inputs_cache_claim=inputs_cache_claim,
             pod_options=pod_options,
+            building=ImageBuilding.pushing(docker_url, image_registry, docker_conn_id),
         )
         self.startup_timeout_seconds = startup_timeout_seconds
         self.schedule_timeout = schedule_timeout
@@ -146,8 +156,7 @@ class KubernetesLauncher(Launcher):
         self.poll_interval = poll_interval
         self.stop_grace_seconds = stop_grace_seconds
         self.work_root = Path(work_root) if work_root else None
-        self.tracking_address = tracking_address
-        self.tracking_bind = tracking_bind
+        self.tracking_address, self.tracking_bind = tracking_address, tracking_bind
         self.kubeflow = kubeflow
         self.outputs_required = outputs_required
         self.api = ApiPatience(api_request_timeout, api_unavailable_timeout)
@@ -201,12 +210,7 @@ class KubernetesLauncher(Launcher):
         return self.pods.interpreter(job)
 
     def validate(self, job: TrainingJob) -> None:
-        if job.environment.has_packages:
-            raise ValueError(
-                "environment.pip_packages: Kubernetes replicas run their image as it is; build an image that "
-                "has the packages (FROM dnntrain-torch:cpu, RUN pip install ...) and name it in "
-                "environment.image"
-            )
+        self.pods.check_environment(job)
         if self.kubeflow:
             check_kubeflow(job)
         check_inputs(job)
@@ -253,6 +257,7 @@ class KubernetesLauncher(Launcher):
         time_limit: float | None = None,
     ) -> KubernetesJobHandle:
         source = check_source(job)
+        self.pods.build_image(job)
         run_dir = self.fresh_run_dir(plan.run_id)
         (run_dir / "plan.json").write_text(plan.to_json())
         secrets = secret_values(job)

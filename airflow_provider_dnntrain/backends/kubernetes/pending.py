@@ -16,8 +16,15 @@ import time
 from dataclasses import dataclass, field
 
 NOT_SCHEDULED = "not scheduled"
-# Pulls that will never succeed: the registry says the image is not there, or the name is wrong.
-_IMAGE_MISSING = ("not found", "manifest unknown", "repository does not exist", "name unknown")
+# Pulls that will never succeed: the registry says the image is not there (or that these credentials
+# may not read it), or the name is wrong.
+_IMAGE_MISSING = (
+    "not found",
+    "manifest unknown",
+    "repository does not exist",
+    "name unknown",
+    "unauthorized",
+)
 _NEVER_PULLED = ("InvalidImageName", "ErrImageNeverPull")
 _PULLING = ("ErrImagePull", "ImagePullBackOff")
 _CONFIG_MISSING = ("CreateContainerConfigError",)  # a Secret, ConfigMap or key that is not there

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_dnntrain.backends.common.bundle import default_image
+from airflow_provider_dnntrain.backends.common.environment_images import ImageBuilding
 from airflow_provider_dnntrain.backends.kubernetes.inputs import input_volumes
 from airflow_provider_dnntrain.backends.kubernetes.manifests import Gang, RunSettings, job_name
 from airflow_provider_dnntrain.backends.kubernetes.options import GangScheduler, PodOptions, to_api_json
@@ -29,6 +30,7 @@ class PodDefaults:
     full_pod_spec: Any = None
     gang: Gang | None = None
     inputs_cache_claim: str | None = None
+    building: ImageBuilding | None = None  # where environment images are built and pushed
 
     @classmethod
     def from_arguments(
@@ -55,6 +57,27 @@ class PodDefaults:
     def interpreter(self, job: TrainingJob) -> str:
         return job.environment.python or self.python
 
+    def check_environment(self, job: TrainingJob) -> None:
+        if job.environment.has_packages and self.building is None:
+            raise ValueError(
+                "environment.pip_packages: Kubernetes replicas run an image; give the launcher a registry "
+                "to build the environment's image in (image_registry=, or docker_conn_id=), or name an "
+                "image that has the packages in environment.image"
+            )
+
+    def image(self, job: TrainingJob) -> str:
+        """The pods' image: the job's environment's (built by :meth:`build_image`), else the base."""
+        base = job.environment.image or self.options.image or default_image(job)
+        if job.environment.has_packages and self.building is not None:
+            return self.building.tag(job, base, self.interpreter(job))
+        return base
+
+    def build_image(self, job: TrainingJob) -> None:
+        """The job's environment image built and pushed, unless the registry has it already."""
+        if job.environment.has_packages and self.building is not None:
+            base = job.environment.image or self.options.image or default_image(job)
+            self.building.ensure(job, base, self.interpreter(job))
+
     def run_settings(
         self,
         job: TrainingJob,
@@ -71,7 +94,7 @@ class PodDefaults:
         volumes, mounts = input_volumes(job, job_name(plan.run_id), self.inputs_cache_claim)
         return RunSettings(
             namespace=namespace,
-            image=job.environment.image or self.options.image or default_image(job),
+            image=self.image(job),
             python=self.interpreter(job),
             options=self.options,
             role_options=self.role_options,

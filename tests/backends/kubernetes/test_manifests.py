@@ -419,10 +419,19 @@ def test_horovodrun_has_no_kubeflow_form_and_says_so_when_the_dag_is_parsed():
         )
 
 
-def test_pip_packages_on_kubernetes_say_to_build_an_image():
+def test_pip_packages_on_kubernetes_need_a_registry_and_then_name_the_environment_image():
     job = job_for("ps")
     job = job.model_copy(
         update={"environment": job.environment.model_copy(update={"pip_packages": ["x==1"]})}
     )
-    with pytest.raises(ValueError, match=r"^environment.pip_packages: Kubernetes replicas run their image"):
+    with pytest.raises(ValueError, match=r"^environment.pip_packages: .* give the launcher a registry"):
         KubernetesLauncher(namespace="ml").validate(job)
+    launcher = KubernetesLauncher(namespace="ml", image_registry="registry.example:5000/ml")
+    image = launcher.pods.image(job)
+    assert re.fullmatch(r"registry\.example:5000/ml/dnntrain-env:[0-9a-f]{20}", image)
+    pods = [o for o in launcher.preview_objects(job, "env-preview") if o["kind"] == "Pod"]
+    assert pods and all(c["image"] == image for pod in pods for c in pod["spec"]["containers"])
+    other = job.model_copy(
+        update={"environment": job.environment.model_copy(update={"pip_packages": ["x==2"]})}
+    )
+    assert launcher.pods.image(other) != image  # another content, another image

@@ -87,7 +87,11 @@ def environment_builds(daemon: DockerDaemon) -> tuple[float, float]:
         )  # fmt: skip
         building = images.ImageBuilding(daemon.base_url, docker_conn_id="bench_registry")
         tag = building.tag(job, TORCH_IMAGE, "python")
-        daemon.docker("rmi", "-f", tag, check=False)  # and its untagged layers: Docker's build cache
+        key = tag.rsplit(":", 1)[1]  # every tag of it (earlier registries' too), and its layers: no cache
+        found = daemon.docker("images", "-q", "--filter", f"label={images.KEY_LABEL}={key}").stdout.split()
+        for image in set(found):
+            daemon.docker("rmi", "-f", image, check=False)
+        registry.delete(tag)
         started = time.perf_counter()
         assert building.ensure(job, TORCH_IMAGE, "python").built
         first = time.perf_counter() - started

@@ -1,9 +1,9 @@
 """The launchers a DAG names in ``launcher=``: ``from airflow_provider_dnntrain.launchers import
 LocalLauncher, SSHLauncher, KubernetesLauncher, DockerLauncher``; and where models are served, in
 ``serving=`` of DeployModelOperator: ``LocalServing``, ``SSHServing``, ``KubernetesServing``,
-``KServeServing``.
+``KServeServing``, ``DockerServing``.
 
-Each lives in its backend's package (``backends/local``, ``backends/ssh``, ``backends/kubernetes``) and
+Each lives in its backend's package (``backends/local``, ``ssh``, ``kubernetes``, ``docker``) and
 is imported when first named here, so a DAG file that uses one launcher does not pay for the others.
 """
 
@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from airflow_provider_dnntrain.backends.base import Launcher
     from airflow_provider_dnntrain.backends.docker.launcher import DockerLauncher
+    from airflow_provider_dnntrain.backends.docker.serving import DockerServing
     from airflow_provider_dnntrain.backends.kubernetes.kserve import KServeServing
     from airflow_provider_dnntrain.backends.kubernetes.launcher import KubernetesLauncher
     from airflow_provider_dnntrain.backends.kubernetes.serving import KubernetesServing
@@ -33,9 +34,11 @@ _HOMES = {
     "SSHServing": "airflow_provider_dnntrain.backends.ssh.serving",
     "KubernetesServing": "airflow_provider_dnntrain.backends.kubernetes.serving",
     "KServeServing": "airflow_provider_dnntrain.backends.kubernetes.kserve",
+    "DockerServing": "airflow_provider_dnntrain.backends.docker.serving",
 }
 __all__ = [
     "DockerLauncher",
+    "DockerServing",
     "KServeServing",
     "KubernetesLauncher",
     "KubernetesServing",

@@ -7,9 +7,8 @@ requirements), so the tag is known before anything is built - a plan, a preview 
 the same image. An image is used again as long as it was built on the base image as it is now (its
 id, kept in a label): a base rebuilt under the same name builds the environment again.
 
-Built once per key on a daemon: a builder first creates a lock container named after the key (a
-daemon refuses a second container of one name) and renews a lease in it while it builds; the others
-wait, then find the image. A lock whose lease has lapsed (its builder died) is taken over. ``docker
+Built once per key on a daemon: a builder holds the daemon's lock of the key (``docker_lock.py``) while
+it builds; the others wait, then find the image. A lock whose builder died is taken over. ``docker
 build`` tags an image only once every step has succeeded, so a half-built one is never used; a failed
 build raises with the installer's own last lines. With a registry, the image is pushed once built, and
 a run on another daemon pulls it instead of building.
@@ -22,13 +21,10 @@ import io
 import json
 import logging
 import shlex
-import tarfile
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
+from airflow_provider_dnntrain.backends.common.docker_files import read_file, tar_of
+from airflow_provider_dnntrain.backends.common.docker_lock import daemon_lock
 from airflow_provider_dnntrain.backends.common.environments import EnvironmentBuildFailed, requirements_of
 from airflow_provider_dnntrain.spec import TrainingJob
 
@@ -38,8 +34,6 @@ REPOSITORY = "dnntrain-env"
 BASE_ID_LABEL = "dnntrain.io/base-image-id"
 KEY_LABEL = "dnntrain.io/environment"
 FOLDER = "/opt/dnntrain-environment"  # in the image: requirements.txt and freeze.txt
-LEASE_LABEL = "dnntrain.io/lease-from"  # a lock's first lease, before its lease file is there
-LEASE_SECONDS = 60.0  # a lock whose lease is older is its dead builder's
 
 
 @dataclass(frozen=True)
@@ -166,7 +160,8 @@ class EnvironmentImages:
         base_id = self._base_id(base)
         if self._usable(tag, base_id):
             return BuiltImage(tag, False, self._freeze(tag))
-        with self._lock(tag.rsplit(":", 1)[1], base):
+        name, waiting = f"dnntrain-build-{tag.rsplit(':', 1)[1]}", "another task building this environment"
+        with daemon_lock(self.client, name, base, waiting):
             if self._usable(tag, base_id):  # built while this waited
                 return BuiltImage(tag, False, self._freeze(tag))
             self._build(tag, base, python, requirements_text(job), base_id)
@@ -258,72 +253,9 @@ class EnvironmentImages:
     def _freeze(self, tag: str) -> str:
         container = self.client.api.create_container(tag, command=["true"])["Id"]
         try:
-            stream, _ = self.client.api.get_archive(container, f"{FOLDER}/freeze.txt")
-            with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
-                return tar.extractfile("freeze.txt").read().decode()
+            return (read_file(self.client.api, container, f"{FOLDER}/freeze.txt") or b"").decode()
         finally:
             self.client.api.remove_container(container, force=True)
-
-    @contextmanager
-    def _lock(self, key: str, base: str) -> Iterator[None]:
-        """This daemon's build lock for ``key``: a container of the key's name, whose lease the holder
-        renews; one whose lease has lapsed is removed and taken."""
-        name = f"dnntrain-build-{key}"
-        lock = self._take(name, base)
-        stop = threading.Event()
-        renew = threading.Thread(target=self._renew, args=(lock, stop), daemon=True)
-        renew.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            renew.join()
-            self.client.api.remove_container(lock, force=True)
-
-    def _take(self, name: str, base: str) -> str:
-        from docker.errors import APIError
-
-        waited_for = None
-        while True:
-            try:
-                lock = self.client.api.create_container(
-                    base, command=["true"], name=name, labels={LEASE_LABEL: str(time.time())}
-                )["Id"]
-                self._put_lease(lock)
-                return lock
-            except APIError as error:
-                if error.status_code != 409:  # 409: the name is taken
-                    raise
-            holder = self._lease_of(name)
-            if holder is not None and time.time() - holder > LEASE_SECONDS:
-                log.warning("Build lock %s: its builder is gone (lease %.0f s old); taking it", name,
-                            time.time() - holder)  # fmt: skip
-                _ignore_missing(lambda: self.client.api.remove_container(name, force=True))
-            elif waited_for != name:
-                log.info("Waiting for another task building the same environment (%s)", name)
-                waited_for = name
-            time.sleep(1)
-
-    def _renew(self, lock: str, stop: threading.Event) -> None:
-        while not stop.wait(LEASE_SECONDS / 4):
-            self._put_lease(lock)
-
-    def _put_lease(self, lock: str) -> None:
-        self.client.api.put_archive(lock, "/", _context({"dnntrain-lease": str(time.time())}).getvalue())
-
-    def _lease_of(self, name: str) -> float | None:
-        from docker.errors import NotFound
-
-        try:
-            stream, _ = self.client.api.get_archive(name, "/dnntrain-lease")
-            with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
-                return float(tar.extractfile("dnntrain-lease").read())
-        except NotFound:
-            pass
-        try:  # no lease file yet: the lock's creation
-            return float(self.client.api.inspect_container(name)["Config"]["Labels"][LEASE_LABEL])
-        except (NotFound, KeyError, ValueError):
-            return None  # gone: take it next time round
 
 
 def requirements_text(job: TrainingJob) -> str:
@@ -332,24 +264,9 @@ def requirements_text(job: TrainingJob) -> str:
 
 
 def _context(files: dict[str, str]) -> io.BytesIO:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, text in files.items():
-            data = text.encode()
-            entry = tarfile.TarInfo(name)
-            entry.size, entry.mtime = len(data), int(time.time())
-            tar.addfile(entry, io.BytesIO(data))
-    buffer.seek(0)
-    return buffer
+    return io.BytesIO(tar_of({name: text.encode() for name, text in files.items()}))
 
 
 def _raise_on_error(chunk: dict, doing: str) -> None:
     if "error" in chunk:
         raise EnvironmentBuildFailed(f"environment: {doing} failed: {chunk['error'].strip()}")
-
-
-def _ignore_missing(remove: Callable[[], None]) -> None:
-    from docker.errors import NotFound
-
-    with suppress(NotFound):
-        remove()

@@ -87,22 +87,6 @@ class DockerJobHandle(JobHandle):
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
-def tar_of(files: dict[str, bytes], mode: int = 0o644) -> bytes:
-    """``files`` (relative path -> content) as a tar archive with their folders, for ``put_archive``."""
-    buffer = io.BytesIO()
-    folders = sorted({str(parent) for path in files for parent in Path(path).parents if str(parent) != "."})
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for folder in folders:
-            entry = tarfile.TarInfo(folder)
-            entry.type, entry.mode, entry.mtime = tarfile.DIRTYPE, 0o755, int(time.time())
-            tar.addfile(entry)
-        for path, content in files.items():
-            entry = tarfile.TarInfo(path)
-            entry.size, entry.mode, entry.mtime = len(content), mode, int(time.time())
-            tar.addfile(entry, io.BytesIO(content))
-    return buffer.getvalue()
-
-
 class _Chunks(io.RawIOBase):
     """The daemon's archive stream (an iterator of byte chunks) as a file to read."""
 

@@ -34,6 +34,7 @@ from airflow_provider_dnntrain.backends.base import (
     secret_values,
 )
 from airflow_provider_dnntrain.backends.common.bundle import default_image, run_bundle
+from airflow_provider_dnntrain.backends.common.docker_files import tar_of
 from airflow_provider_dnntrain.backends.common.environment_images import (
     BuiltImage,
     ImageBuilding,
@@ -49,7 +50,7 @@ from airflow_provider_dnntrain.backends.common.replica import (
 from airflow_provider_dnntrain.backends.common.tracking_server import StoreServer, needs_relay
 from airflow_provider_dnntrain.backends.docker import containers as specs
 from airflow_provider_dnntrain.backends.docker import watchdog
-from airflow_provider_dnntrain.backends.docker.job import DockerJobHandle, copy_out, tar_of
+from airflow_provider_dnntrain.backends.docker.job import DockerJobHandle, copy_out
 from airflow_provider_dnntrain.source import check_source
 from airflow_provider_dnntrain.spec import Horovod, TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan

@@ -13,6 +13,7 @@ import pytest
 from docker_daemon import TORCH_IMAGE
 from launcher_jobs import run_job
 
+from airflow_provider_dnntrain.backends.common import docker_lock
 from airflow_provider_dnntrain.backends.common import environment_images as images
 from airflow_provider_dnntrain.backends.common.environments import EnvironmentBuildFailed
 from airflow_provider_dnntrain.backends.docker.launcher import DockerLauncher
@@ -77,7 +78,7 @@ def test_a_failed_build_names_the_package_leaves_no_image_and_a_dead_builder_s_l
     tag = images.environment_tag(job, TORCH_IMAGE, "python", None)
     lock = f"dnntrain-build-{tag.rsplit(':', 1)[1]}"
     # A builder that died two minutes ago: its lock is there, its lease long lapsed.
-    daemon.docker("create", "--name", lock, "--label", f"{images.LEASE_LABEL}={time.time() - 120}",
+    daemon.docker("create", "--name", lock, "--label", f"{docker_lock.LEASE_LABEL}={time.time() - 120}",
                   TORCH_IMAGE, "true")  # fmt: skip
     launcher = DockerLauncher(docker_url=daemon.base_url, image=TORCH_IMAGE, work_root=str(tmp_path / "runs"))
     with (
@@ -88,7 +89,7 @@ def test_a_failed_build_names_the_package_leaves_no_image_and_a_dead_builder_s_l
     message = str(failed.value)
     assert message.startswith(f"environment.pip_packages: building {tag} on {TORCH_IMAGE} failed")
     assert "No matching distribution found for dnntrain-no-such-package==1.0" in message
-    assert "its builder is gone" in caplog.text
+    assert "its holder is gone" in caplog.text
     assert not daemon.has_image(tag)  # nothing half-built to be used
     assert daemon.docker("ps", "-a", "-q", "--filter", f"name={lock}").stdout.strip() == ""
     assert daemon.held("docker-env-fails") == ([], [])

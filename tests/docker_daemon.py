@@ -72,19 +72,24 @@ class DockerDaemon:
         self.remove_stale()
         return self
 
-    def held(self, run_id: str | None = None) -> tuple[list[str], list[str]]:
-        """The containers and networks of run ``run_id`` (None: of every run) the daemon holds."""
-        label = f"label=dnntrain.io/run={run_id}" if run_id else "label=dnntrain.io/managed-by"
-        containers = self.docker("ps", "-a", "-q", "--filter", label).stdout.split()
-        return containers, self.docker("network", "ls", "-q", "--filter", label).stdout.split()
+    def held(self, run_id: str | None = None, label: str = "dnntrain.io/run") -> tuple[list[str], list[str]]:
+        """The containers and networks of run ``run_id`` (None: of every run; ``label``: of everything
+        carrying it) the daemon holds."""
+        found = f"label={label}={run_id}" if run_id else f"label={label}"
+        containers = self.docker("ps", "-a", "-q", "--filter", found).stdout.split()
+        return containers, self.docker("network", "ls", "-q", "--filter", found).stdout.split()
 
     def remove_stale(self) -> None:
-        """What runs of an earlier daemon on this data root left (a test session killed mid-way)."""
-        containers, networks = self.held()
+        """What an earlier daemon on this data root was left with (a test session killed mid-way): runs,
+        endpoints and their volumes."""
+        containers, networks = self.held(label="dnntrain.io/managed-by")
         if containers:
             self.docker("rm", "-f", *containers, check=False)
         if networks:
             self.docker("network", "rm", *networks, check=False)
+        volumes = self.docker("volume", "ls", "-q", "--filter", "label=dnntrain.io/endpoint").stdout.split()
+        if volumes:
+            self.docker("volume", "rm", "-f", *volumes, check=False)
 
     def docker(
         self, *args: str, check: bool = True, capture: bool = True, **kwargs

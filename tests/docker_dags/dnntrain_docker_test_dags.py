@@ -1,16 +1,53 @@
-"""DAGs the Docker serving tests run through dag.test(): the SSH serving tests' deploy and undeploy
-DAGs with only ``serving=`` changed. The daemon is the environment's (``DOCKER_HOST``, set by the tests
-to their own daemon)."""
+"""DAGs the Docker tests run through dag.test(): topologies beyond the example DAGs' (c10d rendezvous,
+horovodrun over Gloo), a deferred wait, and the SSH serving tests' deploy and undeploy DAGs with only
+``serving=`` changed. The daemon is the environment's (``DOCKER_HOST``, set by the tests to their own)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pendulum
 from airflow.sdk import DAG
 
-from airflow_provider_dnntrain.launchers import DockerServing
-from airflow_provider_dnntrain.operators import DeployModelOperator, UndeployModelOperator
+from airflow_provider_dnntrain.launchers import DockerLauncher, DockerServing
+from airflow_provider_dnntrain.operators import (
+    DeployModelOperator,
+    PyTorchHorovodOperator,
+    PyTorchTrainOperator,
+    UndeployModelOperator,
+)
+from airflow_provider_dnntrain.spec import TorchDistributed
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
+EXAMPLE_SCRIPTS = str(Path(__file__).resolve().parents[2] / "dags" / "scripts")
+
+# -- training ---------------------------------------------------------------------------------------
+
+with DAG("dnntrain_docker_ddp_c10d_deferred", schedule=None, start_date=START):
+    PyTorchTrainOperator(
+        task_id="train",
+        source_directory=EXAMPLE_SCRIPTS,
+        entry_script="torch_ddp_digits.py",
+        arguments=["--epochs", "2"],
+        distribution=TorchDistributed(node_count=2, process_count_per_node=1, rendezvous="c10d"),
+        launcher=DockerLauncher(stop_grace_seconds=2),
+        deferrable=True,
+        tracking=False,  # the embedded store is served through the worker, which a deferred task leaves
+    )
+
+with DAG("dnntrain_docker_horovod_gloo", schedule=None, start_date=START):
+    PyTorchHorovodOperator(
+        task_id="train",
+        source_directory=EXAMPLE_SCRIPTS,
+        entry_script="torch_horovod_digits.py",
+        arguments=["--epochs", "2"],
+        process_count_per_node=2,
+        controller="gloo",
+        launcher=DockerLauncher(stop_grace_seconds=2),
+        tracking=False,
+    )
+
+# -- serving ----------------------------------------------------------------------------------------
 
 for dag_id, smoke_test in (
     ("dnntrain_docker_deploy", None),

@@ -5,12 +5,15 @@ gateway), registered; nothing of either run left on the daemon."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from airflow_helpers import EXAMPLE_DAGS, load_dag, task_instance, xcom
 
 from airflow_provider_dnntrain import tracking
+
+DOCKER_DAGS = Path(__file__).resolve().parents[1] / "docker_dags"
 
 
 @pytest.fixture(autouse=True)
@@ -39,3 +42,29 @@ def test_an_example_dag_trains_in_containers_logs_metrics_and_registers(
     assert (Path(result["outputs"]) / "model").is_dir()
     assert client.get_model_version(model, str(version)).run_id == result["tracking_run_id"]
     assert daemon.held() == ([], [])  # no container, no network of any run
+
+
+@pytest.mark.parametrize(
+    ("dag_id", "replica_lines"),
+    [
+        (
+            "dnntrain_docker_ddp_c10d_deferred",
+            ["[node-0] [default0]:rank=0 world_size=2", "[node-1] [default0]:rank=1 world_size=2"],
+        ),
+        ("dnntrain_docker_horovod_gloo", ["[launcher-0] [1]<stdout>:rank=1 size=2"]),
+    ],
+    ids=["ddp-c10d-deferred", "horovodrun-gloo"],
+)
+def test_more_topologies_train_in_containers(daemon, capfd, dag_id, replica_lines):
+    """DDP with c10d rendezvous, waited on by the triggerer (every line logged once, from the trigger),
+    and Horovod's ranks started by horovodrun over Gloo."""
+    dag_run = load_dag(DOCKER_DAGS, dag_id).test()
+    logged = "".join(capfd.readouterr())
+    assert task_instance(dag_run, "train").state == "success", logged[-5000:]
+    for line in replica_lines:
+        assert logged.count(line) == 1, line
+    if "deferred" in dag_id:
+        assert "waiting on the triggerer" in logged
+    outputs = Path(xcom(dag_run, "train")["outputs"])
+    assert json.loads((outputs / "summary.json").read_text())["allreduce_sum"] == 3.0
+    assert daemon.held() == ([], [])

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import logging
+import re
 import shlex
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ from airflow_provider_dnntrain.spec import TrainingJob
 log = logging.getLogger(__name__)
 
 REPOSITORY = "dnntrain-env"
+IMAGE_REFERENCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:@-]*")
 BASE_ID_LABEL = "dnntrain.io/base-image-id"
 KEY_LABEL = "dnntrain.io/environment"
 FOLDER = "/opt/dnntrain-environment"  # in the image: requirements.txt and freeze.txt
@@ -118,6 +120,13 @@ def environment_tag(job: TrainingJob, base: str, python: str, registry: Registry
     return f"{registry.address}/{REPOSITORY}:{key}" if registry else f"{REPOSITORY}:{key}"
 
 
+def check_reference(image: str) -> None:
+    """``ValueError`` naming the field unless ``image`` is an image reference (it becomes a Dockerfile's
+    ``FROM``: a value from ``dag_run.conf`` must not add steps)."""
+    if not IMAGE_REFERENCE.fullmatch(image):
+        raise ValueError(f"environment.image: {image!r} is not an image reference (such as 'repo/name:tag')")
+
+
 def dockerfile(base: str, python: str) -> str:
     """Exec-form steps: no shell sees a package's name; the interpreter is quoted where one does."""
     install = [
@@ -156,6 +165,7 @@ class EnvironmentImages:
 
     def ensure(self, job: TrainingJob, base: str) -> BuiltImage:
         python = self.python
+        check_reference(base)
         tag = environment_tag(job, base, python, self.registry)
         base_id = self._base_id(base)
         if self._usable(tag, base_id):

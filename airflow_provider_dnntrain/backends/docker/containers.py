@@ -5,6 +5,7 @@ everything of a run; the bootstrap (``common/bootstrap.py``, in the run's bundle
 from __future__ import annotations
 
 from airflow_provider_dnntrain.backends.common.names import run_label
+from airflow_provider_dnntrain.spec import TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan, Replica
 from airflow_provider_dnntrain.topology.plan import Endpoint
 
@@ -16,6 +17,10 @@ BUNDLE = "/dnntrain/bundle"
 WORKDIR = "/dnntrain/run"
 PENDING_FILE = "/dnntrain/secrets/pending.json"
 LEASE_FILE = f"{BUNDLE}/lease"  # the watchdog's: renewed while someone watches the run
+# Where the bootstrap finds the inputs to fetch and the cache it fetches them into (its literals).
+INPUT_SOURCES = "/dnntrain/input-sources/inputs.json"
+INPUTS_CACHE = "/dnntrain/inputs-cache"
+INPUTS_CACHE_VOLUME = "dnntrain-inputs-cache"  # one per daemon: every run's containers share it
 
 
 def member(path: str) -> str:
@@ -51,24 +56,37 @@ def run_filter(run_id: str) -> dict:
 
 
 def container_config(
-    plan: JobPlan, replica: Replica, *, image: str, python: str, network: str, env: dict[str, str]
+    plan: JobPlan, replica: Replica, *, image: str, python: str, network: str | None, env: dict[str, str]
 ) -> dict:
-    """``containers.create`` arguments for ``replica``: the bootstrap unpacks the bundle into the
-    working directory, then runs the replica's argv (and prints the lines of the ranks it starts that
-    write to files of their own, as ``[rank.N] line``)."""
+    """``containers.create`` arguments for ``replica``, on ``network`` (None: the host's): the bootstrap
+    unpacks the bundle into the working directory, then runs the replica's argv (and prints the lines of
+    the ranks it starts that write to files of their own, as ``[rank.N] line``)."""
     ranks = ["--rank-logs", replica.rank_logs] if replica.rank_logs else []
+    name = f"{run_name(plan.run_id)}-{replica.name}"
+    place = {"network": network, "hostname": replica.host} if network else {"network_mode": "host"}
     return {
         "image": image,
         "command": [python, f"{BUNDLE}/bootstrap.py", "run", *ranks, "--", *replica.argv],
-        "name": replica.host,
-        "hostname": replica.host,
+        "name": name,
+        **place,
         "labels": labels(plan.run_id, replica.name),
         "environment": {**env, **replica.env, "DNNTRAIN_POD_REPLICA": replica.name},
         "working_dir": WORKDIR,
-        "network": network,
         "init": True,  # a process that is PID 1 gets no SIGTERM it does not handle: docker-init forwards it
         "detach": True,
     }
+
+
+def input_volumes(job: TrainingJob) -> dict:
+    """``volumes=`` of a replica's container: the daemon's inputs cache for downloads (fetched once per
+    daemon), and each ``mode="mount"`` input's path on the Docker host, read-only where it is."""
+    volumes = {}
+    if any(item.downloads for item in job.inputs):
+        volumes[INPUTS_CACHE_VOLUME] = {"bind": INPUTS_CACHE, "mode": "rw"}
+    for item in job.inputs:
+        if not item.downloads and (path := item.replica_path()):
+            volumes[path] = {"bind": path, "mode": "ro"}
+    return volumes
 
 
 def watchdog_config(

@@ -11,7 +11,9 @@ import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from airflow_provider_dnntrain.backends.base import JobHandle, LogLine
 from airflow_provider_dnntrain.backends.common.lines import RANK_LINE, LineSplitter, Redactor
@@ -41,10 +43,12 @@ class DockerJobHandle(JobHandle):
     outputs_lost: str | None = None
     relay: object | None = None  # the embedded tracking store served to the containers
     environment_record: str = ""  # the environment image's resolved packages, for the run's logs
+    cursors: dict[str, float] = field(default_factory=dict)  # replica -> time of the last line taken
 
     def follow(self, api, replica: str) -> None:
-        """Stream ``replica``'s container log into ``lines`` (and its tail), in a thread of its own."""
-        self.tails[replica] = collections.deque(maxlen=TAIL_LINES)
+        """Stream ``replica``'s container log (from its cursor on) into ``lines`` and its tail, in a
+        thread of its own."""
+        self.tails.setdefault(replica, collections.deque(maxlen=TAIL_LINES))
         thread = threading.Thread(
             target=self._pump, args=(api, replica), name=f"docker-logs-{replica}", daemon=True
         )
@@ -54,16 +58,66 @@ class DockerJobHandle(JobHandle):
     def _pump(self, api, replica: str) -> None:
         splitter = LineSplitter(self.redactor)
         try:
-            for chunk in api.logs(self.containers[replica], stream=True, follow=True):
+            for chunk in api.logs(self.containers[replica], stream=True, follow=True, **self._since(replica)):
                 self._publish(replica, splitter.feed(chunk))
         except Exception as error:  # the container removed under the stream: its lines are all in
             self._publish(replica, [f"(log stream ended: {error})"] if not self.stopped else [])
         self._publish(replica, splitter.flush())
 
+    def read_new(self, api) -> None:
+        """Every container's lines past its cursor, at once (the triggerer's way: no thread, no stream)."""
+        for replica, container in self.containers.items():
+            self.tails.setdefault(replica, collections.deque(maxlen=TAIL_LINES))
+            splitter = LineSplitter(self.redactor)
+            self._publish(
+                replica, splitter.feed(api.logs(container, **self._since(replica))) + splitter.flush()
+            )
+
+    def _since(self, replica: str) -> dict:
+        """The daemon's log arguments: every line with its time, from just past the last one taken."""
+        cursor = self.cursors.get(replica)
+        return {"timestamps": True, **({"since": cursor + 1e-6} if cursor is not None else {})}
+
     def _publish(self, replica: str, texts: list[str]) -> None:
-        for text in texts:
+        for stamped in texts:
+            text = self._unstamped(replica, stamped)
             self.tails[replica].append(text)
             self.lines.put(self._labelled(replica, text))
+
+    def _unstamped(self, replica: str, line: str) -> str:
+        """The line without the daemon's time (RFC 3339, read to the microsecond), which moves the
+        replica's cursor; a line without one (a long line's continuation) as it is."""
+        stamp, _, text = line.partition(" ")
+        try:
+            when = datetime.fromisoformat(stamp[:26].rstrip("Z") + "+00:00").timestamp()
+        except ValueError:
+            return line
+        self.cursors[replica] = max(when, self.cursors.get(replica, 0.0))
+        return text
+
+    def to_state(self) -> dict[str, Any]:
+        """What another process needs to take the run over: no secret, no client, JSON only."""
+        return {
+            "run_id": self.run_id,
+            "plan": self.plan.to_dict(),
+            "name": self.name,
+            "run_dir": str(self.run_dir),
+            "containers": self.containers,
+            "network": self.network,
+            "watchdog": self.watchdog,
+            "cursors": self.cursors,
+            "relay": list(self.relay.target) if self.relay is not None else None,
+            "environment_record": self.environment_record,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], secrets: list[str]) -> DockerJobHandle:
+        return cls(
+            run_id=state["run_id"], plan=JobPlan.from_dict(state["plan"]), name=state["name"],
+            run_dir=Path(state["run_dir"]), containers=dict(state["containers"]), network=state["network"],
+            watchdog=state["watchdog"], cursors=dict(state["cursors"]), redactor=Redactor(secrets),
+            environment_record=state["environment_record"],
+        )  # fmt: skip
 
     def _labelled(self, replica: str, text: str) -> LogLine:
         """A rank's line the bootstrap passed on from its per-rank file (``[rank.N] ...``) is labelled

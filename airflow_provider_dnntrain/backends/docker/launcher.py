@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 from pathlib import Path
 
+from airflow_provider_dnntrain import inputs
 from airflow_provider_dnntrain.backends.base import (
     JobState,
     JobStatus,
@@ -34,20 +35,25 @@ from airflow_provider_dnntrain.backends.base import (
     secret_values,
 )
 from airflow_provider_dnntrain.backends.common.bundle import default_image, run_bundle
-from airflow_provider_dnntrain.backends.common.docker_files import tar_of
+from airflow_provider_dnntrain.backends.common.docker_files import put_files, tar_of
 from airflow_provider_dnntrain.backends.common.environment_images import (
     BuiltImage,
     ImageBuilding,
     docker_client,
 )
 from airflow_provider_dnntrain.backends.common.lines import Redactor
+from airflow_provider_dnntrain.backends.common.ports import FreePortPlacement
 from airflow_provider_dnntrain.backends.common.replica import (
     ENVIRONMENT_RECORD,
     PENDING_ENV_VAR,
     PENDING_FILE_VAR,
     launch_env,
 )
-from airflow_provider_dnntrain.backends.common.tracking_server import StoreServer, needs_relay
+from airflow_provider_dnntrain.backends.common.tracking_server import (
+    StoreServer,
+    needs_relay,
+    refuse_deferral_through_worker,
+)
 from airflow_provider_dnntrain.backends.docker import containers as specs
 from airflow_provider_dnntrain.backends.docker import watchdog
 from airflow_provider_dnntrain.backends.docker.job import DockerJobHandle, copy_out
@@ -56,6 +62,7 @@ from airflow_provider_dnntrain.spec import Horovod, TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan
 
 log = logging.getLogger(__name__)
+SIGNED_URL_SECONDS = 3600  # how long the containers have to start fetching an object store's inputs
 
 
 class DockerLauncher(Launcher):
@@ -90,6 +97,7 @@ class DockerLauncher(Launcher):
         daemon_socket: str | None = None,
         image_registry: str | None = None,
         docker_conn_id: str | None = None,
+        host_network: bool = False,
     ) -> None:
         self.docker_url = docker_url
         self.image, self.python = image, python
@@ -98,6 +106,7 @@ class DockerLauncher(Launcher):
         self.orphan_timeout, self.lease_interval = orphan_timeout, lease_interval
         self.daemon_socket = daemon_socket
         self.building = ImageBuilding(docker_url, image_registry, docker_conn_id)
+        self.host_network = host_network
 
     def __deepcopy__(self, memo):  # an operator's copy: the same settings, no client of its own yet
         copied = object.__new__(type(self))
@@ -108,8 +117,10 @@ class DockerLauncher(Launcher):
     def client(self):
         return docker_client(self.docker_url)
 
-    def placement(self, run_id: str) -> specs.DockerPlacement:
-        return specs.DockerPlacement(run_id)
+    def placement(self, run_id: str) -> specs.DockerPlacement | FreePortPlacement:
+        """Names on the run's network; on the host's, 127.0.0.1 and ports free on this host (which is
+        the Docker host: host networking needs a local daemon)."""
+        return FreePortPlacement() if self.host_network else specs.DockerPlacement(run_id)
 
     def interpreter(self, job: TrainingJob) -> str:
         return job.environment.python or self.python
@@ -119,10 +130,13 @@ class DockerLauncher(Launcher):
 
     def validate(self, job: TrainingJob) -> None:
         super().validate(job)
-        if job.inputs:
-            raise ValueError(
-                "inputs: the docker launcher does not deliver inputs yet; read them in the script"
-            )
+        for item in job.inputs:
+            if item.downloads and item.scheme == "file":
+                raise ValueError(
+                    f"inputs.{item.name}.uri: {item.uri} is on the Airflow worker's disk, which containers "
+                    "do not read: put it where they fetch it from (s3://, gs://, https://...), or give a "
+                    "path on the Docker host with mode='mount'"
+                )
         if isinstance(job.distribution, Horovod) and job.distribution.node_count > 1:
             raise ValueError(
                 "distribution.node_count: the docker launcher runs Horovod in one container "
@@ -164,23 +178,26 @@ class DockerLauncher(Launcher):
         return handle
 
     def _environment(self, handle, job: TrainingJob, extra_env, pending: list[str]) -> dict[str, str]:
-        network = self.client.networks.create(
-            handle.name, driver="bridge", labels=specs.labels(handle.run_id)
-        )
-        handle.network = network.id
+        """The run's network (none on the host's), and the variables every replica gets."""
+        gateway = "127.0.0.1"  # on the host's network, the containers reach this host there
+        if not self.host_network:
+            network = self.client.networks.create(
+                handle.name, driver="bridge", labels=specs.labels(handle.run_id)
+            )
+            handle.network = network.id
+            network.reload()
+            gateway = network.attrs["IPAM"]["Config"][0]["Gateway"]
         env = {**extra_env, **launch_env(uuid.uuid4().hex, job.entry_script, handle.plan.chief.name)}
         tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
         if tracking_uri and needs_relay(tracking_uri):
-            env["MLFLOW_TRACKING_URI"] = self._serve_tracking(handle, tracking_uri, network)
+            env["MLFLOW_TRACKING_URI"] = self._serve_tracking(handle, tracking_uri, gateway)
         if pending:
             env.update({PENDING_ENV_VAR: ",".join(pending), PENDING_FILE_VAR: specs.PENDING_FILE})
         return env
 
-    def _serve_tracking(self, handle: DockerJobHandle, tracking_uri: str, network) -> str:
-        """The embedded store served on the run network's gateway: this host, as its containers see it
-        (a daemon on this host; a remote daemon's containers need a tracking server they reach)."""
-        network.reload()
-        gateway = network.attrs["IPAM"]["Config"][0]["Gateway"]
+    def _serve_tracking(self, handle: DockerJobHandle, tracking_uri: str, gateway: str) -> str:
+        """The embedded store served at ``gateway``: this host, as its containers see it (a daemon on this
+        host; a remote daemon's containers need a tracking server they reach)."""
         log_file = handle.run_dir.with_suffix(".tracking-server.log")
         handle.relay = StoreServer(tracking_uri, log_file, handle.run_id, listen=(gateway, 0))
         handle.relay.start(run_exists=False)
@@ -196,16 +213,28 @@ class DockerLauncher(Launcher):
     def _create(self, handle, job: TrainingJob, image: str, env: dict, bundle: dict[str, bytes]) -> None:
         self._start_watchdog(handle, image, self.interpreter(job))
         files = {specs.member(f"{specs.BUNDLE}/{name}"): content for name, content in bundle.items()}
+        sources = (
+            inputs.pod_sources(job, SIGNED_URL_SECONDS) if any(i.downloads for i in job.inputs) else None
+        )
+        volumes = specs.input_volumes(job)
         for replica in handle.plan.replicas:
             config = specs.container_config(
-                handle.plan, replica, image=image, python=self.interpreter(job), network=handle.name, env=env
+                handle.plan,
+                replica,
+                image=image,
+                python=self.interpreter(job),
+                network=None if self.host_network else handle.name,
+                env=env,
             )
+            config["volumes"] = volumes
             if job.resources.use_gpu:
                 config["device_requests"] = [_gpus(getattr(job.distribution, "process_count_per_node", 1))]
             container = self.client.containers.create(**config)
             handle.containers[replica.name] = container.id
             self.client.api.put_archive(container.id, specs.ROOT, tar_of(files))
             self._put_pending(handle, container.id)
+            if sources is not None:  # signed URLs, a web server's credentials: a file only root reads
+                put_files(self.client.api, container.id, {specs.INPUT_SOURCES: sources.encode()}, mode=0o400)
 
     def _socket(self) -> str:
         """The daemon's socket on its host: given, or ``docker_url``'s (or ``DOCKER_HOST``'s) for a
@@ -259,6 +288,40 @@ class DockerLauncher(Launcher):
         lease = tar_of({specs.member(specs.LEASE_FILE): (value or str(time.time())).encode()})
         self.client.api.put_archive(handle.watchdog, specs.ROOT, lease)
         handle.lease_renewed = time.monotonic()
+
+    # -- surviving the task process -------------------------------------------------------------
+
+    def state(self, handle: DockerJobHandle) -> dict:
+        return handle.to_state()
+
+    def reattach(self, state: dict, job: TrainingJob, extra_env: Mapping[str, str]) -> DockerJobHandle:
+        """Take over a run another process started (a retry after its worker died, a deferral's end):
+        its containers run on; their logs are followed from where the last reader stopped, and an
+        embedded store is served again where the containers reach it."""
+        secrets = secret_values(job)
+        handle = DockerJobHandle.from_state(state, list(secrets.values()))
+        handle.pending = dict(secrets)  # a value delivered later rewrites the file with them
+        tracking_uri = extra_env.get("MLFLOW_TRACKING_URI")
+        if state.get("relay") and tracking_uri and needs_relay(tracking_uri):
+            log_file = handle.run_dir.with_suffix(".tracking-server.log")
+            handle.relay = StoreServer(tracking_uri, log_file, handle.run_id, listen=tuple(state["relay"]))
+            handle.relay.start()
+        for replica in handle.containers:
+            handle.follow(self.client.api, replica)
+        self._renew_lease(handle)
+        return handle
+
+    def check_deferrable(self, extra_env: Mapping[str, str]) -> None:
+        refuse_deferral_through_worker(extra_env, "the containers")
+
+    def trigger(self, handle: DockerJobHandle, job: TrainingJob, timeout: float | None):
+        from airflow_provider_dnntrain.triggers.docker import DockerJobTrigger
+
+        handle.finish_reading(timeout=0)  # the trigger reads on from the cursors
+        return DockerJobTrigger(
+            state=handle.to_state(), secrets=list(secret_values(job).values()), docker_url=self.docker_url,
+            lease_interval=self.lease_interval, timeout=timeout, grace_seconds=self.stop_grace_seconds,
+        )  # fmt: skip
 
     def stream_logs(self, handle: DockerJobHandle, timeout: float) -> Iterable[LogLine]:
         return handle.drain(timeout)

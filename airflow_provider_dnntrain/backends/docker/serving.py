@@ -61,10 +61,10 @@ for thread in threading.enumerate()[1:]:
 class DockerServing(SupervisedServing):
     """Models served in a container per endpoint on the Docker daemon at ``docker_url`` (default: the
     environment's), running ``image`` (the project's training image: MLflow and the framework) with
-    ``python``. The endpoint's port is ``port`` (None: a free one, kept by the endpoint), published on
-    the Docker host's ``publish_host``; clients reach it at ``address`` (default: the daemon's host,
-    ``127.0.0.1`` for a local one). A version whose pinned requirements the image lacks is refused:
-    serve it on an image that has them."""
+    ``python``. The endpoint's port is ``port`` (None: one free on this worker, kept by the endpoint;
+    give it for a daemon on another host), published on the Docker host's ``publish_host``; clients
+    reach it at ``address`` (default: the daemon's host, ``127.0.0.1`` for a local one). A version
+    whose pinned requirements the image lacks is refused: serve it on an image that has them."""
 
     poll_seconds = 0.2
 

@@ -73,8 +73,11 @@ class LeaseLock:
     def _delete(self, held) -> None:
         """That Lease, unless it changed since it was read (renewed, or taken by another holder)."""
         precondition = {"preconditions": {"resourceVersion": held.metadata.resource_version}}
+        # Through the API's patience: a release lost to a server error would hold the next deploy up
+        # until the Lease lapses. Gone, or changed since (404, 409): not this one's to delete.
         with contextlib.suppress(Exception):
-            self.leases.delete_namespaced_lease(self.name, self.namespace, body=precondition)
+            self.api.call("delete lease", self.leases.delete_namespaced_lease, self.name, self.namespace,
+                          body=precondition)  # fmt: skip
 
     def _renew(self) -> None:
         while not self._done.wait(LEASE_SECONDS / 4):

@@ -93,3 +93,10 @@ def test_a_failed_build_names_the_package_leaves_no_image_and_a_dead_builder_s_l
     assert not daemon.has_image(tag)  # nothing half-built to be used
     assert daemon.docker("ps", "-a", "-q", "--filter", f"name={lock}").stdout.strip() == ""
     assert daemon.held("docker-env-fails") == ([], [])
+
+
+def test_a_base_image_from_conf_cannot_add_build_steps(tmp_path):
+    hostile = Environment(image="dnntrain-torch:cpu\nRUN touch /pwned", pip_packages=[PACKAGE])
+    job = environment_job(tmp_path, [PACKAGE]).model_copy(update={"environment": hostile})
+    with pytest.raises(ValueError, match=r"^environment.image: .* is not an image reference"):
+        images.EnvironmentImages(None, None, "python").ensure(job, hostile.image)  # before any daemon

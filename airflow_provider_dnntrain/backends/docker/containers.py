@@ -112,3 +112,10 @@ def watchdog_config(
         "network_mode": "none",
         "detach": True,
     }
+
+
+def gpus(count: int) -> list:
+    """``device_requests=``: ``count`` GPUs (one per process of the container)."""
+    from docker.types import DeviceRequest
+
+    return [DeviceRequest(count=count, capabilities=[["gpu"]])]

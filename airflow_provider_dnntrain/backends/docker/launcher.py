@@ -1,5 +1,5 @@
 """Docker: every replica a container on one Docker daemon, on a network of the run's own where replicas
-reach each other by name (``<run>-<role>-<index>``), through the Docker SDK.
+reach each other by name (``<run>-<role>-<index>``), or on the host's network, through the Docker SDK.
 
 Each container starts from the run's bundle (put into it before it starts, as a tar stream: the daemon
 may be on another host): the bootstrap unpacks the source snapshot into ``/dnntrain/run``, puts the
@@ -10,7 +10,9 @@ replica's outputs, then removes every container and the network of the run; so d
 the same run id. Each run has a watchdog container (``watchdog.py``, the daemon's socket mounted):
 while the task watches the run it renews the run's lease there; once the lease has not changed for
 ``orphan_timeout`` seconds (the task SIGKILLed, its worker lost), or the task asks (``on_kill``), the
-watchdog stops and removes the whole run, itself last.
+watchdog stops and removes the whole run, itself last. Inputs are fetched by the containers' bootstrap
+into a volume of the daemon every run shares. Another process takes a run over from its state (the
+log cursors are the daemon's timestamps); the triggerer waits on it the same way (``triggers/docker.py``).
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ class DockerLauncher(Launcher):
     ``orphan_timeout``: how long a run outlives a task that stopped renewing its lease (SIGKILLed, its
     worker lost) before its watchdog removes it. ``daemon_socket``: the daemon's socket on its own
     host, mounted into the watchdog (default: ``docker_url``'s, for ``unix://``, else
-    ``/var/run/docker.sock``).
+    ``/var/run/docker.sock``). ``host_network=True``: the containers on the Docker host's network,
+    meeting at 127.0.0.1 on ports free here (a daemon on this host).
     """
 
     name = "docker"
@@ -228,7 +231,7 @@ class DockerLauncher(Launcher):
             )
             config["volumes"] = volumes
             if job.resources.use_gpu:
-                config["device_requests"] = [_gpus(getattr(job.distribution, "process_count_per_node", 1))]
+                config["device_requests"] = specs.gpus(getattr(job.distribution, "process_count_per_node", 1))
             container = self.client.containers.create(**config)
             handle.containers[replica.name] = container.id
             self.client.api.put_archive(container.id, specs.ROOT, tar_of(files))
@@ -410,9 +413,3 @@ def _gone_or(remove, *args, **kwargs) -> None:
     except Exception as error:
         if getattr(error, "status_code", None) not in (404, 409):
             raise
-
-
-def _gpus(count: int):
-    from docker.types import DeviceRequest
-
-    return DeviceRequest(count=count, capabilities=[["gpu"]])

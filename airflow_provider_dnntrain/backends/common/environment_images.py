@@ -164,9 +164,8 @@ class EnvironmentImages:
         self.client, self.registry, self.python = client, registry, python
 
     def ensure(self, job: TrainingJob, base: str) -> BuiltImage:
-        python = self.python
         check_reference(base)
-        tag = environment_tag(job, base, python, self.registry)
+        tag = environment_tag(job, base, self.python, self.registry)
         base_id = self._base_id(base)
         if self._usable(tag, base_id):
             return BuiltImage(tag, False, self._freeze(tag))
@@ -174,7 +173,7 @@ class EnvironmentImages:
         with daemon_lock(self.client, name, base, waiting):
             if self._usable(tag, base_id):  # built while this waited
                 return BuiltImage(tag, False, self._freeze(tag))
-            self._build(tag, base, python, requirements_text(job), base_id)
+            self._build(tag, base, self.python, requirements_text(job), base_id)
             if self.registry:
                 self._push(tag)
         return BuiltImage(tag, True, self._freeze(tag))

@@ -17,6 +17,7 @@ from typing import Any
 
 from airflow_provider_dnntrain.backends.base import JobHandle, LogLine
 from airflow_provider_dnntrain.backends.common.lines import RANK_LINE, LineSplitter, Redactor
+from airflow_provider_dnntrain.backends.docker import containers as specs
 from airflow_provider_dnntrain.topology import JobPlan
 
 TAIL_LINES = 40
@@ -171,3 +172,29 @@ def copy_out(api, container: str, path: str, into: Path) -> list[str]:
                 tar.extract(member, into, filter="data")
                 copied += [member.name] if member.isfile() else []
     return copied
+
+
+def remove_run(api, run_id: str, wait: float = 10.0) -> list[str]:
+    """Every container and network of ``run_id`` removed (its watchdog may be at it too); what is
+    still there after ``wait`` seconds."""
+    found, deadline = specs.run_filter(run_id), time.monotonic() + wait
+    while True:
+        for container in api.containers(all=True, filters=found):
+            _gone_or(api.remove_container, container["Id"], force=True)
+        for network in api.networks(filters=found):
+            _gone_or(api.remove_network, network["Id"])
+        containers = api.containers(all=True, filters=found)
+        left = [c["Names"][0].lstrip("/") for c in containers]
+        left += [n["Name"] for n in api.networks(filters=found)]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.5)
+
+
+def _gone_or(remove, *args, **kwargs) -> None:
+    """``remove``, unless what it removes is gone or going already (404, 409: removal in progress)."""
+    try:
+        remove(*args, **kwargs)
+    except Exception as error:
+        if getattr(error, "status_code", None) not in (404, 409):
+            raise

@@ -58,7 +58,7 @@ from airflow_provider_dnntrain.backends.common.tracking_server import (
 )
 from airflow_provider_dnntrain.backends.docker import containers as specs
 from airflow_provider_dnntrain.backends.docker import watchdog
-from airflow_provider_dnntrain.backends.docker.job import DockerJobHandle, copy_out
+from airflow_provider_dnntrain.backends.docker.job import DockerJobHandle, copy_out, remove_run
 from airflow_provider_dnntrain.source import check_source
 from airflow_provider_dnntrain.spec import Horovod, TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan
@@ -159,7 +159,7 @@ class DockerLauncher(Launcher):
     ) -> DockerJobHandle:
         source = check_source(job)
         image = self._image(job)  # built first: a failed build leaves nothing of the run
-        self._remove_run(plan.run_id)  # what an earlier submit of this run id left
+        remove_run(self.client.api, plan.run_id)  # what an earlier submit of this run id left
         run_dir = self.fresh_run_dir(plan.run_id)
         (run_dir / "plan.json").write_text(plan.to_json())
         secrets = secret_values(job)
@@ -347,7 +347,7 @@ class DockerLauncher(Launcher):
         handle.stopped = True
         if handle.relay is not None:
             handle.relay.close()
-        left = self._remove_run(handle.run_id)
+        left = remove_run(self.client.api, handle.run_id)
         if left:
             raise RuntimeError(f"run {handle.run_id}: still on the daemon after removal: {', '.join(left)}")
 
@@ -364,22 +364,6 @@ class DockerLauncher(Launcher):
         handle.cancelled = True
         if handle.watchdog:
             self._renew_lease(handle, "stop")
-
-    def _remove_run(self, run_id: str, wait: float = 10.0) -> list[str]:
-        """Every container and network of ``run_id`` removed (its watchdog may be at it too); what is
-        still there after ``wait`` seconds."""
-        found, deadline = specs.run_filter(run_id), time.monotonic() + wait
-        while True:
-            for container in self.client.api.containers(all=True, filters=found):
-                _gone_or(self.client.api.remove_container, container["Id"], force=True)
-            for network in self.client.api.networks(filters=found):
-                _gone_or(self.client.api.remove_network, network["Id"])
-            containers = self.client.api.containers(all=True, filters=found)
-            left = [c["Names"][0].lstrip("/") for c in containers]
-            left += [n["Name"] for n in self.client.api.networks(filters=found)]
-            if not left or time.monotonic() > deadline:
-                return left
-            time.sleep(0.5)
 
     def _save_outputs(self, handle: DockerJobHandle) -> None:
         chief = handle.containers.get(handle.plan.chief.name)
@@ -404,12 +388,3 @@ class DockerLauncher(Launcher):
         for sub in ("outputs", "logs"):
             (artifacts / sub).mkdir(parents=True, exist_ok=True)
         return artifacts
-
-
-def _gone_or(remove, *args, **kwargs) -> None:
-    """``remove``, unless what it removes is gone or going already (404, 409: removal in progress)."""
-    try:
-        remove(*args, **kwargs)
-    except Exception as error:
-        if getattr(error, "status_code", None) not in (404, 409):
-            raise

@@ -72,10 +72,8 @@ class KubernetesLauncher(Launcher):
     ``gang_scheduling``: ``kueue`` (with ``queue_name``), ``volcano`` or ``coscheduling``, so that all
     pods start together or none does.
 
-    Environments (``pip_packages``, ``requirements_file``): built into an image on the environment's
-    base by the Docker daemon at ``docker_url`` (default: the environment's), pushed to
-    ``image_registry`` or to the registry of the docker connection ``docker_conn_id``, once per content
-    (``common/environment_images.py``); the pods pull it with ``image_pull_secrets``.
+    ``pip_packages``: an image built by the daemon at ``docker_url``, pushed to ``image_registry`` or
+    ``docker_conn_id``'s registry (``common/environment_images.py``), pulled with ``image_pull_secrets``.
 
     ``kubeflow=True``: the job goes to the cluster as a TFJob, PyTorchJob or (Horovod, with
     ``runner='mpirun'``) MPIJob (``kubeflow.org/v1``) that the Kubeflow training operator runs (it makes
@@ -135,9 +133,7 @@ class KubernetesLauncher(Launcher):
     ) -> None:
         self.kubernetes_conn_id = kubernetes_conn_id
         self.namespace = namespace
-        self.in_cluster = in_cluster
-        self.config_file = config_file
-        self.cluster_context = cluster_context
+        self.in_cluster, self.config_file, self.cluster_context = in_cluster, config_file, cluster_context
         self.pods = PodDefaults.from_arguments(
             python=python,
             role_options=role_options,

@@ -36,6 +36,7 @@ class AirflowServices:
     home: Path
     dags_folder: Path
     port: int = field(default_factory=free_port)
+    log_ports: tuple[int, int] = field(default_factory=lambda: (free_port(), free_port()))
     extra_env: dict[str, str] = field(default_factory=dict)  # for every component (connections...)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
     _token: str | None = None
@@ -59,6 +60,9 @@ class AirflowServices:
                 "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
                 "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
                 "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+                # Their log servers on ports of their own: another test session may run services too.
+                "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(self.log_ports[0]),
+                "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(self.log_ports[1]),
                 "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                 "TF_CPP_MIN_LOG_LEVEL": "2",
                 **self.extra_env,

@@ -97,5 +97,22 @@ def _no_tracking_uri_left_behind():
     assert not left, f"the test left {left} in the environment"
 
 
+# Fixtures of one machine-wide resource: every test that uses one runs on the same xdist worker.
+SHARED_BY_GROUP = {"docker": {"docker_daemon", "docker_registry"}}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """``make test`` runs two workers (``-n 2 --dist loadgroup``): most tests wait on processes, so two
+    at a time fill the cores. A module's tests stay on one worker, so that its module-scoped fixtures
+    (SSH hosts, a fake cluster) start once; the Docker daemon's tests all go to one, since its data
+    root is one directory."""
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        shared = [group for group, fixtures in SHARED_BY_GROUP.items() if fixtures & set(item.fixturenames)]
+        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(AIRFLOW_HOME, ignore_errors=True)

@@ -4,11 +4,12 @@
 once stay there), an exec root and socket of its own in a temporary folder, no default bridge and no
 iptables rules (``--bridge=none --iptables=false``): a run's user-defined network is a bridge of its
 own, and builds use the host's network. No registry is pulled from: the base image is made here with
-``debootstrap --variant=minbase`` and imported, and the training image is built from
-``docker/Dockerfile`` on it, tagged by the content of what it is built from, so that a change rebuilds.
+``debootstrap --variant=minbase`` and imported, and the training images (torch and tensorflow, CPU)
+are built from ``docker/Dockerfile`` on it, tagged by the content of what they are built from, so that a
+change rebuilds.
 
 Run ``python tests/docker_daemon.py images`` (``make test`` does) to make them before the tests; it also
-puts the training image's layers into the test registry's kept storage (``docker_registry.seed``).
+puts the torch image's layers into the test registry's kept storage (``docker_registry.seed``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ DATA_ROOT = Path.home() / ".cache" / "dnntrain" / "docker"
 BASE_IMAGE = "dnntrain-base:bookworm"
 MIRROR = "http://deb.debian.org/debian"
 TORCH_IMAGE = "dnntrain-torch:cpu"
+TENSORFLOW_IMAGE = "dnntrain-tensorflow:cpu"
+IMAGES = {"torch": TORCH_IMAGE, "tensorflow": TENSORFLOW_IMAGE}  # the launchers' default images
 # What the training image is built from: a change to any of them builds it again.
 IMAGE_INPUTS = ("docker/Dockerfile", "constraints.txt", "scripts/install-debian-packages.sh",
                 "scripts/build-horovod.sh", "scripts/cuda_architectures.py")  # fmt: skip
@@ -140,11 +143,12 @@ class DockerDaemon:
             self.docker("import", "-", BASE_IMAGE, stdin=tar.stdout)
             tar.wait()
 
-    def build_torch_image(self) -> str:
-        """``docker/Dockerfile`` (torch, CPU) on the base, with this machine's torch wheel and CA
-        certificates; tagged ``dnntrain-torch:cpu`` and by its inputs' content."""
+    def build_image(self, framework: str) -> str:
+        """``docker/Dockerfile`` (``framework``, CPU) on the base, with this machine's torch wheel and CA
+        certificates; tagged ``dnntrain-<framework>:cpu`` and by its inputs' content."""
         digest = hashlib.sha256(b"".join((REPO / p).read_bytes() for p in IMAGE_INPUTS)).hexdigest()[:12]
-        tagged = f"dnntrain-torch:cpu-{digest}"
+        image = IMAGES[framework]
+        tagged = f"{image}-{digest}"
         if not self.has_image(tagged):
             for wheel in Path("/opt/wheels").glob("torch-*.whl"):
                 shutil.copy2(wheel, REPO / "docker" / "wheels" / wheel.name)
@@ -152,11 +156,32 @@ class DockerDaemon:
                 shutil.copy2(cert, REPO / "docker" / "certs" / cert.name)
             self.docker(
                 "build", "--network", "host", "-f", "docker/Dockerfile",
-                "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--build-arg", "FRAMEWORK=torch",
+                "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", "--build-arg", f"FRAMEWORK={framework}",
                 "--build-arg", "TORCH_INDEX=", "-t", tagged, ".", cwd=REPO, capture=False,
             )  # fmt: skip
-        self.docker("tag", tagged, TORCH_IMAGE)
+        self.docker("tag", tagged, image)
         return tagged
+
+    def remove_stale_images(self, kept: list[str]) -> None:
+        """Training images of earlier contents (not in ``kept``), environment images built on a base
+        that is no longer there, and the layers only they held: a machine that runs the tests again
+        and again keeps one set."""
+
+        def images(*filters: str, shown: str = "{{.ID}}") -> list[str]:
+            return self.docker("images", "--format", shown, *filters).stdout.split()
+
+        def inspected(image: str, field: str) -> str:
+            return self.docker("image", "inspect", "--format", field, image).stdout.strip()
+
+        training = images("--filter", "reference=dnntrain-*:cpu-*", shown="{{.Repository}}:{{.Tag}}")
+        stale = [name for name in training if name not in kept]
+        bases = {inspected(image, "{{.Id}}") for image in kept}
+        base_of = '{{index .Config.Labels "dnntrain.io/base-image-id"}}'
+        environments = images("--filter", "label=dnntrain.io/base-image-id")
+        stale += [image for image in environments if inspected(image, base_of) not in bases]
+        if stale:
+            self.docker("rmi", "-f", *sorted(set(stale)), check=False)
+        self.docker("image", "prune", "-f", check=False)
 
 
 def _mounts_under(root: Path) -> list[str]:
@@ -173,9 +198,10 @@ def main() -> None:
 
     with DockerDaemon() as daemon:
         daemon.make_base()
-        tagged = daemon.build_torch_image()
+        tagged = [daemon.build_image(framework) for framework in IMAGES]
+        daemon.remove_stale_images(tagged)
         seed(daemon.client(), TORCH_IMAGE)
-    print(f"docker test images ready ({tagged}) in {time.monotonic() - started:.0f} s")
+    print(f"docker test images ready ({', '.join(tagged)}) in {time.monotonic() - started:.0f} s")
 
 
 if __name__ == "__main__":

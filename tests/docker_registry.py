@@ -135,11 +135,6 @@ class LocalRegistry:
             1 for line in self.log_file.read_text().splitlines() if wanted in line and '" 200 ' in line
         )
 
-    def docker_config_json(self) -> str:
-        """A ``kubernetes.io/dockerconfigjson`` Secret's ``.dockerconfigjson``."""
-        auth = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
-        return json.dumps({"auths": {self.address: {"auth": auth}}})
-
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)

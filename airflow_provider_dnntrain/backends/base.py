@@ -133,6 +133,24 @@ def aggregate_status(plan: JobPlan, exit_codes: Mapping[str, int | None]) -> Job
     return JobStatus(JobState.RUNNING)
 
 
+class OutputsLost(RuntimeError):
+    """The chief's outputs could not be copied back from where it ran."""
+
+
+def collected_artifacts(run_dir: Path, run_id: str, lost: str | None, required: bool) -> Path:
+    """The run's copied ``outputs`` and ``logs`` (``run_dir/artifacts``); :class:`OutputsLost` when
+    the copy failed with ``lost`` (a warning instead when they are not ``required``)."""
+    if lost:
+        message = f"run {run_id}: the chief's outputs were not collected: {lost}"
+        if required:
+            raise OutputsLost(message)
+        log.warning("%s", message)
+    artifacts = run_dir / "artifacts"
+    for sub in ("outputs", "logs"):
+        (artifacts / sub).mkdir(parents=True, exist_ok=True)
+    return artifacts
+
+
 class JobHandle(ABC):
     run_id: str
     plan: JobPlan

@@ -1,7 +1,8 @@
 """The Docker example DAGs (dags/dnntrain_docker.py) through Airflow's ``dag.test()``, on the session's
-real Docker daemon: DDP across two containers and Horovod's ranks under mpirun in one, each training on
-the project's image, logging to the embedded store (served to the containers on the run network's
-gateway), registered; nothing of either run left on the daemon."""
+real Docker daemon: DDP across two containers, Horovod's ranks under mpirun in one, and TensorFlow's
+parameter-server and multi-worker strategies across containers, each training on the project's image
+for its framework, logging to the embedded store (served to the containers on the run network's
+gateway), registered; nothing of any run left on the daemon."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ def daemon(airflow_db, docker_daemon, monkeypatch):
     [
         ("dnntrain_docker_pytorch_ddp", "digits-pytorch-ddp-docker", "[node-1] [default0]:rank=1"),
         ("dnntrain_docker_pytorch_horovod", "digits-pytorch-horovod-docker", "[launcher-0/rank.1] epoch=1"),
+        ("dnntrain_docker_tensorflow_ps", "digits-tf-ps-docker", "[ps-0] ps:0 serving at"),
     ],
 )
 def test_an_example_dag_trains_in_containers_logs_metrics_and_registers(
@@ -52,12 +54,13 @@ def test_an_example_dag_trains_in_containers_logs_metrics_and_registers(
             ["[node-0] [default0]:rank=0 world_size=2", "[node-1] [default0]:rank=1 world_size=2"],
         ),
         ("dnntrain_docker_horovod_gloo", ["[launcher-0] [1]<stdout>:rank=1 size=2"]),
+        ("dnntrain_docker_tf_multi_worker", ["[worker-1] task=worker:1 world_size=2 allreduce_sum=3.0"]),
     ],
-    ids=["ddp-c10d-deferred", "horovodrun-gloo"],
+    ids=["ddp-c10d-deferred", "horovodrun-gloo", "tf-multi-worker"],
 )
 def test_more_topologies_train_in_containers(daemon, capfd, dag_id, replica_lines):
     """DDP with c10d rendezvous, waited on by the triggerer (every line logged once, from the trigger),
-    and Horovod's ranks started by horovodrun over Gloo."""
+    Horovod's ranks started by horovodrun over Gloo, and TensorFlow's MultiWorkerMirroredStrategy."""
     dag_run = load_dag(DOCKER_DAGS, dag_id).test()
     logged = "".join(capfd.readouterr())
     assert task_instance(dag_run, "train").state == "success", logged[-5000:]

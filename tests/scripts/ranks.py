@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--tick-seconds", type=float, default=0.5, help="...this far apart")
     parser.add_argument("--ignore-term", action="store_true", help="ignore SIGTERM, as TensorFlow does")
     parser.add_argument("--print-env", action="append", default=[])
+    parser.add_argument("--print-argv", action="store_true", help="print the arguments as JSON")
     parser.add_argument("--write-env", action="append", default=[], help="write this variable to a file")
     parser.add_argument("--write-mb", type=int, default=0, help="write this many MiB of random outputs")
     parser.add_argument("--allocate-mb", type=int, default=0, help="hold this many MiB of memory")
@@ -50,6 +51,8 @@ def main() -> None:
     publish(outputs / f"pids-{RANK}.json", json.dumps(pids))
     for name in args.print_env:
         print(f"rank {RANK} {name}={os.environ.get(name)}", flush=True)
+    if args.print_argv:
+        print(f"rank {RANK} argv={json.dumps(sys.argv[1:])}", flush=True)
     for name in args.write_env:
         (outputs / f"env-{RANK}-{name}.txt").write_text(os.environ.get(name, ""))
     if args.write_mb:

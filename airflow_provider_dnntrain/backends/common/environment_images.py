@@ -16,6 +16,7 @@ a run on another daemon pulls it instead of building.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
@@ -24,6 +25,7 @@ import re
 import shlex
 from dataclasses import dataclass, field
 
+from airflow_provider_dnntrain.backends.common.docker_client import docker_client
 from airflow_provider_dnntrain.backends.common.docker_files import read_file, tar_of
 from airflow_provider_dnntrain.backends.common.docker_lock import daemon_lock
 from airflow_provider_dnntrain.backends.common.environments import EnvironmentBuildFailed, requirements_of
@@ -55,6 +57,13 @@ class Registry:
         if not self.username:
             return None
         return {"username": self.username, "password": self.password or "", "serveraddress": self.host}
+
+    def docker_config_json(self) -> str:
+        """The credentials as a ``kubernetes.io/dockerconfigjson`` pull Secret holds them."""
+        auth = base64.b64encode(f"{self.username}:{self.password or ''}".encode()).decode()
+        return json.dumps(
+            {"auths": {self.host: {"username": self.username, "password": self.password or "", "auth": auth}}}
+        )
 
     @classmethod
     def from_connection(cls, conn_id: str) -> Registry:
@@ -100,12 +109,6 @@ class ImageBuilding:
         built = EnvironmentImages(client or self.client(), self.registry(), python).ensure(job, base)
         log.info("Environment image %s (%s)", built.tag, "built" if built.built else "cached")
         return built
-
-
-def docker_client(docker_url: str | None):
-    import docker
-
-    return docker.DockerClient(base_url=docker_url) if docker_url else docker.from_env()
 
 
 def environment_tag(job: TrainingJob, base: str, python: str, registry: Registry | None) -> str:

@@ -1,6 +1,7 @@
 """A Docker run's containers and network as the daemon is asked for them (pure): a container per replica
-named ``<run>-<role>-<index>``, which is also its host name on the run's network; labels that find
-everything of a run; the bootstrap (``common/bootstrap.py``, in the run's bundle) as its first process."""
+named ``<run>-<role>-<index>``, which is also its host name on the run's network, and one per node a
+Horovod runner reaches over SSH; labels that find everything of a run; the bootstrap
+(``common/bootstrap.py``, in the run's bundle) as its first process."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ LEASE_FILE = f"{BUNDLE}/lease"  # the watchdog's: renewed while someone watches 
 INPUT_SOURCES = "/dnntrain/input-sources/inputs.json"
 INPUTS_CACHE = "/dnntrain/inputs-cache"
 INPUTS_CACHE_VOLUME = "dnntrain-inputs-cache"  # one per daemon: every run's containers share it
+SSH_DIR, SSH_PORT = "/dnntrain/ssh", 2222  # the bootstrap's: where the run's SSH keys are, sshd's port
 
 
 def member(path: str) -> str:
@@ -55,26 +57,80 @@ def run_filter(run_id: str) -> dict:
     return {"label": [f"{RUN_LABEL}={run_label(run_id, 63)}"]}
 
 
+def ssh_nodes(plan: JobPlan) -> list[str]:
+    """The hosts a runner on the first one reaches over SSH: Horovod's other nodes."""
+    return plan.hosts[1:]
+
+
+def node_name(plan: JobPlan, host: str) -> str:
+    """A node's name in the run (``node-1``), as replicas' are: its host name is ``<run>-<name>``."""
+    return host.removeprefix(f"{run_name(plan.run_id)}-")
+
+
+def run_containers(
+    plan: JobPlan, *, image: str, python: str, network: str | None, env: dict[str, str]
+) -> dict[str, dict]:
+    """``containers.create`` arguments of every container of the run but its watchdog, by their names
+    in the run: each replica's, and each node's a runner reaches over SSH."""
+    place = {"image": image, "python": python, "network": network, "env": env}
+    configs = {replica.name: container_config(plan, replica, **place) for replica in plan.replicas}
+    for host in ssh_nodes(plan):
+        configs[node_name(plan, host)] = sshd_config(plan, host, **place)
+    return configs
+
+
 def container_config(
     plan: JobPlan, replica: Replica, *, image: str, python: str, network: str | None, env: dict[str, str]
 ) -> dict:
     """``containers.create`` arguments for ``replica``, on ``network`` (None: the host's): the bootstrap
     unpacks the bundle into the working directory, then runs the replica's argv (and prints the lines of
-    the ranks it starts that write to files of their own, as ``[rank.N] line``)."""
+    the ranks it starts that write to files of their own, as ``[rank.N] line``). A runner's container
+    first waits until every other node answers SSH."""
     ranks = ["--rank-logs", replica.rank_logs] if replica.rank_logs else []
+    runner = bool(plan.hosts) and replica.host == plan.hosts[0]
+    peers = [arg for peer in ssh_nodes(plan) for arg in ("--ssh-peer", peer)] if runner else []
     name = f"{run_name(plan.run_id)}-{replica.name}"
-    place = {"network": network, "hostname": replica.host} if network else {"network_mode": "host"}
     return {
         "image": image,
-        "command": [python, f"{BUNDLE}/bootstrap.py", "run", *ranks, "--", *replica.argv],
+        "command": [python, f"{BUNDLE}/bootstrap.py", "run", *peers, *ranks, "--", *replica.argv],
         "name": name,
-        **place,
+        **_placed(network, name, replica.host),
         "labels": labels(plan.run_id, replica.name),
         "environment": {**env, **replica.env, "DNNTRAIN_POD_REPLICA": replica.name},
         "working_dir": WORKDIR,
         "init": True,  # a process that is PID 1 gets no SIGTERM it does not handle: docker-init forwards it
         "detach": True,
     }
+
+
+def sshd_config(
+    plan: JobPlan, host: str, *, image: str, python: str, network: str, env: dict[str, str]
+) -> dict:
+    """``containers.create`` arguments for a node the runner reaches over SSH: the bootstrap unpacks the
+    bundle, then serves SSH (with the run's keys, in ``SSH_DIR``) for the ranks the runner starts
+    there, printing their lines when they write to files of their own."""
+    rank_logs = plan.replicas[0].rank_logs
+    ranks = ["--rank-logs", rank_logs] if rank_logs else []
+    return {
+        "image": image,
+        "command": [python, f"{BUNDLE}/bootstrap.py", "sshd", "--port", str(SSH_PORT), *ranks],
+        "name": host,
+        **_placed(network, host, host),
+        "labels": labels(plan.run_id, node_name(plan, host)),
+        "environment": dict(env),
+        "working_dir": WORKDIR,
+        "init": True,
+        "detach": True,
+    }
+
+
+def _placed(network: str | None, name: str, host: str) -> dict:
+    """On the run's network, reached by ``host`` (the container's name, or an alias of it); or on the
+    host's."""
+    if network is None:
+        return {"network_mode": "host"}
+    aliases = {"networking_config": {network: {"Aliases": [host]}}} if host != name else {}
+    return {"network": network, "hostname": host, **aliases}
 
 
 def input_volumes(job: TrainingJob) -> dict:

@@ -15,7 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_dnntrain.backends.base import JobHandle, LogLine
+from airflow_provider_dnntrain.backends.base import JobHandle, JobState, JobStatus, LogLine
 from airflow_provider_dnntrain.backends.common.lines import RANK_LINE, LineSplitter, Redactor
 from airflow_provider_dnntrain.backends.docker import containers as specs
 from airflow_provider_dnntrain.topology import JobPlan
@@ -96,6 +96,15 @@ class DockerJobHandle(JobHandle):
         self.cursors[replica] = max(when, self.cursors.get(replica, 0.0))
         return text
 
+    def ended_node(self) -> JobStatus | None:
+        """A node the runner reaches over SSH that ended while the job ran: the job has failed."""
+        replicas = {replica.name for replica in self.plan.replicas}
+        for name, code in self.exit_codes.items():
+            if name not in replicas and code is not None:
+                message = f"node {name} ended (exit code {code}) while the job ran"
+                return JobStatus(JobState.FAILED, message, failed_replica=name, exit_code=code)
+        return None
+
     def to_state(self) -> dict[str, Any]:
         """What another process needs to take the run over: no secret, no client, JSON only."""
         return {
@@ -121,10 +130,12 @@ class DockerJobHandle(JobHandle):
         )  # fmt: skip
 
     def _labelled(self, replica: str, text: str) -> LogLine:
-        """A rank's line the bootstrap passed on from its per-rank file (``[rank.N] ...``) is labelled
-        ``<runner>/rank.N``, as every launcher labels it."""
+        """A rank's line the bootstrap passed on from its per-rank file (``[rank.N] ...``) is the runner's
+        rank's, whichever container it ran in: labelled ``<runner>/rank.N``, as every launcher labels it."""
         match = RANK_LINE.match(text) if self.plan.hosts else None
-        return LogLine(f"{replica}/{match.group(1)}", match.group(2)) if match else LogLine(replica, text)
+        if match:
+            return LogLine(f"{self.plan.replicas[0].name}/{match.group(1)}", match.group(2))
+        return LogLine(replica, text)
 
     def drain(self, timeout: float) -> list[LogLine]:
         out = []

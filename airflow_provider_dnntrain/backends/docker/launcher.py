@@ -24,7 +24,6 @@ import time
 import uuid
 from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from functools import cached_property
 from pathlib import Path
 
 from airflow_provider_dnntrain import inputs
@@ -34,15 +33,14 @@ from airflow_provider_dnntrain.backends.base import (
     Launcher,
     LogLine,
     aggregate_status,
+    collected_artifacts,
     secret_values,
 )
 from airflow_provider_dnntrain.backends.common.bundle import default_image, run_bundle
+from airflow_provider_dnntrain.backends.common.docker_client import OnDaemon
 from airflow_provider_dnntrain.backends.common.docker_files import put_files, tar_of
-from airflow_provider_dnntrain.backends.common.environment_images import (
-    BuiltImage,
-    ImageBuilding,
-    docker_client,
-)
+from airflow_provider_dnntrain.backends.common.environment_images import BuiltImage, ImageBuilding
+from airflow_provider_dnntrain.backends.common.keys import run_ssh_files
 from airflow_provider_dnntrain.backends.common.lines import Redactor
 from airflow_provider_dnntrain.backends.common.ports import FreePortPlacement
 from airflow_provider_dnntrain.backends.common.replica import (
@@ -67,7 +65,7 @@ log = logging.getLogger(__name__)
 SIGNED_URL_SECONDS = 3600  # how long the containers have to start fetching an object store's inputs
 
 
-class DockerLauncher(Launcher):
+class DockerLauncher(OnDaemon, Launcher):
     """Run every replica in a container on the Docker daemon at ``docker_url`` (default: the
     environment's, ``DOCKER_HOST`` or the local socket).
 
@@ -82,7 +80,8 @@ class DockerLauncher(Launcher):
     worker lost) before its watchdog removes it. ``daemon_socket``: the daemon's socket on its own
     host, mounted into the watchdog (default: ``docker_url``'s, for ``unix://``, else
     ``/var/run/docker.sock``). ``host_network=True``: the containers on the Docker host's network,
-    meeting at 127.0.0.1 on ports free here (a daemon on this host).
+    meeting at 127.0.0.1 on ports free here (a daemon on this host). The chief's outputs that cannot be
+    copied out of its container fail the run (``OutputsLost``) unless ``outputs_required=False``.
     """
 
     name = "docker"
@@ -101,6 +100,7 @@ class DockerLauncher(Launcher):
         image_registry: str | None = None,
         docker_conn_id: str | None = None,
         host_network: bool = False,
+        outputs_required: bool = True,
     ) -> None:
         self.docker_url = docker_url
         self.image, self.python = image, python
@@ -109,16 +109,7 @@ class DockerLauncher(Launcher):
         self.orphan_timeout, self.lease_interval = orphan_timeout, lease_interval
         self.daemon_socket = daemon_socket
         self.building = ImageBuilding(docker_url, image_registry, docker_conn_id)
-        self.host_network = host_network
-
-    def __deepcopy__(self, memo):  # an operator's copy: the same settings, no client of its own yet
-        copied = object.__new__(type(self))
-        copied.__dict__.update({k: v for k, v in self.__dict__.items() if k != "client"})
-        return copied
-
-    @cached_property
-    def client(self):
-        return docker_client(self.docker_url)
+        self.host_network, self.outputs_required = host_network, outputs_required
 
     def placement(self, run_id: str) -> specs.DockerPlacement | FreePortPlacement:
         """Names on the run's network; on the host's, 127.0.0.1 and ports free on this host (which is
@@ -140,10 +131,10 @@ class DockerLauncher(Launcher):
                     "do not read: put it where they fetch it from (s3://, gs://, https://...), or give a "
                     "path on the Docker host with mode='mount'"
                 )
-        if isinstance(job.distribution, Horovod) and job.distribution.node_count > 1:
+        if self.host_network and isinstance(job.distribution, Horovod) and job.distribution.node_count > 1:
             raise ValueError(
-                "distribution.node_count: the docker launcher runs Horovod in one container "
-                "(node_count=1, process_count_per_node=N)"
+                "distribution.node_count: Horovod's nodes reach each other over SSH on the run's network; "
+                "on the host's network (host_network=True) it runs in one container (node_count=1)"
             )
 
     # -- submit ---------------------------------------------------------------------------------
@@ -216,28 +207,32 @@ class DockerLauncher(Launcher):
     def _create(self, handle, job: TrainingJob, image: str, env: dict, bundle: dict[str, bytes]) -> None:
         self._start_watchdog(handle, image, self.interpreter(job))
         files = {specs.member(f"{specs.BUNDLE}/{name}"): content for name, content in bundle.items()}
-        sources = (
-            inputs.pod_sources(job, SIGNED_URL_SECONDS) if any(i.downloads for i in job.inputs) else None
+        secret_files = self._secret_files(handle, job)
+        network = None if self.host_network else handle.name
+        configs = specs.run_containers(
+            handle.plan, image=image, python=self.interpreter(job), network=network, env=env
         )
-        volumes = specs.input_volumes(job)
-        for replica in handle.plan.replicas:
-            config = specs.container_config(
-                handle.plan,
-                replica,
-                image=image,
-                python=self.interpreter(job),
-                network=None if self.host_network else handle.name,
-                env=env,
-            )
-            config["volumes"] = volumes
+        for name, config in configs.items():
+            config["volumes"] = specs.input_volumes(job)
             if job.resources.use_gpu:
                 config["device_requests"] = specs.gpus(getattr(job.distribution, "process_count_per_node", 1))
             container = self.client.containers.create(**config)
-            handle.containers[replica.name] = container.id
+            handle.containers[name] = container.id
             self.client.api.put_archive(container.id, specs.ROOT, tar_of(files))
             self._put_pending(handle, container.id)
-            if sources is not None:  # signed URLs, a web server's credentials: a file only root reads
-                put_files(self.client.api, container.id, {specs.INPUT_SOURCES: sources.encode()}, mode=0o400)
+            if secret_files:
+                put_files(self.client.api, container.id, secret_files, mode=0o400)
+
+    def _secret_files(self, handle: DockerJobHandle, job: TrainingJob) -> dict[str, bytes]:
+        """What only root reads in each container: the inputs' signed URLs and a web server's credentials,
+        and the SSH keys of a run whose runner reaches other nodes."""
+        found = {}
+        if any(item.downloads for item in job.inputs):
+            found[specs.INPUT_SOURCES] = inputs.pod_sources(job, SIGNED_URL_SECONDS).encode()
+        if specs.ssh_nodes(handle.plan):
+            keys = run_ssh_files(handle.name)
+            found.update({f"{specs.SSH_DIR}/{name}": content.encode() for name, content in keys.items()})
+        return found
 
     def _socket(self) -> str:
         """The daemon's socket on its host: given, or ``docker_url``'s (or ``DOCKER_HOST``'s) for a
@@ -285,7 +280,8 @@ class DockerLauncher(Launcher):
             handle.exit_codes[replica] = None if running else state["ExitCode"]
         if time.monotonic() - handle.lease_renewed > self.lease_interval:
             self._renew_lease(handle)
-        return aggregate_status(handle.plan, handle.exit_codes)
+        status = aggregate_status(handle.plan, handle.exit_codes)
+        return (handle.ended_node() or status) if status.state is JobState.RUNNING else status
 
     def _renew_lease(self, handle: DockerJobHandle, value: str | None = None) -> None:
         lease = tar_of({specs.member(specs.LEASE_FILE): (value or str(time.time())).encode()})
@@ -384,7 +380,5 @@ class DockerLauncher(Launcher):
             log.warning("run %s: the chief's outputs were not copied: %s", handle.run_id, error)
 
     def collect_outputs(self, handle: DockerJobHandle) -> Path:
-        artifacts = handle.run_dir / "artifacts"
-        for sub in ("outputs", "logs"):
-            (artifacts / sub).mkdir(parents=True, exist_ok=True)
-        return artifacts
+        lost = handle.outputs_lost
+        return collected_artifacts(handle.run_dir, handle.run_id, lost, self.outputs_required)

@@ -17,7 +17,6 @@ import json
 import shlex
 import uuid
 from collections.abc import Iterator
-from functools import cached_property
 from pathlib import Path
 
 from airflow_provider_dnntrain.backends.common import (
@@ -27,9 +26,9 @@ from airflow_provider_dnntrain.backends.common import (
     host_cache,
     model_server,
 )
+from airflow_provider_dnntrain.backends.common.docker_client import OnDaemon
 from airflow_provider_dnntrain.backends.common.docker_files import put_files, read_file
 from airflow_provider_dnntrain.backends.common.docker_lock import daemon_lock
-from airflow_provider_dnntrain.backends.common.environment_images import docker_client
 from airflow_provider_dnntrain.backends.common.ports import free_port
 from airflow_provider_dnntrain.backends.common.supervised_serving import SupervisedServing
 from airflow_provider_dnntrain.backends.common.tunnels import local_forward
@@ -58,7 +57,7 @@ for thread in threading.enumerate()[1:]:
 """
 
 
-class DockerServing(SupervisedServing):
+class DockerServing(OnDaemon, SupervisedServing):
     """Models served in a container per endpoint on the Docker daemon at ``docker_url`` (default: the
     environment's), running ``image`` (the project's training image: MLflow and the framework) with
     ``python``. The endpoint's port is ``port`` (None: one free on this worker, kept by the endpoint;
@@ -84,15 +83,6 @@ class DockerServing(SupervisedServing):
         self.docker_url, self.image, self.python_path = docker_url, image, python
         self.publish_host, self.address, self.network = publish_host, address, network
         self._serving = ""  # the endpoint being deployed to, whose container the agent's checks run in
-
-    def __deepcopy__(self, memo):  # an operator's copy: the same settings, no client of its own yet
-        copied = object.__new__(type(self))
-        copied.__dict__.update({k: v for k, v in self.__dict__.items() if k != "client"})
-        return copied
-
-    @cached_property
-    def client(self):
-        return docker_client(self.docker_url)
 
     @property
     def python(self) -> str:

@@ -76,12 +76,11 @@ class Cluster:
         return made.metadata.uid
 
     def create_children(self, namespace: str, objects: RunObjects, with_pods_service: bool) -> None:
-        """The Secret and, unless a Kubeflow job makes the pods' Services itself, the Service and a
+        """The Secrets and, unless a Kubeflow job makes the pods' Services itself, the Service and a
         gang scheduler's PodGroup."""
         core = self.core
-        self._create_child(
-            core.create_namespaced_secret, core.read_namespaced_secret, namespace, objects.secret
-        )
+        for secret in filter(None, (objects.secret, objects.pull_secret)):
+            self._create_child(core.create_namespaced_secret, core.read_namespaced_secret, namespace, secret)
         if not with_pods_service:
             return
         self._create_child(

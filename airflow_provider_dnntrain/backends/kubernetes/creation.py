@@ -15,8 +15,8 @@ from pathlib import Path
 
 from airflow_provider_dnntrain import inputs
 from airflow_provider_dnntrain.backends.common.bundle import run_bundle
+from airflow_provider_dnntrain.backends.common.keys import run_ssh_files
 from airflow_provider_dnntrain.backends.kubernetes.cluster import Cluster
-from airflow_provider_dnntrain.backends.kubernetes.files import ssh_files
 from airflow_provider_dnntrain.backends.kubernetes.inputs import SOURCES_KEY
 from airflow_provider_dnntrain.backends.kubernetes.job import KubernetesJobHandle
 from airflow_provider_dnntrain.backends.kubernetes.kubeflow import kubeflow_kind, render_kubeflow_job
@@ -74,15 +74,17 @@ def create_run(
     source: Path,
     secrets: Mapping[str, str],
     startup_timeout: float,
+    pull_config: str = "",
 ) -> None:
-    """Every object of the run but the pods, then the pods too unless values are still pending."""
+    """Every object of the run but the pods, then the pods too unless values are still pending
+    (``pull_config``: the run's pull Secret's, if it has one)."""
     run, plan, settings = handle.run, handle.plan, handle.settings
-    data = secret_data(secrets, ssh_files(run.job) if ssh_nodes(plan) else {})
+    data = secret_data(secrets, run_ssh_files(run.job) if ssh_nodes(plan) else {})
     if inputs.downloads(job):  # signed URLs and connection headers: credentials, so in the Secret
         data[SOURCES_KEY] = inputs.pod_sources(job, startup_timeout + _SIGNED_URL_SECONDS)
     bundle = run_bundle(source, plan, job.resume_from)
     run.owner_uid = cluster.create_owner(run.namespace, render_run(plan, settings, bundle, data).owner)
-    objects = render_run(plan, settings, bundle, data, owner_uid=run.owner_uid)
+    objects = render_run(plan, settings, bundle, data, owner_uid=run.owner_uid, pull_config=pull_config)
     cluster.create_children(run.namespace, objects, with_pods_service=run.workload is None)
     if run.workload is not None:  # the training operator makes the pods and their Services
         handle.pod_manifests = [kubeflow_workload(plan, settings, objects.owner_reference)]
@@ -119,7 +121,7 @@ def preview(
     data = secret_data({name: "***" for name in job.environment.secrets}, {})
     if inputs.downloads(job):
         data[SOURCES_KEY] = "***"
-    objects = render_run(plan, settings, run_bundle(source, plan, job.resume_from), data)
+    objects = render_run(plan, settings, run_bundle(source, plan, job.resume_from), data, pull_config="***")
     if kubeflow:
         workload = kubeflow_workload(plan, settings, objects.owner_reference)
         objects = dataclasses.replace(objects, service=None, pods=[], pod_group=None, extra=[workload])

@@ -20,7 +20,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from airflow_provider_dnntrain.backends.base import JobState, JobStatus, Launcher, LogLine, secret_values
+from airflow_provider_dnntrain.backends.base import (
+    JobState,
+    JobStatus,
+    Launcher,
+    LogLine,
+    collected_artifacts,
+    secret_values,
+)
 from airflow_provider_dnntrain.backends.common.environment_images import ImageBuilding
 from airflow_provider_dnntrain.backends.common.lines import Redactor
 from airflow_provider_dnntrain.backends.common.replica import launch_env
@@ -43,7 +50,7 @@ from airflow_provider_dnntrain.backends.kubernetes.kubeflow import (
 )
 from airflow_provider_dnntrain.backends.kubernetes.manifests import RunSettings, job_name
 from airflow_provider_dnntrain.backends.kubernetes.options import GangScheduler, PodOptions
-from airflow_provider_dnntrain.backends.kubernetes.outputs import collected_outputs, save_outputs
+from airflow_provider_dnntrain.backends.kubernetes.outputs import save_outputs
 from airflow_provider_dnntrain.backends.kubernetes.pending import PodTimeouts
 from airflow_provider_dnntrain.backends.kubernetes.planning import PodPlacement, render_pod_plan
 from airflow_provider_dnntrain.backends.kubernetes.run import KubernetesRun
@@ -73,7 +80,8 @@ class KubernetesLauncher(Launcher):
     pods start together or none does.
 
     ``pip_packages``: an image built by the daemon at ``docker_url``, pushed to ``image_registry`` or
-    ``docker_conn_id``'s registry (``common/environment_images.py``), pulled with ``image_pull_secrets``.
+    ``docker_conn_id``'s registry (``common/environment_images.py``), pulled with a Secret of the run
+    holding the registry's credentials (besides ``image_pull_secrets``).
 
     ``kubeflow=True``: the job goes to the cluster as a TFJob, PyTorchJob or (Horovod, with
     ``runner='mpirun'``) MPIJob (``kubeflow.org/v1``) that the Kubeflow training operator runs (it makes
@@ -279,7 +287,8 @@ class KubernetesLauncher(Launcher):
             run.launch_env["MLFLOW_TRACKING_URI"], run.relay_port = run.relay_uri, handle.relay.target[1]
         try:
             handle.settings = self._settings(job, plan, run.namespace, run.launch_env, time_limit)
-            creation.create_run(self.cluster, handle, job, source, secrets, self.startup_timeout_seconds)
+            startup, pull_config = self.startup_timeout_seconds, self.pods.pull_config(job)
+            creation.create_run(self.cluster, handle, job, source, secrets, startup, pull_config)
         except BaseException:
             self.stop(handle, grace_seconds=0)
             raise
@@ -396,4 +405,5 @@ class KubernetesLauncher(Launcher):
         save_outputs(self.cluster, handle)
 
     def collect_outputs(self, handle: KubernetesJobHandle) -> Path:
-        return collected_outputs(handle, self.outputs_required)
+        lost = handle.outputs_lost
+        return collected_artifacts(handle.run.run_dir, handle.run_id, lost, self.outputs_required)

@@ -42,6 +42,7 @@ SSH_FILES = ("id", "authorized_keys", "host_key", "known_hosts")
 GPU_RESOURCE = "nvidia.com/gpu"
 # A ConfigMap holds at most 1 MiB (as stored: base64); some room is left for the plan.
 MAX_BUNDLE_BYTES = 720 * 1024
+PULL_SECRET_TYPE, PULL_KEY = "kubernetes.io/dockerconfigjson", ".dockerconfigjson"
 _JOB_NAME_LENGTH = 45  # room for "-<role>-<index>" in a 63-character host name
 
 
@@ -62,9 +63,10 @@ class RunObjects:
     pods: list[dict]
     pod_group: dict | None = None
     extra: list[dict] = field(default_factory=list)  # a Kubeflow job, instead of service and pods
+    pull_secret: dict | None = None
 
     def all(self) -> list[dict]:
-        optional = [obj for obj in (self.service, self.pod_group) if obj]
+        optional = [obj for obj in (self.pull_secret, self.service, self.pod_group) if obj]
         return [self.owner, self.secret, *optional, *self.extra, *self.pods]
 
 
@@ -87,6 +89,7 @@ class RunSettings:
     input_mounts: list[dict] = field(default_factory=list)  # in every container running the bootstrap
     orphan_timeout: float | None = None  # pods end themselves once nobody renewed the lease this long
     active_deadline: int | None = None  # seconds: kubelet ends the pods once they have run this long
+    pull_secret: bool = False  # the run has an image pull Secret of its own (<job>-pull)
 
 
 def render_run(
@@ -95,9 +98,11 @@ def render_run(
     bundle: Mapping[str, bytes],
     secret_values: Mapping[str, str],
     owner_uid: str = "",
+    pull_config: str = "",
 ) -> RunObjects:
     """Every object of the run. ``owner_uid``: the owner ConfigMap's, once it exists (ownerReferences
-    need it); ``secret_values``: what the Secret holds (masked values for a preview)."""
+    need it); ``secret_values``: what the Secret holds (masked values for a preview); ``pull_config``:
+    the ``.dockerconfigjson`` of the run's pull Secret, when ``settings.pull_secret``."""
     job = job_name(plan.run_id)
     labels = {RUN_LABEL: job}
     owner = _owner(plan, job, settings.namespace, labels, bundle)
@@ -110,13 +115,10 @@ def render_run(
         "controller": True,
     }
     children_meta = {"namespace": settings.namespace, "labels": labels, "ownerReferences": [reference]}
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": job, **children_meta},
-        "type": "Opaque",
-        "data": {k: base64.b64encode(v.encode()).decode() for k, v in sorted(secret_values.items())},
-    }
+    secret = _secret(job, children_meta, "Opaque", secret_values)
+    pull_secret = None
+    if settings.pull_secret:
+        pull_secret = _secret(pull_secret_name(job), children_meta, PULL_SECRET_TYPE, {PULL_KEY: pull_config})
     pods = [_pod(plan, settings, job, children_meta, host, replica) for host, replica in pod_hosts(plan)]
     if settings.gang is not None:
         pods = [join_gang(pod, settings.gang, job, len(pods)) for pod in pods]
@@ -127,7 +129,23 @@ def render_run(
         service=_service(plan, job, children_meta),
         pods=pods,
         pod_group=pod_group(settings.gang, job, children_meta, len(pods)) if settings.gang else None,
+        pull_secret=pull_secret,
     )
+
+
+def pull_secret_name(job: str) -> str:
+    return f"{job}-pull"
+
+
+def _secret(name: str, meta: dict, kind: str, values: Mapping[str, str]) -> dict:
+    data = {k: base64.b64encode(v.encode()).decode() for k, v in sorted(values.items())}
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": name, **meta},
+        "type": kind,
+        "data": data,
+    }
 
 
 def pod_hosts(plan: JobPlan) -> list[tuple[str, Replica | None]]:
@@ -243,7 +261,7 @@ def pod_spec(
         "affinity": options.affinity,
         "tolerations": options.tolerations or None,
         "serviceAccountName": options.service_account_name,
-        "imagePullSecrets": [{"name": n} for n in options.image_pull_secrets] or None,
+        "imagePullSecrets": [{"name": n} for n in _pull_secrets(settings, options, job)] or None,
         "securityContext": options.security_context,
         "priorityClassName": options.priority_class_name,
         "schedulerName": options.schedulername,
@@ -251,6 +269,10 @@ def pod_spec(
     }
     spec.update({k: v for k, v in optional.items() if v is not None})
     return spec
+
+
+def _pull_secrets(settings: RunSettings, options: PodOptions, job: str) -> list[str]:
+    return [*options.image_pull_secrets, *([pull_secret_name(job)] if settings.pull_secret else [])]
 
 
 def main_container(

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path, PurePosixPath
 
+from airflow_provider_dnntrain.backends.base import OutputsLost
 from airflow_provider_dnntrain.backends.common.bootstrap import MANIFEST, sha256_of
 from airflow_provider_dnntrain.backends.kubernetes.cluster import Cluster
 from airflow_provider_dnntrain.backends.kubernetes.manifests import (
@@ -33,10 +34,6 @@ _HANDSHAKE_ATTEMPTS = 20  # exec streams the API would not start, about two minu
 _BACKOFF_CAP_SECONDS = 8.0
 _IDLE_TIMEOUT_SECONDS = 60.0  # a copy that sends nothing for this long is stuck: it is tried again
 _STDOUT, _STDERR, _ERROR = 1, 2, 3  # the exec's channels
-
-
-class OutputsLost(RuntimeError):
-    """The chief's outputs could not be copied out of its pod."""
 
 
 def copy_outputs(cluster: Cluster, run: KubernetesRun, pod: str, python: str, target: Path) -> None:
@@ -190,23 +187,9 @@ def _check_manifest(staging: Path) -> None:
 
 def save_outputs(cluster: Cluster, handle) -> None:
     """The chief's ``./outputs`` and ``./logs`` into the run's artifacts; what kept them from being
-    copied is kept on ``handle`` (a ``KubernetesJobHandle``) for :func:`collected_outputs`."""
+    copied is kept on ``handle`` (a ``KubernetesJobHandle``) for ``collect_outputs``."""
     chief = pod_name(outputs_host(handle.plan))
     try:
         copy_outputs(cluster, handle.run, chief, handle.settings.python, handle.run.run_dir / "artifacts")
     except Exception as error:
         handle.outputs_lost = f"{type(error).__name__}: {error}"
-
-
-def collected_outputs(handle, required: bool) -> Path:
-    """The copied outputs' folder; ``OutputsLost`` when they could not be copied (a warning instead
-    when they are not ``required``)."""
-    if handle.outputs_lost:
-        message = f"run {handle.run_id}: the chief's outputs were not collected: {handle.outputs_lost}"
-        if required:
-            raise OutputsLost(message)
-        log.warning("%s", message)
-    artifacts = handle.run.run_dir / "artifacts"
-    for sub in ("outputs", "logs"):
-        (artifacts / sub).mkdir(parents=True, exist_ok=True)
-    return artifacts

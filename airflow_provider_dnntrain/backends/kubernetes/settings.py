@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_provider_dnntrain.backends.common.bundle import default_image
-from airflow_provider_dnntrain.backends.common.environment_images import ImageBuilding
+from airflow_provider_dnntrain.backends.common.environment_images import ImageBuilding, Registry
 from airflow_provider_dnntrain.backends.kubernetes.inputs import input_volumes
 from airflow_provider_dnntrain.backends.kubernetes.manifests import Gang, RunSettings, job_name
 from airflow_provider_dnntrain.backends.kubernetes.options import GangScheduler, PodOptions, to_api_json
@@ -110,7 +110,20 @@ class PodDefaults:
             input_mounts=mounts,
             orphan_timeout=orphan_timeout,
             active_deadline=math.ceil(time_limit + DEADLINE_MARGIN_SECONDS) if time_limit else None,
+            pull_secret=self._pulling_registry(job) is not None,
         )
+
+    def pull_config(self, job: TrainingJob) -> str:
+        """The run's pull Secret's ``.dockerconfigjson``: the credentials of the registry the job's
+        environment image is pushed to ("" when the pods pull it without any)."""
+        registry = self._pulling_registry(job)
+        return registry.docker_config_json() if registry else ""
+
+    def _pulling_registry(self, job: TrainingJob) -> Registry | None:
+        if not job.environment.has_packages or self.building is None:
+            return None
+        registry = self.building.registry()
+        return registry if registry and registry.auth_config else None
 
     def _pod_template(self) -> dict | None:
         if self.full_pod_spec is not None:

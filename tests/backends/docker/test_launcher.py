@@ -21,7 +21,7 @@ from docker_daemon import TORCH_IMAGE
 from launcher_jobs import run_job, wait_in_background, wait_until_ready
 from object_store import ObjectStore
 
-from airflow_provider_dnntrain.backends.base import JobFailed, wait_for_job
+from airflow_provider_dnntrain.backends.base import JobFailed, OutputsLost, wait_for_job
 from airflow_provider_dnntrain.backends.docker.launcher import DockerLauncher
 from airflow_provider_dnntrain.spec import (
     Environment,
@@ -82,6 +82,21 @@ def test_a_replica_that_dies_fails_the_job_at_once_and_nothing_is_left(daemon, l
     assert time.monotonic() - started < 30
     assert "worker-1 about to fail" in str(failed.value)
     assert left_on(daemon, "docker-fail") == []
+
+
+def test_outputs_that_cannot_be_copied_fail_the_run_unless_not_required(daemon, launcher, tmp_path, caplog):
+    """A chief whose ``./outputs`` is gone at the end (here, removed by the script) cannot be copied:
+    that is an error of the run, not a run without outputs."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "train.py").write_text("import shutil\nshutil.rmtree('outputs')\nprint('trained')\n")
+    job = TrainingJob(framework="pytorch", source_directory=str(tmp_path / "src"), entry_script="train.py")
+    handle, _ = run_job(launcher, job, "docker-lost")
+    with pytest.raises(OutputsLost, match="docker-lost: the chief.s outputs were not collected: NotFound"):
+        launcher.collect_outputs(handle)
+    launcher.outputs_required = False
+    assert (launcher.collect_outputs(handle) / "outputs").is_dir()
+    assert "the chief's outputs were not collected" in caplog.text
+    assert left_on(daemon, "docker-lost") == []
 
 
 def test_a_cancelled_run_is_ended_by_the_daemon_and_stop_removes_it(daemon, launcher):

@@ -22,9 +22,8 @@ from launcher_jobs import wait_in_background
 from long_lines import assert_lines_whole_bounded_and_throttled, long_lines_job
 
 from airflow_provider_dnntrain import cli
-from airflow_provider_dnntrain.backends.base import JobFailed
+from airflow_provider_dnntrain.backends.base import JobFailed, OutputsLost
 from airflow_provider_dnntrain.backends.kubernetes.api import ApiUnavailable
-from airflow_provider_dnntrain.backends.kubernetes.outputs import OutputsLost
 from airflow_provider_dnntrain.spec import TrainingJob
 
 REPO = Path(__file__).resolve().parents[3]

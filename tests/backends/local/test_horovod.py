@@ -180,10 +180,10 @@ def test_secrets_are_on_no_command_line_and_in_no_environment_block(tmp_path, mo
     seen: set[int] = set()
     try:
         while not list(outputs.glob("env-*.txt")) or len(seen) < 5:
-            for process in job_processes(handle):
-                seen.add(process.pid)
-                assert secret not in " ".join(process.cmdline())
-                assert secret not in "".join(process.environ().values())
+            for pid, command_line, environment in job_processes(handle):
+                seen.add(pid)
+                assert secret not in command_line
+                assert secret not in environment
             assert launcher.poll(handle).state is JobState.RUNNING
             time.sleep(0.05)
         wait_for_job(launcher, handle, lambda line: None, timeout=60)
@@ -192,9 +192,12 @@ def test_secrets_are_on_no_command_line_and_in_no_environment_block(tmp_path, mo
     assert [(outputs / f"env-{rank}-RANK_SECRET.txt").read_text() for rank in (0, 1)] == [secret, secret]
 
 
-def job_processes(handle) -> list[psutil.Process]:
+def job_processes(handle) -> list[tuple[int, str, str]]:
+    """(pid, command line, environment values) of the run's processes still there to be read: a rank
+    may end between being listed and being read."""
     processes = []
     for pid in reaper.processes_with_environment(f"DNNTRAIN_LAUNCH_ID={handle.launch_id}"):
-        with contextlib.suppress(psutil.NoSuchProcess):
-            processes.append(psutil.Process(pid))
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.ZombieProcess):
+            process = psutil.Process(pid)
+            processes.append((pid, " ".join(process.cmdline()), "".join(process.environ().values())))
     return processes

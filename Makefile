@@ -60,7 +60,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 test: $(STAMP) lint images-test
-	$(BIN)/python -m pytest -p no:cacheprovider -n 2 --dist loadgroup --durations=15
+	$(BIN)/python -m pytest -p no:cacheprovider -n 2 --dist loadscope --durations=15
 
 # The images the Docker backend's tests run: built once, again when what they are built from changes.
 images-test: $(STAMP)

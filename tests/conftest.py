@@ -97,21 +97,41 @@ def _no_tracking_uri_left_behind():
     assert not left, f"the test left {left} in the environment"
 
 
-# Fixtures of one machine-wide resource: every test that uses one runs on the same xdist worker.
-SHARED_BY_GROUP = {"docker": {"docker_daemon", "docker_registry"}}
+# `make test` runs two workers (pytest-xdist, `-n 2 --dist loadscope`): most tests wait on processes,
+# servers and containers, so two at a time fill the cores. A module's tests run on one worker, in order,
+# so that its module-scoped fixtures (SSH hosts, a fake cluster) start once; every test of the Docker
+# daemon runs on the same worker, since the daemon's data root is one directory.
+DOCKER_FIXTURES = {"docker_daemon", "docker_registry"}
+DOCKER_MODULES = {"tests/backends/kubernetes/test_environment_images.py"}  # besides those named *docker*
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def worker_scope(nodeid: str) -> str:
+    """The tests that run on one worker, in order: a module's, or the Docker daemon's."""
+    path = nodeid.split("::", 1)[0]
+    return "docker" if "docker" in path or path in DOCKER_MODULES else path
+
+
 def pytest_collection_modifyitems(config, items):
-    """``make test`` runs two workers (``-n 2 --dist loadgroup``): most tests wait on processes, so two
-    at a time fill the cores. A module's tests stay on one worker, so that its module-scoped fixtures
-    (SSH hosts, a fake cluster) start once; the Docker daemon's tests all go to one, since its data
-    root is one directory."""
-    for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        shared = [group for group, fixtures in SHARED_BY_GROUP.items() if fixtures & set(item.fixturenames)]
-        item.add_marker(pytest.mark.xdist_group(shared[0] if shared else item.nodeid.split("::")[0]))
+    """A test that uses the Docker daemon outside its scope would start a second daemon on the same
+    data root, on another worker: refused when the tests are collected, however they are run."""
+    using = [item.nodeid for item in items if DOCKER_FIXTURES & set(item.fixturenames)]
+    misplaced = sorted({nodeid.split("::")[0] for nodeid in using if worker_scope(nodeid) != "docker"})
+    if misplaced:
+        raise pytest.UsageError(f"{misplaced} use the Docker daemon: list them in conftest.DOCKER_MODULES")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` with :func:`worker_scope` as the scope (pytest-xdist's ``loadgroup`` marks
+    do not reach its scheduler under pytest 9's node ids)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkerScope(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_scope(nodeid)
+
+    return ByWorkerScope(config, log)
 
 
 def pytest_sessionfinish(session, exitstatus):

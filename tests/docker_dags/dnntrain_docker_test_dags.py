@@ -1,7 +1,7 @@
 """DAGs the Docker tests run through dag.test(): topologies beyond the example DAGs' (c10d rendezvous,
-horovodrun over Gloo, TensorFlow's MultiWorkerMirroredStrategy), a deferred wait, and the SSH serving
-tests' deploy and undeploy DAGs with only ``serving=`` changed. The daemon is the environment's
-(``DOCKER_HOST``, set by the tests to their own)."""
+horovodrun over Gloo, TensorFlow's MultiWorkerMirroredStrategy, TensorFlow's Horovod on two nodes), a
+deferred wait, and the SSH serving tests' deploy and undeploy DAGs with only ``serving=`` changed. The
+daemon is the environment's (``DOCKER_HOST``, set by the tests to their own)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from airflow_provider_dnntrain.operators import (
     TensorFlowTrainOperator,
     UndeployModelOperator,
 )
-from airflow_provider_dnntrain.spec import MultiWorkerMirrored, TorchDistributed
+from airflow_provider_dnntrain.spec import Horovod, MultiWorkerMirrored, TorchDistributed
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
 EXAMPLE_SCRIPTS = str(Path(__file__).resolve().parents[2] / "dags" / "scripts")
@@ -56,6 +56,18 @@ with DAG("dnntrain_docker_tf_multi_worker", schedule=None, start_date=START):
         entry_script="tf_multi_worker_digits.py",
         arguments=["--epochs", "2"],
         distribution=MultiWorkerMirrored(worker_count=2),
+        environment_variables={"TF_CPP_MIN_LOG_LEVEL": "2"},
+        launcher=DockerLauncher(stop_grace_seconds=2),
+        tracking=False,
+    )
+
+with DAG("dnntrain_docker_tf_horovod_two_nodes", schedule=None, start_date=START):
+    TensorFlowTrainOperator(
+        task_id="train",
+        source_directory=EXAMPLE_SCRIPTS,
+        entry_script="tf_horovod_digits.py",
+        arguments=["--epochs", "2"],
+        distribution=Horovod(node_count=2, runner="mpirun", controller="mpi", network_interface="eth0"),
         environment_variables={"TF_CPP_MIN_LOG_LEVEL": "2"},
         launcher=DockerLauncher(stop_grace_seconds=2),
         tracking=False,

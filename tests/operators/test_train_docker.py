@@ -55,12 +55,15 @@ def test_an_example_dag_trains_in_containers_logs_metrics_and_registers(
         ),
         ("dnntrain_docker_horovod_gloo", ["[launcher-0] [1]<stdout>:rank=1 size=2"]),
         ("dnntrain_docker_tf_multi_worker", ["[worker-1] task=worker:1 world_size=2 allreduce_sum=3.0"]),
+        # rank 1 is the only rank of its node: it ran in the other node's container
+        ("dnntrain_docker_tf_horovod_two_nodes", ["[launcher-0/rank.1] rank=1 size=2 local_rank=0"]),
     ],
-    ids=["ddp-c10d-deferred", "horovodrun-gloo", "tf-multi-worker"],
+    ids=["ddp-c10d-deferred", "horovodrun-gloo", "tf-multi-worker", "tf-horovod-two-nodes"],
 )
 def test_more_topologies_train_in_containers(daemon, capfd, dag_id, replica_lines):
     """DDP with c10d rendezvous, waited on by the triggerer (every line logged once, from the trigger),
-    Horovod's ranks started by horovodrun over Gloo, and TensorFlow's MultiWorkerMirroredStrategy."""
+    Horovod's ranks started by horovodrun over Gloo, TensorFlow's MultiWorkerMirroredStrategy, and
+    TensorFlow's Horovod ranks on two containers under mpirun."""
     dag_run = load_dag(DOCKER_DAGS, dag_id).test()
     logged = "".join(capfd.readouterr())
     assert task_instance(dag_run, "train").state == "success", logged[-5000:]

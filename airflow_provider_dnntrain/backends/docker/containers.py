@@ -104,7 +104,7 @@ def container_config(
 
 
 def sshd_config(
-    plan: JobPlan, host: str, *, image: str, python: str, network: str, env: dict[str, str]
+    plan: JobPlan, host: str, *, image: str, python: str, network: str | None, env: dict[str, str]
 ) -> dict:
     """``containers.create`` arguments for a node the runner reaches over SSH: the bootstrap unpacks the
     bundle, then serves SSH (with the run's keys, in ``SSH_DIR``) for the ranks the runner starts

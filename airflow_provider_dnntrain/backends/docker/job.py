@@ -185,6 +185,21 @@ def copy_out(api, container: str, path: str, into: Path) -> list[str]:
     return copied
 
 
+def start_container(api, container: str, gpus: bool) -> None:
+    """Start ``container``: a daemon that cannot give it the GPUs it asks for (``gpus``) says so,
+    naming the field."""
+    try:
+        api.start(container)
+    except Exception as error:
+        explanation = str(getattr(error, "explanation", None) or error)
+        if gpus and "device driver" in explanation:
+            raise RuntimeError(
+                f"resources.use_gpu: the Docker daemon gives its containers no GPUs ({explanation}): it "
+                "needs a GPU and the NVIDIA Container Toolkit"
+            ) from None
+        raise
+
+
 def remove_run(api, run_id: str, wait: float = 10.0) -> list[str]:
     """Every container and network of ``run_id`` removed (its watchdog may be at it too); what is
     still there after ``wait`` seconds."""

@@ -10,9 +10,11 @@ replica's outputs, then removes every container and the network of the run; so d
 the same run id. Each run has a watchdog container (``watchdog.py``, the daemon's socket mounted):
 while the task watches the run it renews the run's lease there; once the lease has not changed for
 ``orphan_timeout`` seconds (the task SIGKILLed, its worker lost), or the task asks (``on_kill``), the
-watchdog stops and removes the whole run, itself last. Inputs are fetched by the containers' bootstrap
-into a volume of the daemon every run shares. Another process takes a run over from its state (the
-log cursors are the daemon's timestamps); the triggerer waits on it the same way (``triggers/docker.py``).
+watchdog stops and removes the whole run, itself last. Horovod's runner reaches its other nodes'
+containers (``<run>-node-<i>``, serving SSH with keys made for the run) as on Kubernetes. Inputs are
+fetched by the containers' bootstrap into a volume of the daemon every run shares. Another process
+takes a run over from its state (the log cursors are the daemon's timestamps); the triggerer waits on
+it the same way (``triggers/docker.py``).
 """
 
 from __future__ import annotations
@@ -56,7 +58,12 @@ from airflow_provider_dnntrain.backends.common.tracking_server import (
 )
 from airflow_provider_dnntrain.backends.docker import containers as specs
 from airflow_provider_dnntrain.backends.docker import watchdog
-from airflow_provider_dnntrain.backends.docker.job import DockerJobHandle, copy_out, remove_run
+from airflow_provider_dnntrain.backends.docker.job import (
+    DockerJobHandle,
+    copy_out,
+    remove_run,
+    start_container,
+)
 from airflow_provider_dnntrain.source import check_source
 from airflow_provider_dnntrain.spec import Horovod, TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan
@@ -163,7 +170,7 @@ class DockerLauncher(OnDaemon, Launcher):
             bundle = run_bundle(source, plan, job.resume_from)
             self._create(handle, job, image.tag, env, bundle)
             for replica, container in handle.containers.items():
-                self.client.api.start(container)
+                start_container(self.client.api, container, job.resources.use_gpu)
                 handle.follow(self.client.api, replica)
             handle.lease_renewed = time.monotonic()
         except BaseException:

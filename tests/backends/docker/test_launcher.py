@@ -27,6 +27,7 @@ from airflow_provider_dnntrain.spec import (
     Environment,
     Input,
     MultiWorkerMirrored,
+    Resources,
     TorchDistributed,
     TrainingJob,
 )
@@ -97,6 +98,19 @@ def test_outputs_that_cannot_be_copied_fail_the_run_unless_not_required(daemon, 
     assert (launcher.collect_outputs(handle) / "outputs").is_dir()
     assert "the chief's outputs were not collected" in caplog.text
     assert left_on(daemon, "docker-lost") == []
+
+
+def test_gpus_are_asked_of_the_daemon_which_says_it_has_none_and_nothing_is_left(daemon, launcher):
+    """``use_gpu``: each container asks the daemon for a GPU per process (device requests). This host
+    has neither a GPU nor the NVIDIA runtime: the daemon's refusal fails the run, naming the field."""
+    job = TrainingJob(
+        framework="pytorch", source_directory=str(TEST_SCRIPTS), entry_script="ranks.py",
+        distribution=TorchDistributed(node_count=1, process_count_per_node=2),
+        resources=Resources(use_gpu=True),
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"^resources.use_gpu: the Docker daemon gives its containers no"):
+        run_job(launcher, job, "docker-gpu")
+    assert left_on(daemon, "docker-gpu") == []
 
 
 def test_a_cancelled_run_is_ended_by_the_daemon_and_stop_removes_it(daemon, launcher):

@@ -54,7 +54,8 @@ with DAG("dnntrain_test_failing_replica", schedule=None, start_date=START):
         task_id="train",
         source_directory=SCRIPTS,
         entry_script="replica.py",
-        arguments=["--fail", "worker-1:3", "--serve", "worker-0"],
+        # worker-1 fails once the chief has written its outputs, which the failed run keeps
+        arguments=["--sleep", "3", "--fail", "worker-1:3", "--serve", "worker-0"],
         distribution=MultiWorkerMirrored(worker_count=2),
     )
 

@@ -120,6 +120,7 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(f"{misplaced} use the Docker daemon: list them in conftest.DOCKER_MODULES")
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without it installed, one process runs all
 def pytest_xdist_make_scheduler(config, log):
     """``--dist loadscope`` with :func:`worker_scope` as the scope (pytest-xdist's ``loadgroup`` marks
     do not reach its scheduler under pytest 9's node ids)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 from airflow_provider_dnntrain.backends.common.names import run_label
 from airflow_provider_dnntrain.spec import TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan, Replica
+from airflow_provider_dnntrain.topology.gpus import GPUS_VAR
 from airflow_provider_dnntrain.topology.plan import Endpoint
 
 MANAGED_LABEL = "dnntrain.io/managed-by"
@@ -100,6 +101,7 @@ def container_config(
         "working_dir": WORKDIR,
         "init": True,  # a process that is PID 1 gets no SIGTERM it does not handle: docker-init forwards it
         "detach": True,
+        **_devices(replica),
     }
 
 
@@ -121,6 +123,7 @@ def sshd_config(
         "working_dir": WORKDIR,
         "init": True,
         "detach": True,
+        **_devices(plan.replicas[0]),  # the runner's node's share of the ranks: each node's
     }
 
 
@@ -170,8 +173,12 @@ def watchdog_config(
     }
 
 
-def gpus(count: int) -> list:
-    """``device_requests=``: ``count`` GPUs (one per process of the container)."""
+def _devices(replica: Replica) -> dict:
+    """``device_requests=`` for the GPUs the plan gave ``replica`` (one per process; parameter servers
+    and jobs without ``use_gpu``: none), as ``docker run --gpus N``."""
+    count = int(replica.env.get(GPUS_VAR, "0"))
+    if not count:
+        return {}
     from docker.types import DeviceRequest
 
-    return [DeviceRequest(count=count, capabilities=[["gpu"]])]
+    return {"device_requests": [DeviceRequest(count=count, capabilities=[["gpu"]])]}

@@ -221,8 +221,6 @@ class DockerLauncher(OnDaemon, Launcher):
         )
         for name, config in configs.items():
             config["volumes"] = specs.input_volumes(job)
-            if job.resources.use_gpu:
-                config["device_requests"] = specs.gpus(getattr(job.distribution, "process_count_per_node", 1))
             container = self.client.containers.create(**config)
             handle.containers[name] = container.id
             self.client.api.put_archive(container.id, specs.ROOT, tar_of(files))

@@ -24,9 +24,9 @@ from airflow_provider_dnntrain.backends.kubernetes.manifests import (
     RunObjects,
     RunSettings,
     render_run,
-    secret_data,
     ssh_nodes,
 )
+from airflow_provider_dnntrain.backends.kubernetes.secrets import secret_data
 from airflow_provider_dnntrain.spec import TrainingJob
 from airflow_provider_dnntrain.topology import JobPlan
 

@@ -78,6 +78,16 @@ def kubeflow_kind(framework: str, distribution: str) -> KubeflowKind:
     return PYTORCHJOB if framework == "pytorch" else TFJOB
 
 
+def kubeflow_run_fields(job: TrainingJob) -> dict:
+    """A run's fields when the training operator makes its pods: whose container is the replica's, and
+    the Kubeflow job's resource (group, version, plural)."""
+    kind = kubeflow_kind(job.framework, job.distribution.kind)
+    return {
+        "container": kind.container,
+        "workload": {"group": kind.group, "version": kind.version, "plural": kind.plural},
+    }
+
+
 def check_kubeflow(job: TrainingJob) -> None:
     """``ValueError`` naming the field of a job the Kubeflow form cannot run as asked."""
     dist = job.distribution

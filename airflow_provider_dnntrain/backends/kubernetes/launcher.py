@@ -39,15 +39,9 @@ from airflow_provider_dnntrain.backends.common.tracking_server import (
 from airflow_provider_dnntrain.backends.kubernetes import creation
 from airflow_provider_dnntrain.backends.kubernetes.api import ApiPatience
 from airflow_provider_dnntrain.backends.kubernetes.cluster import DELETE_WAIT_SECONDS, Cluster
-from airflow_provider_dnntrain.backends.kubernetes.inputs import (
-    INPUTS_FOLDER,
-    check_inputs,
-)
+from airflow_provider_dnntrain.backends.kubernetes.inputs import INPUTS_FOLDER, check_inputs
 from airflow_provider_dnntrain.backends.kubernetes.job import KubernetesJobHandle
-from airflow_provider_dnntrain.backends.kubernetes.kubeflow import (
-    check_kubeflow,
-    kubeflow_kind,
-)
+from airflow_provider_dnntrain.backends.kubernetes.kubeflow import check_kubeflow, kubeflow_run_fields
 from airflow_provider_dnntrain.backends.kubernetes.manifests import RunSettings, job_name
 from airflow_provider_dnntrain.backends.kubernetes.options import GangScheduler, PodOptions
 from airflow_provider_dnntrain.backends.kubernetes.outputs import save_outputs
@@ -273,11 +267,8 @@ class KubernetesLauncher(Launcher):
             run_dir=run_dir,
             launch_id=uuid.uuid4().hex,
             awaiting=set(pending_env),
+            **(kubeflow_run_fields(job) if self.kubeflow else {}),
         )
-        if self.kubeflow:
-            kind = kubeflow_kind(job.framework, job.distribution.kind)
-            run.container = kind.container
-            run.workload = {"group": kind.group, "version": kind.version, "plural": kind.plural}
         handle = KubernetesJobHandle(run=run, redactor=Redactor(list(secrets.values())))
         self._remove_run(handle, wait=True)  # what an earlier submit of this run id left
         run.launch_env = {**extra_env, **launch_env(run.launch_id, job.entry_script, plan.chief.name)}

@@ -19,6 +19,13 @@ from airflow_provider_dnntrain.backends.common.names import run_label
 from airflow_provider_dnntrain.backends.common.replica import LAUNCH_ID_VAR
 from airflow_provider_dnntrain.backends.kubernetes.gang import Gang, join_gang, pod_group
 from airflow_provider_dnntrain.backends.kubernetes.options import PodOptions, merge_pod_template
+from airflow_provider_dnntrain.backends.kubernetes.secrets import (
+    PULL_KEY,
+    PULL_SECRET_TYPE,
+    pull_secret_name,
+    secret_key,
+    secret_object,
+)
 from airflow_provider_dnntrain.topology import JobPlan, Replica
 from airflow_provider_dnntrain.topology.gpus import GPUS_VAR
 
@@ -42,7 +49,6 @@ SSH_FILES = ("id", "authorized_keys", "host_key", "known_hosts")
 GPU_RESOURCE = "nvidia.com/gpu"
 # A ConfigMap holds at most 1 MiB (as stored: base64); some room is left for the plan.
 MAX_BUNDLE_BYTES = 720 * 1024
-PULL_SECRET_TYPE, PULL_KEY = "kubernetes.io/dockerconfigjson", ".dockerconfigjson"
 _JOB_NAME_LENGTH = 45  # room for "-<role>-<index>" in a 63-character host name
 
 
@@ -115,10 +121,12 @@ def render_run(
         "controller": True,
     }
     children_meta = {"namespace": settings.namespace, "labels": labels, "ownerReferences": [reference]}
-    secret = _secret(job, children_meta, "Opaque", secret_values)
+    secret = secret_object(job, children_meta, "Opaque", secret_values)
     pull_secret = None
     if settings.pull_secret:
-        pull_secret = _secret(pull_secret_name(job), children_meta, PULL_SECRET_TYPE, {PULL_KEY: pull_config})
+        pull_secret = secret_object(
+            pull_secret_name(job), children_meta, PULL_SECRET_TYPE, {PULL_KEY: pull_config}
+        )
     pods = [_pod(plan, settings, job, children_meta, host, replica) for host, replica in pod_hosts(plan)]
     if settings.gang is not None:
         pods = [join_gang(pod, settings.gang, job, len(pods)) for pod in pods]
@@ -131,21 +139,6 @@ def render_run(
         pod_group=pod_group(settings.gang, job, children_meta, len(pods)) if settings.gang else None,
         pull_secret=pull_secret,
     )
-
-
-def pull_secret_name(job: str) -> str:
-    return f"{job}-pull"
-
-
-def _secret(name: str, meta: dict, kind: str, values: Mapping[str, str]) -> dict:
-    data = {k: base64.b64encode(v.encode()).decode() for k, v in sorted(values.items())}
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": name, **meta},
-        "type": kind,
-        "data": data,
-    }
 
 
 def pod_hosts(plan: JobPlan) -> list[tuple[str, Replica | None]]:
@@ -363,17 +356,8 @@ def _ssh_volume(plan: JobPlan, job: str) -> list[dict]:
 def env_list(values: Mapping[str, str], extra: Mapping[str, str], secrets: list[str], job: str) -> list[dict]:
     plain = {**values, **extra}
     env = [{"name": k, "value": literal(str(v))} for k, v in plain.items() if k not in secrets]
-    refs = [{"name": n, "valueFrom": {"secretKeyRef": {"name": job, "key": _secret_key(n)}}} for n in secrets]
+    refs = [{"name": n, "valueFrom": {"secretKeyRef": {"name": job, "key": secret_key(n)}}} for n in secrets]
     return env + refs
-
-
-def _secret_key(variable: str) -> str:
-    return f"env.{variable}"
-
-
-def secret_data(values: Mapping[str, str], ssh_files: Mapping[str, str]) -> dict[str, str]:
-    """The run's Secret: the job's variables under ``env.<NAME>``, SSH files under ``ssh.<name>``."""
-    return {**{_secret_key(k): v for k, v in values.items()}, **{f"ssh.{k}": v for k, v in ssh_files.items()}}
 
 
 def _gpus_of(plan: JobPlan, replica: Replica | None) -> int:

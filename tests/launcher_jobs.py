@@ -43,3 +43,10 @@ def wait_until_ready(lines: list, count: int, timeout: float = 60) -> None:
     while sum(" ready" in line.text for line in list(lines)) < count:
         assert time.monotonic() < deadline, f"replicas not ready: {[str(line) for line in lines]}"
         time.sleep(0.1)
+
+
+def rank_lines(lines: list, rank: int) -> str:
+    """A rank's lines, whichever way the runner labels them (per-rank files or horovodrun's prefix)."""
+    by_file = [line.text for line in lines if line.replica == f"launcher-0/rank.{rank}"]
+    by_prefix = [line.text.split(":", 1)[1] for line in lines if line.text.startswith(f"[{rank}]<stdout>:")]
+    return "\n".join(by_file + by_prefix)

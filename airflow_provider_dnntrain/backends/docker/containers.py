@@ -87,22 +87,18 @@ def container_config(
     unpacks the bundle into the working directory, then runs the replica's argv (and prints the lines of
     the ranks it starts that write to files of their own, as ``[rank.N] line``). A runner's container
     first waits until every other node answers SSH."""
-    ranks = ["--rank-logs", replica.rank_logs] if replica.rank_logs else []
     runner = bool(plan.hosts) and replica.host == plan.hosts[0]
     peers = [arg for peer in ssh_nodes(plan) for arg in ("--ssh-peer", peer)] if runner else []
-    name = f"{run_name(plan.run_id)}-{replica.name}"
-    return {
-        "image": image,
-        "command": [python, f"{BUNDLE}/bootstrap.py", "run", *peers, *ranks, "--", *replica.argv],
-        "name": name,
-        **_placed(network, name, replica.host),
-        "labels": labels(plan.run_id, replica.name),
-        "environment": {**env, **replica.env, "DNNTRAIN_POD_REPLICA": replica.name},
-        "working_dir": WORKDIR,
-        "init": True,  # a process that is PID 1 gets no SIGTERM it does not handle: docker-init forwards it
-        "detach": True,
+    return _container(
+        f"{run_name(plan.run_id)}-{replica.name}",
+        replica.host,
+        network,
+        image=image,
+        command=[python, f"{BUNDLE}/bootstrap.py", "run", *peers, *_rank_logs(replica), "--", *replica.argv],
+        labels=labels(plan.run_id, replica.name),
+        environment={**env, **replica.env, "DNNTRAIN_POD_REPLICA": replica.name},
         **_devices(replica),
-    }
+    )
 
 
 def sshd_config(
@@ -111,20 +107,28 @@ def sshd_config(
     """``containers.create`` arguments for a node the runner reaches over SSH: the bootstrap unpacks the
     bundle, then serves SSH (with the run's keys, in ``SSH_DIR``) for the ranks the runner starts
     there, printing their lines when they write to files of their own."""
-    rank_logs = plan.replicas[0].rank_logs
-    ranks = ["--rank-logs", rank_logs] if rank_logs else []
-    return {
-        "image": image,
-        "command": [python, f"{BUNDLE}/bootstrap.py", "sshd", "--port", str(SSH_PORT), *ranks],
-        "name": host,
-        **_placed(network, host, host),
-        "labels": labels(plan.run_id, node_name(plan, host)),
-        "environment": dict(env),
-        "working_dir": WORKDIR,
-        "init": True,
-        "detach": True,
-        **_devices(plan.replicas[0]),  # the runner's node's share of the ranks: each node's
-    }
+    runner = plan.replicas[0]
+    return _container(
+        host,
+        host,
+        network,
+        image=image,
+        command=[python, f"{BUNDLE}/bootstrap.py", "sshd", "--port", str(SSH_PORT), *_rank_logs(runner)],
+        labels=labels(plan.run_id, node_name(plan, host)),
+        environment=dict(env),
+        **_devices(runner),  # the runner's node's share of the ranks: each node's
+    )
+
+
+def _container(name: str, host: str, network: str | None, **fields) -> dict:
+    """``fields`` and what every container of a run has: its name and place, the working directory, and
+    docker-init as PID 1 (a process that is PID 1 gets no SIGTERM it does not handle: it forwards it)."""
+    placed = _placed(network, name, host)
+    return {**fields, "name": name, **placed, "working_dir": WORKDIR, "init": True, "detach": True}
+
+
+def _rank_logs(replica: Replica) -> list[str]:
+    return ["--rank-logs", replica.rank_logs] if replica.rank_logs else []
 
 
 def _placed(network: str | None, name: str, host: str) -> dict:

@@ -219,8 +219,9 @@ class DockerLauncher(OnDaemon, Launcher):
         configs = specs.run_containers(
             handle.plan, image=image, python=self.interpreter(job), network=network, env=env
         )
+        volumes = specs.input_volumes(job)
         for name, config in configs.items():
-            config["volumes"] = specs.input_volumes(job)
+            config["volumes"] = volumes
             container = self.client.containers.create(**config)
             handle.containers[name] = container.id
             self.client.api.put_archive(container.id, specs.ROOT, tar_of(files))

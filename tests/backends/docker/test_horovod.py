@@ -8,20 +8,13 @@ import re
 from pathlib import Path
 
 import pytest
-from launcher_jobs import run_job
+from launcher_jobs import rank_lines, run_job
 
 from airflow_provider_dnntrain.spec import Environment, Horovod, TrainingJob
 
 EXAMPLE_SCRIPTS = Path(__file__).resolve().parents[3] / "dags" / "scripts"
 TEST_SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 HOSTILE = "$(touch /tmp/pwned); `id` ' \" ; rm -rf /"
-
-
-def rank_lines(lines: list, rank: int) -> str:
-    """A rank's lines, whichever way the runner labels them (per-rank files or horovodrun's prefix)."""
-    by_file = [line.text for line in lines if line.replica == f"launcher-0/rank.{rank}"]
-    by_prefix = [line.text.split(":", 1)[1] for line in lines if line.text.startswith(f"[{rank}]<stdout>:")]
-    return "\n".join(by_file + by_prefix)
 
 
 RUNNERS = [{"runner": "mpirun", "controller": "mpi"}, {"controller": "gloo"}]

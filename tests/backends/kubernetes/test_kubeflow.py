@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from fake_kubernetes import FakeCluster, assert_nothing_left, fake_launcher
+from launcher_jobs import rank_lines, wait_in_background, wait_until_ready
 from launcher_jobs import run_job as run
-from launcher_jobs import wait_in_background, wait_until_ready
 
 from airflow_provider_dnntrain.backends.base import JobFailed, JobState, wait_for_job
 from airflow_provider_dnntrain.backends.kubernetes.launcher import KubernetesLauncher
@@ -230,10 +230,6 @@ def mpi_job(script: str, *arguments: str, source=TEST_SCRIPTS, **distribution) -
             node_count=2, runner="mpirun", controller="mpi", network_interface="eth0", **distribution
         ),
     )
-
-
-def rank_lines(lines: list, rank: int) -> str:
-    return "\n".join(line.text for line in lines if line.replica == f"launcher-0/rank.{rank}")
 
 
 @pytest.mark.slow

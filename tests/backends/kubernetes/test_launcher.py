@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from azure_script import assert_ran_as_azure_ml_script_offline
 from fake_kubernetes import assert_nothing_left, fake_launcher
+from launcher_jobs import rank_lines, wait_in_background, wait_until_ready
 from launcher_jobs import run_job as run
-from launcher_jobs import wait_in_background, wait_until_ready
 
 from airflow_provider_dnntrain.backends.base import JobFailed, JobState
 from airflow_provider_dnntrain.backends.kubernetes.launcher import KubernetesLauncher
@@ -52,13 +52,6 @@ def test_ddp_trains_across_two_pods(cluster, launcher):
     facts = json.loads((launcher.collect_outputs(handle) / "outputs" / "summary.json").read_text())
     assert facts["allreduce_sum"] == 3.0
     assert_nothing_left(cluster)
-
-
-def rank_lines(lines: list, rank: int) -> str:
-    """A rank's lines, whichever way the runner labels them (per-rank files or horovodrun's prefix)."""
-    by_file = [line.text for line in lines if line.replica == f"launcher-0/rank.{rank}"]
-    by_prefix = [line.text.split(":", 1)[1] for line in lines if line.text.startswith(f"[{rank}]<stdout>:")]
-    return "\n".join(by_file + by_prefix)
 
 
 @pytest.mark.slow
